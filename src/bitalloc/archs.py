@@ -1,0 +1,90 @@
+"""Architecture facts as data: one row per model family.
+
+The generic walk in ``units.py`` finds every linear weight in any model; a
+row here adds what the walk cannot know: which projections a block should
+have (checked, so a silent miss is caught), which of them a runtime must
+store in one format (tie groups), which fused 3-D parameters hold one expert
+per slice, and which linears are never quantized (routers, tied heads).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    family: str
+    model_types: tuple[str, ...]
+    # Suffixes of the linear modules every block should have, e.g. "self_attn.q_proj".
+    projections: tuple[str, ...]
+    # Named groups of suffixes that share one option inside a block.
+    tie_groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Suffixes of fused (E, out, in) expert parameters: each slice is a unit.
+    expert_params: tuple[str, ...] = ()
+    # fnmatch patterns of module names that are never quantized.
+    exclude: tuple[str, ...] = ()
+
+
+_LLAMA_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+_LLAMA_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+_LLAMA_TIES = {
+    "qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "gate_up": ("mlp.gate_proj", "mlp.up_proj"),
+}
+_HEADS = ("lm_head", "*.lm_head")
+_ROUTERS = ("*.mlp.gate", "*.shared_expert_gate")
+
+ARCHITECTURES: tuple[ArchSpec, ...] = (
+    ArchSpec("llama", ("llama",), _LLAMA_ATTN + _LLAMA_MLP, _LLAMA_TIES, exclude=_HEADS),
+    ArchSpec("mistral", ("mistral",), _LLAMA_ATTN + _LLAMA_MLP, _LLAMA_TIES, exclude=_HEADS),
+    ArchSpec("qwen2", ("qwen2",), _LLAMA_ATTN + _LLAMA_MLP, _LLAMA_TIES, exclude=_HEADS),
+    ArchSpec("qwen3", ("qwen3",), _LLAMA_ATTN + _LLAMA_MLP, _LLAMA_TIES, exclude=_HEADS),
+    ArchSpec("gemma3", ("gemma3_text", "gemma3", "gemma2", "gemma"), _LLAMA_ATTN + _LLAMA_MLP, _LLAMA_TIES, exclude=_HEADS),
+    ArchSpec(
+        "gpt2",
+        ("gpt2",),
+        ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+        exclude=_HEADS,
+    ),
+    ArchSpec(
+        "bert",
+        ("bert", "roberta"),
+        (
+            "attention.self.query",
+            "attention.self.key",
+            "attention.self.value",
+            "attention.output.dense",
+            "intermediate.dense",
+            "output.dense",
+        ),
+        {"qkv": ("attention.self.query", "attention.self.key", "attention.self.value")},
+        exclude=("cls.*", "*.pooler.dense", "pooler.dense", "classifier", "qa_outputs"),
+    ),
+    ArchSpec(
+        "mixtral",
+        ("mixtral",),
+        _LLAMA_ATTN,
+        {"qkv": _LLAMA_TIES["qkv"]},
+        expert_params=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+        exclude=_HEADS + _ROUTERS,
+    ),
+    ArchSpec(
+        "qwen-moe",
+        ("qwen2_moe", "qwen3_moe"),
+        _LLAMA_ATTN,
+        {"qkv": _LLAMA_TIES["qkv"], "shared_gate_up": ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj")},
+        expert_params=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+        exclude=_HEADS + _ROUTERS,
+    ),
+)
+
+GENERIC = ArchSpec("generic", (), (), exclude=_HEADS + _ROUTERS)
+
+
+def arch_for(model_type: str | None) -> ArchSpec | None:
+    """The table row for a transformers ``config.model_type``, or None."""
+    for spec in ARCHITECTURES:
+        if model_type in spec.model_types:
+            return spec
+    return None

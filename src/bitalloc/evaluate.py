@@ -1,0 +1,110 @@
+"""Perplexity over non-overlapping windows, and KL divergence / top-1
+agreement against a reference model's next-token distribution."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from bitalloc.errors import BitallocError
+
+BOS_MODES = ("auto", "yes", "no")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    seq_len: int = 512
+    windows: int = 8
+    bos: str = "auto"  # auto: prepend BOS only if the tokenizer adds one by itself
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2:
+            raise BitallocError(f"The 'seq_len' parameter must be at least 2. Got {self.seq_len} instead.")
+        if self.windows < 1:
+            raise BitallocError(f"The 'windows' parameter must be at least 1. Got {self.windows} instead.")
+        if self.bos not in BOS_MODES:
+            raise BitallocError(f"The 'bos' parameter must be one of {list(BOS_MODES)}. Got {self.bos!r} instead.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    ppl: float
+    nll: float  # mean negative log-likelihood, nats per token
+    tokens: int  # predicted tokens
+    kl: float | None = None  # mean KL(reference || model), nats per token
+    top1: float | None = None  # share of positions where both argmax agree
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _adds_bos(tokenizer) -> bool:
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a").input_ids[:1] == [bos]
+
+
+def token_windows(tokenizer, text: str, settings: EvalSettings) -> torch.Tensor:
+    """(windows, L) token ids: consecutive, non-overlapping slices of the text;
+    with BOS each row is [BOS] + seq_len - 1 text tokens."""
+    use_bos = settings.bos == "yes" or (settings.bos == "auto" and _adds_bos(tokenizer))
+    if use_bos and tokenizer.bos_token_id is None:
+        raise BitallocError("--bos yes was given but the tokenizer has no BOS token.")
+    body = settings.seq_len - 1 if use_bos else settings.seq_len
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    available = len(ids) // body
+    if available < settings.windows:
+        raise BitallocError(
+            f"The text has {len(ids)} tokens: enough for {available} windows of {settings.seq_len}, not "
+            f"{settings.windows}. Use fewer --windows, a shorter --seq-len, or a longer --text."
+        )
+    rows = torch.tensor(ids[: settings.windows * body], dtype=torch.long).reshape(settings.windows, body)
+    if use_bos:
+        rows = torch.cat([torch.full((settings.windows, 1), tokenizer.bos_token_id, dtype=torch.long), rows], dim=1)
+    return rows
+
+
+@torch.no_grad()
+def window_logprobs(model, row: torch.Tensor) -> torch.Tensor:
+    """(L-1, vocab) float32 log-probabilities of the next token."""
+    logits = model(row[None, :]).logits[0, :-1].float()  # (L-1, V)
+    return F.log_softmax(logits, dim=-1)
+
+
+@torch.no_grad()
+def reference_logprobs(model, windows: torch.Tensor, *, progress: Callable | None = None) -> list[torch.Tensor]:
+    rows = progress(list(windows), desc="reference", unit="window") if progress else list(windows)
+    return [window_logprobs(model, r) for r in rows]
+
+
+@torch.no_grad()
+def evaluate(model, windows: torch.Tensor, reference: list[torch.Tensor] | None = None, *,
+             progress: Callable | None = None, desc: str = "evaluating") -> EvalResult:
+    """Perplexity of ``model`` on ``windows``; with ``reference`` (log-probs of
+    the reference model on the same windows) also KL and top-1 agreement."""
+    nll = kl = agree = 0.0
+    count = 0
+    rows = progress(list(enumerate(windows)), desc=desc, unit="window") if progress else enumerate(windows)
+    for i, row in rows:
+        logp = window_logprobs(model, row)  # (L-1, V)
+        targets = row[1:]
+        nll += float(-logp.gather(1, targets[:, None]).sum())
+        count += targets.numel()
+        if reference is not None:
+            ref = reference[i]
+            kl += float((ref.exp() * (ref - logp)).sum())
+            agree += float((ref.argmax(-1) == logp.argmax(-1)).sum())
+    mean = nll / count
+    return EvalResult(
+        ppl=math.exp(mean),
+        nll=mean,
+        tokens=count,
+        kl=None if reference is None else kl / count,
+        top1=None if reference is None else agree / count,
+    )

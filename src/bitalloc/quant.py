@@ -1,0 +1,104 @@
+"""Round-to-nearest integer affine quantization: pure tensor functions.
+
+Weights are 2-D (rows, cols) = (out, in); groups run along ``cols``. Scales
+and zero points are rounded to fp16 *before* the codes are chosen, so the
+codes, scales and zeros that are stored reproduce exactly the weight that was
+evaluated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from bitalloc.options import QuantOption, group_count
+
+FP16_TINY = 2.0**-24  # smallest positive fp16 (subnormal)
+FP16_MAX = 65504.0
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """Stored form of one weight: codes (rows, cols) uint8, scales and zeros
+    (rows, groups) fp16 (zeros is None when symmetric)."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    option: QuantOption
+
+
+def _grouped(W: torch.Tensor, group: int) -> torch.Tensor:
+    """(rows, cols) -> (rows, groups, group); a ragged tail is padded by
+    repeating the last column, which leaves each group's min/max unchanged."""
+    rows, cols = W.shape
+    groups = -(-cols // group)
+    pad = groups * group - cols
+    if pad:
+        W = torch.cat([W, W[:, -1:].expand(rows, pad)], dim=1)
+    return W.reshape(rows, groups, group)
+
+
+def _group_size(cols: int, option: QuantOption) -> int:
+    return cols if option.group_size == 0 else min(option.group_size, cols)
+
+
+def quantize_rtn(W: torch.Tensor, option: QuantOption, *, allow_ragged: bool = False) -> QuantizedWeight:
+    """Round-to-nearest codes for W (rows, cols) under ``option``."""
+    rows, cols = W.shape
+    group_count(cols, option, allow_ragged=allow_ragged)  # validates divisibility
+    g = _group_size(cols, option)
+    Wg = _grouped(W.detach().float(), g)  # (rows, groups, g)
+    qmax = 2**option.bits - 1
+    if option.symmetric:
+        absmax = Wg.abs().amax(dim=-1)  # (rows, groups)
+        scale = (2 * absmax / qmax).clamp(FP16_TINY, FP16_MAX).half().float()
+        offset = 2 ** (option.bits - 1)  # codes stored unsigned: q + offset
+        q = torch.clamp(torch.round(Wg / scale[..., None]), -offset, offset - 1) + offset
+        zeros = None
+    else:
+        wmin, wmax = Wg.amin(dim=-1), Wg.amax(dim=-1)
+        span = wmax - wmin
+        flat = span == 0
+        # A constant group c is stored exactly: scale |c|/qmax, zero 0 or qmax.
+        scale = torch.where(flat, wmin.abs() / qmax, span / qmax)
+        scale = scale.clamp(FP16_TINY, FP16_MAX).half().float()
+        zero = torch.where(flat & (wmin < 0), torch.full_like(wmin, qmax), torch.round(-wmin / scale))
+        zero = zero.clamp(0, qmax)
+        q = torch.clamp(torch.round(Wg / scale[..., None] + zero[..., None]), 0, qmax)
+        zeros = zero.half()
+    codes = q.reshape(rows, -1)[:, :cols].to(torch.uint8)
+    return QuantizedWeight(codes=codes, scales=scale.half(), zeros=zeros, option=option)
+
+
+def dequantize(qw: QuantizedWeight) -> torch.Tensor:
+    """Float32 weight (rows, cols) from stored codes, scales and zeros."""
+    rows, cols = qw.codes.shape
+    g = _group_size(cols, qw.option)
+    q = _grouped(qw.codes.float(), g)  # (rows, groups, g)
+    scale = qw.scales.float()[..., None]
+    if qw.option.symmetric:
+        W = (q - 2 ** (qw.option.bits - 1)) * scale
+    else:
+        W = (q - qw.zeros.float()[..., None]) * scale
+    return W.reshape(rows, -1)[:, :cols].contiguous()
+
+
+def fake_quantize(W: torch.Tensor, option: QuantOption, *, allow_ragged: bool = False) -> torch.Tensor:
+    """W after a round trip through storage, in W's dtype."""
+    return dequantize(quantize_rtn(W, option, allow_ragged=allow_ragged)).to(W.dtype)
+
+
+def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned codes (< 2**bits) into a dense uint8 stream, LSB first:
+    exactly ceil(n*bits/8) bytes."""
+    flat = np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1)
+    planes = (flat[:, None] >> np.arange(bits, dtype=np.uint8)) & 1  # (n, bits)
+    return np.packbits(planes.reshape(-1), bitorder="little")
+
+
+def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    planes = np.unpackbits(packed, count=count * bits, bitorder="little").reshape(count, bits)
+    return (planes << np.arange(bits, dtype=np.uint8)).sum(axis=1, dtype=np.uint16).astype(np.uint8)

@@ -1,0 +1,136 @@
+"""Apply a plan: round-to-nearest every unit to its option, in memory, and
+save/load the quantized model as safetensors (bit-packed codes, fp16 scales
+and zeros, kept tensors at ``keep_bits``) + plan.json + config + tokenizer.
+Loading a saved folder reproduces the in-memory weights exactly."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from bitalloc.errors import BitallocError
+from bitalloc.fileio import replace_dir_atomic
+from bitalloc.options import QuantOption
+from bitalloc.plan import Plan
+from bitalloc.quant import QuantizedWeight, dequantize, pack_bits, quantize_rtn, unpack_bits
+from bitalloc.units import Inventory, Unit, check_finite, get_weight, set_weight
+
+SAVED_FORMAT = "bitalloc.quantized"
+SAVED_VERSION = 1
+KEEP_DTYPES = {16: torch.float16, 32: torch.float32}
+
+
+def keep_dtype(bits: int) -> torch.dtype:
+    if bits not in KEEP_DTYPES:
+        raise BitallocError(f"The 'keep_bits' parameter must be one of {sorted(KEEP_DTYPES)}. Got {bits} instead.")
+    return KEEP_DTYPES[bits]
+
+
+def quantize_model(model, inventory: Inventory, plan: Plan, *, progress: Callable | None = None) -> dict[str, QuantizedWeight]:
+    """Quantize in place per the plan (units RTN; kept tensors rounded to
+    keep_bits) and return the stored form of each unit."""
+    plan.check_model(inventory)
+    stored: dict[str, QuantizedWeight] = {}
+    units = progress(inventory.units, desc="quantizing", unit="tensor") if progress else inventory.units
+    for unit in units:
+        W = get_weight(model, unit)  # (out, in)
+        check_finite(W, unit)
+        qw = quantize_rtn(W, plan.assignment[unit.name], allow_ragged=plan.allow_ragged)
+        set_weight(model, unit, dequantize(qw))
+        stored[unit.name] = qw
+    dtype = keep_dtype(plan.keep_bits)
+    with torch.no_grad():
+        for kept in inventory.kept:
+            p = model.get_parameter(kept.name)
+            p.copy_(p.to(dtype).to(p.dtype))
+    return stored
+
+
+@contextlib.contextmanager
+def restored(model) -> Iterator[None]:
+    """Run a block that changes weights in place, then put the originals back."""
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    try:
+        yield
+    finally:
+        model.load_state_dict(saved)
+
+
+def _unit_record(unit: Unit, option: QuantOption) -> dict:
+    return {"param": unit.param, "shape": list(unit.shape), "index": unit.index, "transposed": unit.transposed,
+            "option": option.name}
+
+
+def save_quantized(out_dir: str, model, tokenizer, inventory: Inventory, plan: Plan,
+                   stored: dict[str, QuantizedWeight]) -> Path:
+    """Write the folder atomically (a temp folder, then rename)."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for unit in inventory.units:
+        qw = stored[unit.name]
+        tensors[f"{unit.name}.qweight"] = torch.from_numpy(pack_bits(qw.codes.numpy(), qw.option.bits))
+        tensors[f"{unit.name}.scales"] = qw.scales.contiguous()
+        if qw.zeros is not None:
+            tensors[f"{unit.name}.zeros"] = qw.zeros.contiguous()
+    dtype = keep_dtype(plan.keep_bits)
+    for kept in inventory.kept:
+        tensors[kept.name] = model.get_parameter(kept.name).detach().to(dtype).contiguous()
+    meta = {
+        "format": SAVED_FORMAT,
+        "version": SAVED_VERSION,
+        "model_identity": inventory.identity,
+        "units": {u.name: _unit_record(u, plan.assignment[u.name]) for u in inventory.units},
+        "kept": [k.name for k in inventory.kept],
+    }
+
+    def fill(tmp: Path) -> None:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "bitalloc": SAVED_FORMAT})
+        (tmp / "bitalloc.json").write_text(json.dumps(meta, indent=1) + "\n")
+        (tmp / "plan.json").write_text(json.dumps(plan.to_dict(inventory), indent=1) + "\n")
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)  # a GGUF source's marker; these weights are plain floats
+        config.pop("_name_or_path", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+
+    return replace_dir_atomic(out_dir, fill)
+
+
+def load_quantized(folder: str):
+    """(model, tokenizer, plan) from a folder written by ``save_quantized``;
+    unit weights are dequantized from the stored codes."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(folder)
+    if not (path / "bitalloc.json").is_file():
+        raise BitallocError(f"{folder!r} is not a bitalloc quantized folder (no bitalloc.json). Make one with `bitalloc quantize`.")
+    meta = json.loads((path / "bitalloc.json").read_text())
+    if meta.get("format") != SAVED_FORMAT or meta.get("version") != SAVED_VERSION:
+        raise BitallocError(f"{folder!r} holds format {meta.get('format')} v{meta.get('version')}; expected {SAVED_FORMAT} v{SAVED_VERSION}.")
+    config = AutoConfig.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tensors = load_file(str(path / "model.safetensors"))
+    with torch.no_grad():
+        for name in meta["kept"]:
+            p = model.get_parameter(name)
+            p.copy_(tensors[name].to(p.dtype))
+        for uname, rec in meta["units"].items():
+            unit = Unit(uname, rec["param"], tuple(rec["shape"]), rec["index"], rec["transposed"])
+            opt = QuantOption.parse(rec["option"])
+            rows, cols = unit.shape
+            codes = unpack_bits(tensors[f"{uname}.qweight"].numpy(), opt.bits, rows * cols).reshape(rows, cols)
+            zeros = tensors.get(f"{uname}.zeros")
+            qw = QuantizedWeight(torch.from_numpy(np.ascontiguousarray(codes)), tensors[f"{uname}.scales"], zeros, opt)
+            set_weight(model, unit, dequantize(qw))
+    model.tie_weights()
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(path)) if (path / "tokenizer_config.json").is_file() else None
+    return model, tokenizer, Plan.load(str(path / "plan.json"))

@@ -1,0 +1,54 @@
+"""Plain-text tables for the CLI (the only place besides progress bars that prints)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def _fmt(v: object) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
+    return str(v)
+
+
+def run_report(report: dict) -> str:
+    ev = report["eval"]
+    ref = report["reference"]
+    out = [
+        f"model: {report['model']}",
+        f"  ({report['model_note']})",
+        f"units: {report['units']} linear weights, {report['quantized_numel'] / 1e6:.2f} M weights quantized; "
+        f"{report['kept_numel'] / 1e6:.2f} M kept at fp16 (embeddings, norms; tied once)",
+        f"text: {report['text']}; {ev['windows']} windows x {ev['seq_len']} tokens = {ref['tokens']} predicted tokens",
+        f"reference perplexity: {ref['ppl']:.3f}   size at fp16: {ref['model_mb']:.1f} MB",
+        "",
+    ]
+    headers = ["budget", "method", "options", "bpw", "code bpw", "model bpw", "MB", "ppl", "KL", "top-1", "vs uniform"]
+    rows = []
+    for entry in report["budgets"]:
+        b = entry["budget"]
+        label = f"{b['value']:g} bpw" if b["kind"] == "bpw" else f"{b['value'] / 1e6:.2f} MB"
+        uni = entry["uniform"]
+        rows.append([label, "uniform", uni["option"], uni["bpw"], uni["code_bpw"], uni["model_bpw"], uni["model_mb"],
+                     uni["ppl"], uni["kl"], uni["top1"], ""])
+        for scorer, r in entry["allocated"].items():
+            verdict = "better" if r["ppl"] < uni["ppl"] else "worse"
+            rows.append(["", f"alloc {scorer}", f"{len(r['options_used'])} kinds", r["bpw"], r["code_bpw"],
+                         r["model_bpw"], r["model_mb"], r["ppl"], r["kl"], r["top1"], verdict])
+    out.append(table(headers, rows))
+    out += ["", f"{report['bpw_note']}.", "KL: mean KL(reference || quantized) per token, nats; top-1: share of "
+            "positions where the quantized model's most likely next token equals the reference's."]
+    for n in report.get("notices", []):
+        out.append(f"notice: {n}")
+    return "\n".join(out)

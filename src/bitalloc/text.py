@@ -1,0 +1,95 @@
+"""Offline English text: the Wikipedia sample that the PyPI package ``gensim``
+ships, stripped of wiki markup and split into two disjoint parts.
+
+The split is by article, fixed: in file order, after dropping redirects and
+non-article pages, article i goes to *evaluation* when i is even and to
+*calibration* when i is odd. No article, hence no sentence, is in both.
+Inside an article only prose paragraphs are kept (at least 12 words, ending
+in sentence punctuation), so captions, tables and lists do not skew the
+perplexity.
+"""
+
+from __future__ import annotations
+
+import bz2
+import importlib.util
+import os
+import re
+from pathlib import Path
+
+from bitalloc.errors import BitallocError
+from bitalloc.fileio import write_atomic
+
+WIKI_FILE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+SPLIT_VERSION = 1
+PARTS = ("eval", "calib")
+_MIN_WORDS = 12
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BITALLOC_CACHE", Path.home() / ".cache" / "bitalloc"))
+
+
+def wiki_dump_path() -> Path:
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
+        raise BitallocError("The offline text needs the package gensim: `pip install gensim` (make does this).")
+    path = Path(list(spec.submodule_search_locations)[0]) / WIKI_FILE
+    if not path.is_file():
+        raise BitallocError(f"gensim is installed but its Wikipedia sample is missing at {path}.")
+    return path
+
+
+def clean_article(markup_free: str) -> str:
+    """Prose paragraphs of one article, after gensim's ``filter_wiki``."""
+    text = re.sub(r"'{2,}", "", markup_free)  # bold/italic quotes
+    paragraphs = []
+    for line in text.split("\n"):
+        line = re.sub(r"\s+", " ", line).strip()
+        if line.startswith("=") or len(line.split()) < _MIN_WORDS or line[-1] not in '.!?"':
+            continue
+        paragraphs.append(line)
+    return "\n\n".join(paragraphs)
+
+
+def _extract_articles(path: Path) -> list[str]:
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+
+    articles = []
+    with bz2.BZ2File(path) as f:
+        for _title, raw, _pid in extract_pages(f, filter_namespaces=("0",)):
+            if raw.lstrip().lower().startswith("#redirect"):
+                continue
+            body = clean_article(filter_wiki(raw))
+            if body:
+                articles.append(body)
+    return articles
+
+
+def split_articles(articles: list[str]) -> dict[str, str]:
+    return {
+        "eval": "\n\n".join(a for i, a in enumerate(articles) if i % 2 == 0),
+        "calib": "\n\n".join(a for i, a in enumerate(articles) if i % 2 == 1),
+    }
+
+
+def wiki_text(part: str) -> str:
+    """The 'eval' or 'calib' part of the offline Wikipedia text (cached)."""
+    if part not in PARTS:
+        raise BitallocError(f"The 'part' parameter must be one of {list(PARTS)}. Got {part!r} instead.")
+    cached = cache_dir() / f"wiki-v{SPLIT_VERSION}-{part}.txt"
+    if not cached.is_file():
+        parts = split_articles(_extract_articles(wiki_dump_path()))
+        for name, text in parts.items():
+            write_atomic(cache_dir() / f"wiki-v{SPLIT_VERSION}-{name}.txt", lambda tmp, t=text: Path(tmp).write_text(t))
+    return cached.read_text()
+
+
+def read_text_file(path: str) -> str:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise BitallocError(f"Text file {path!r} does not exist. Pass a UTF-8 text file with --text.")
+    text = p.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise BitallocError(f"Text file {path!r} is empty.")
+    return text

@@ -1,0 +1,183 @@
+"""Units: what receives one bit-width, found by a generic walk over the model.
+
+A unit is a 2-D weight seen as (out, in): an ``nn.Linear`` weight, a GPT-2
+``Conv1D`` weight (stored (in, out), so transposed), or one slice ``[e]`` of a
+fused 3-D expert parameter (E, out, in). Everything else in the state dict is
+*kept* at a fixed precision and still counted in the model's size.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from bitalloc.archs import GENERIC, ArchSpec, arch_for
+from bitalloc.errors import BadWeightsError
+
+
+@dataclass(frozen=True)
+class Unit:
+    name: str  # module FQN, or "<param FQN>[e]" for an expert slice
+    param: str  # full parameter name in the state dict
+    shape: tuple[int, int]  # (out, in)
+    index: int | None = None  # slice of a 3-D parameter
+    transposed: bool = False  # stored as (in, out), e.g. GPT-2 Conv1D
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+@dataclass(frozen=True)
+class KeptTensor:
+    name: str
+    numel: int
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """What a model holds: units to quantize, tensors kept, ties, identity."""
+
+    units: tuple[Unit, ...]
+    kept: tuple[KeptTensor, ...]
+    tie_groups: tuple[tuple[str, tuple[str, ...]], ...]  # (tie name, unit names sharing one option)
+    arch: str
+    model_type: str
+    identity: str
+    notices: tuple[str, ...] = ()
+
+    @property
+    def quantized_numel(self) -> int:
+        return sum(u.numel for u in self.units)
+
+    @property
+    def kept_numel(self) -> int:
+        return sum(k.numel for k in self.kept)
+
+    def unit(self, name: str) -> Unit:
+        return self._by_name()[name]
+
+    def _by_name(self) -> dict[str, Unit]:
+        cache = self.__dict__.get("_cache")
+        if cache is None:
+            cache = {u.name: u for u in self.units}
+            object.__setattr__(self, "_cache", cache)
+        return cache
+
+
+def model_identity(model: nn.Module) -> str:
+    """A hash of parameter names and shapes (tied parameters once)."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        h.update(f"{name}:{tuple(p.shape)};".encode())
+    return h.hexdigest()[:16]
+
+
+def _is_linear(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def _excluded(name: str, spec: ArchSpec) -> bool:
+    return any(fnmatch.fnmatchcase(name, pat) for pat in spec.exclude)
+
+
+def _embedding_ptrs(model: nn.Module) -> set[int]:
+    return {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)}
+
+
+def find_units(model: nn.Module) -> Inventory:
+    """Walk ``named_modules``; use the architecture table for ties, experts,
+    exclusions and a check that expected projections were found."""
+    from transformers.pytorch_utils import Conv1D
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None) or "unknown"
+    spec = arch_for(model_type)
+    notices: list[str] = []
+    if spec is None:
+        notices.append(
+            f"Architecture {model_type!r} is not in bitalloc's table; using the generic walk over "
+            "nn.Linear/Conv1D modules (no tie groups, no fused experts)."
+        )
+        spec = GENERIC
+    embed_ptrs = _embedding_ptrs(model)
+    units: list[Unit] = []
+    for mname, module in model.named_modules():
+        if _is_linear(module) and not _excluded(mname, spec):
+            if module.weight.data_ptr() in embed_ptrs:
+                continue  # a head tied to the embedding is kept with it
+            transposed = isinstance(module, Conv1D)
+            rows, cols = module.weight.shape
+            shape = (cols, rows) if transposed else (rows, cols)
+            units.append(Unit(mname, f"{mname}.weight", shape, None, transposed))
+        for pname, p in module.named_parameters(recurse=False):
+            full = f"{mname}.{pname}" if mname else pname
+            if p.dim() == 3 and any(full.endswith(s) for s in spec.expert_params):
+                units += [Unit(f"{full}[{e}]", full, (p.shape[1], p.shape[2]), e) for e in range(p.shape[0])]
+    _check_projections(units, spec, notices)
+    unit_params = {u.param for u in units}
+    kept = tuple(KeptTensor(n, p.numel()) for n, p in model.named_parameters() if n not in unit_params)
+    return Inventory(
+        units=tuple(units),
+        kept=kept,
+        tie_groups=_tie_groups(units, spec),
+        arch=spec.family,
+        model_type=model_type,
+        identity=model_identity(model),
+        notices=tuple(notices),
+    )
+
+
+def _check_projections(units: list[Unit], spec: ArchSpec, notices: list[str]) -> None:
+    names = [u.name for u in units]
+    for suffix in spec.projections:
+        if not any(n.endswith("." + suffix) for n in names):
+            notices.append(f"Expected projection '{suffix}' of family {spec.family!r} was not found.")
+
+
+def _tie_groups(units: list[Unit], spec: ArchSpec) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    groups: dict[tuple[str, str], list[str]] = {}  # (block prefix, tie name) -> unit names
+    for u in units:
+        for tie, suffixes in spec.tie_groups.items():
+            for s in suffixes:
+                if u.name.endswith("." + s):
+                    groups.setdefault((u.name[: -len(s)], tie), []).append(u.name)
+    return tuple((tie, tuple(g)) for (_, tie), g in groups.items() if len(g) > 1)
+
+
+def get_weight(model: nn.Module, unit: Unit) -> torch.Tensor:
+    """The unit's weight as a float32 (out, in) tensor (a copy)."""
+    W = model.get_parameter(unit.param).detach()
+    if unit.index is not None:
+        W = W[unit.index]
+    if unit.transposed:
+        W = W.t()
+    return W.float().clone()
+
+
+def set_weight(model: nn.Module, unit: Unit, W: torch.Tensor) -> None:
+    """Write an (out, in) weight back into the model, in place."""
+    p = model.get_parameter(unit.param)
+    with torch.no_grad():
+        target = p[unit.index] if unit.index is not None else p
+        target.copy_((W.t() if unit.transposed else W).to(p.dtype))
+
+
+def check_finite(W: torch.Tensor, unit: Unit) -> None:
+    if not torch.isfinite(W).all():
+        bad = int((~torch.isfinite(W)).sum())
+        raise BadWeightsError(
+            f"Tensor {unit.param} holds {bad} NaN/Inf values; bitalloc cannot quantize it. "
+            "Check the checkpoint (a failed conversion or a corrupted download)."
+        )
+
+
+def warn_notices(inv: Inventory) -> None:
+    for n in inv.notices:
+        warnings.warn(n, stacklevel=2)
