@@ -176,12 +176,12 @@ def evaluate(model: str | None = None, *, quantized: str | None = None, referenc
     text, label = eval_text(text_path)
     if quantized:
         m, tok, _ = load_quantized(quantized)
-        if tok is None:
-            raise BitallocError(f"{quantized!r} has no tokenizer files; it cannot be evaluated on text.")
         name = quantized
     else:
         loaded = load(model)
         m, tok, name = loaded.model, loaded.tokenizer, loaded.source.label
+    if tok is None:
+        raise BitallocError(f"{name} has no tokenizer files; it cannot be evaluated on text.")
     windows = token_windows(tok, text, settings)
     reference = None
     if reference_model is not None or (quantized and model):
@@ -225,6 +225,8 @@ def run(model: str | None = None, *, settings: PlanSettings, scorers: Sequence[s
     options, notices = resolve_menu(loaded.inventory, settings.menu)
     tables = error_tables(loaded, options, scorers, allow_ragged=settings.menu.allow_ragged, progress=progress)
     text, label = eval_text(text_path)
+    if loaded.tokenizer is None:
+        raise BitallocError(f"{loaded.source.label} has no tokenizer files; `run` evaluates text and needs one.")
     windows = token_windows(loaded.tokenizer, text, eval_settings)
     reference = reference_logprobs(loaded.model, windows, progress=_tqdm(progress))
     ref_result = evaluate_windows(loaded.model, windows, None)

@@ -88,12 +88,11 @@ def resolve_source(model: str | None) -> ModelSource:
 def load_model(source: ModelSource, *, dtype: str = "float32"):
     """(model, tokenizer) in eval mode on the CPU, in ``dtype``."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     torch_dtype = getattr(torch, dtype)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, **kwargs)
     except OSError as e:
         if source.kind == "hub":
@@ -111,4 +110,16 @@ def load_model(source: ModelSource, *, dtype: str = "float32"):
             ) from e
         raise
     model.eval()
-    return model, tokenizer
+    return model, load_tokenizer(source)
+
+
+def load_tokenizer(source: ModelSource):
+    """The tokenizer, or None when the checkpoint has none (planning and
+    quantizing need no tokenizer; evaluation says so when it is missing)."""
+    from transformers import AutoTokenizer
+
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        return AutoTokenizer.from_pretrained(source.path, **kwargs)
+    except (OSError, ValueError, TypeError):
+        return None

