@@ -192,3 +192,24 @@ def test_cli_errors_exit_non_zero_and_write_nothing(tiny_dir, tmp_path, capsys):
     assert not (tmp_path / "q").exists()
     assert main(["--quiet", "plan", "--model", tiny_dir, "--bpw", "3", "--out", str(plan), "--scorer", "magic"]) == 2
     assert "scorer" in capsys.readouterr().err
+
+
+def test_reference_perplexity_from_stored_logprobs_equals_a_fresh_pass(loaded, text_file):
+    from bitalloc.evaluate import reference_result
+    from bitalloc.text import read_text_file
+
+    windows = token_windows(loaded.tokenizer, read_text_file(text_file), EvalSettings(seq_len=32, windows=2))
+    ref = reference_logprobs(loaded.model, windows)
+    assert reference_result(windows, ref).nll == pytest.approx(evaluate(loaded.model, windows).nll, rel=1e-9)
+
+
+def test_uncached_hub_id_offline_is_a_clear_error(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    proc = subprocess.run([sys.executable, "-m", "bitalloc", "--quiet", "plan", "--model", "someorg/not-cached",
+                           "--bpw", "3", "--dry-run"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Hugging Face Hub" in proc.stderr and "not cached" in proc.stderr

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from bitalloc.errors import BitallocError
-from bitalloc.evaluate import EvalSettings, evaluate as evaluate_windows, reference_logprobs, token_windows
+from bitalloc.evaluate import EvalSettings, evaluate as evaluate_windows, reference_logprobs, reference_result, token_windows
 from bitalloc.loading import ModelSource, load_model, resolve_source
 from bitalloc.options import DEFAULT_GROUP_SIZES, SUPPORTED_BITS, QuantOption, build_menu, group_count
 from bitalloc.plan import Plan
@@ -229,7 +229,7 @@ def run(model: str | None = None, *, settings: PlanSettings, scorers: Sequence[s
         raise BitallocError(f"{loaded.source.label} has no tokenizer files; `run` evaluates text and needs one.")
     windows = token_windows(loaded.tokenizer, text, eval_settings)
     reference = reference_logprobs(loaded.model, windows, progress=_tqdm(progress))
-    ref_result = evaluate_windows(loaded.model, windows, None)
+    ref_result = reference_result(windows, reference)
     inv = loaded.inventory
     report = {
         "model": loaded.source.label,

@@ -162,8 +162,8 @@ def cmd_plan(args) -> None:
 
 
 def _dry_run(loaded, settings, args) -> None:
-    from bitalloc.api import resolve_menu, uniform_plan
-    from bitalloc.problem import express_bits, feasible_range
+    from bitalloc.api import resolve_menu
+    from bitalloc.problem import feasible_range, sizes_of
     from bitalloc.report import table
 
     inv = loaded.inventory
@@ -172,8 +172,8 @@ def _dry_run(loaded, settings, args) -> None:
         print(f"notice: {n}", file=sys.stderr)
     rows = []
     for opt in options:
-        s = uniform_plan(inv, [opt], settings.budget.__class__(1e12, "bpw", "quantized"), loaded.source.label,
-                         keep_bits=settings.keep_bits, allow_ragged=settings.menu.allow_ragged).sizes(inv)
+        s = sizes_of(inv, {u.name: opt for u in inv.units}, keep_bits=settings.keep_bits,
+                     allow_ragged=settings.menu.allow_ragged)
         rows.append([opt.name, s.quantized_bpw, s.model_bpw, s.model_bytes / 1e6])
     print(f"model: {loaded.source.label} ({inv.arch}); {len(inv.units)} units, {inv.quantized_numel / 1e6:.2f} M "
           f"weights quantized, {inv.kept_numel / 1e6:.2f} M kept at {settings.keep_bits} bits")
