@@ -30,7 +30,7 @@ class QuantizedWeight:
     option: QuantOption
 
 
-def _grouped(W: torch.Tensor, group: int) -> torch.Tensor:
+def grouped(W: torch.Tensor, group: int) -> torch.Tensor:
     """(rows, cols) -> (rows, groups, group); a ragged tail is padded by
     repeating the last column, which leaves each group's min/max unchanged."""
     rows, cols = W.shape
@@ -41,52 +41,59 @@ def _grouped(W: torch.Tensor, group: int) -> torch.Tensor:
     return W.reshape(rows, groups, group)
 
 
-def _group_size(cols: int, option: QuantOption) -> int:
+def group_size_of(cols: int, option: QuantOption) -> int:
     return cols if option.group_size == 0 else min(option.group_size, cols)
+
+
+def choose_qparams(Wg: torch.Tensor, option: QuantOption) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point per group of Wg (rows, groups, g), both (rows,
+    groups) float32 holding fp16-representable values. Codes are unsigned:
+    q = clamp(round(w / scale + zero), 0, 2^b - 1), w ~ (q - zero) * scale."""
+    qmax = 2**option.bits - 1
+    if option.symmetric:
+        # Signed scale, as llama.cpp's Q4_0: the largest-magnitude weight maps
+        # exactly onto the most negative code, so all 2^b levels are used;
+        # the zero point is the constant 2^(b-1) and is not stored.
+        half = 2 ** (option.bits - 1)
+        peak = Wg.gather(-1, Wg.abs().argmax(dim=-1, keepdim=True))[..., 0]  # (rows, groups), signed
+        magnitude = (peak.abs() / half).clamp(FP16_TINY, FP16_MAX)
+        scale = torch.where(peak > 0, -magnitude, magnitude).half().float()
+        return scale, torch.full_like(scale, float(half))
+    wmin, wmax = Wg.amin(dim=-1), Wg.amax(dim=-1)
+    flat = wmax == wmin
+    # A constant group c is stored exactly: scale |c|/qmax, zero 0 or qmax.
+    scale = torch.where(flat, wmin.abs() / qmax, (wmax - wmin) / qmax)
+    scale = scale.clamp(FP16_TINY, FP16_MAX).half().float()
+    zero = torch.where(flat & (wmin < 0), torch.full_like(wmin, qmax), torch.round(-wmin / scale))
+    return scale, zero.clamp(0, qmax)
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes (as float) for weights w given broadcastable scale and zero."""
+    return torch.clamp(torch.round(w / scale + zero), 0, 2**bits - 1)
 
 
 def quantize_rtn(W: torch.Tensor, option: QuantOption, *, allow_ragged: bool = False) -> QuantizedWeight:
     """Round-to-nearest codes for W (rows, cols) under ``option``."""
     rows, cols = W.shape
     group_count(cols, option, allow_ragged=allow_ragged)  # validates divisibility
-    g = _group_size(cols, option)
-    Wg = _grouped(W.detach().float(), g)  # (rows, groups, g)
-    qmax = 2**option.bits - 1
-    if option.symmetric:
-        # Signed scale, as llama.cpp's Q4_0: the largest-magnitude weight maps
-        # exactly onto code -2^(b-1), so all 2^b levels are used.
-        half = 2 ** (option.bits - 1)
-        idx = Wg.abs().argmax(dim=-1, keepdim=True)
-        peak = Wg.gather(-1, idx)[..., 0]  # (rows, groups), signed
-        magnitude = (peak.abs() / half).clamp(FP16_TINY, FP16_MAX)
-        scale = torch.where(peak > 0, -magnitude, magnitude).half().float()
-        q = torch.clamp(torch.round(Wg / scale[..., None]), -half, half - 1) + half  # stored unsigned
-        zeros = None
-    else:
-        wmin, wmax = Wg.amin(dim=-1), Wg.amax(dim=-1)
-        span = wmax - wmin
-        flat = span == 0
-        # A constant group c is stored exactly: scale |c|/qmax, zero 0 or qmax.
-        scale = torch.where(flat, wmin.abs() / qmax, span / qmax)
-        scale = scale.clamp(FP16_TINY, FP16_MAX).half().float()
-        zero = torch.where(flat & (wmin < 0), torch.full_like(wmin, qmax), torch.round(-wmin / scale))
-        zero = zero.clamp(0, qmax)
-        q = torch.clamp(torch.round(Wg / scale[..., None] + zero[..., None]), 0, qmax)
-        zeros = zero.half()
-    codes = q.reshape(rows, -1)[:, :cols].to(torch.uint8)
-    return QuantizedWeight(codes=codes, scales=scale.half(), zeros=zeros, option=option)
+    Wg = grouped(W.detach().float(), group_size_of(cols, option))  # (rows, groups, g)
+    scale, zero = choose_qparams(Wg, option)
+    q = quantize_codes(Wg, scale[..., None], zero[..., None], option.bits)
+    return pack_weight(q.reshape(rows, -1)[:, :cols], scale, zero, option)
+
+
+def pack_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, option: QuantOption) -> QuantizedWeight:
+    """The stored form: uint8 codes, fp16 scales, fp16 zeros (asymmetric only)."""
+    return QuantizedWeight(codes.to(torch.uint8), scale.half(), None if option.symmetric else zero.half(), option)
 
 
 def dequantize(qw: QuantizedWeight) -> torch.Tensor:
     """Float32 weight (rows, cols) from stored codes, scales and zeros."""
     rows, cols = qw.codes.shape
-    g = _group_size(cols, qw.option)
-    q = _grouped(qw.codes.float(), g)  # (rows, groups, g)
-    scale = qw.scales.float()[..., None]
-    if qw.option.symmetric:
-        W = (q - 2 ** (qw.option.bits - 1)) * scale
-    else:
-        W = (q - qw.zeros.float()[..., None]) * scale
+    q = grouped(qw.codes.float(), group_size_of(cols, qw.option))  # (rows, groups, g)
+    zero = float(2 ** (qw.option.bits - 1)) if qw.option.symmetric else qw.zeros.float()[..., None]
+    W = (q - zero) * qw.scales.float()[..., None]
     return W.reshape(rows, -1)[:, :cols].contiguous()
 
 

@@ -1,0 +1,102 @@
+"""Calibration: each linear's input Gram matrix H = 2 X^T X / n, accumulated
+by forward hooks one batch at a time (no activations are kept), cached on
+disk keyed by model identity, text and settings, and reused."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from bitalloc.errors import BitallocError
+from bitalloc.evaluate import EvalSettings, token_windows
+from bitalloc.fileio import write_atomic
+from bitalloc.text import cache_dir
+from bitalloc.units import Inventory
+
+
+@dataclass(frozen=True)
+class CalibSettings:
+    windows: int = 16
+    seq_len: int = 512
+
+    def key(self, identity: str, text: str) -> str:
+        digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+        return f"{identity}-{digest}-{self.windows}x{self.seq_len}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def calibration_windows(tokenizer, text: str, settings: CalibSettings) -> torch.Tensor:
+    return token_windows(tokenizer, text, EvalSettings(settings.seq_len, settings.windows, "auto"))
+
+
+def unit_modules(inventory: Inventory) -> list[str]:
+    """Module names whose input Gram matrix the units need (one per linear)."""
+    names = []
+    for u in inventory.units:
+        if u.index is not None:
+            raise BitallocError(
+                f"Calibrated scorers and GPTQ do not yet support fused expert slices such as {u.name}; "
+                "use a data-free scorer (rtn-mse, rtn-mse-rel, alpha) with --quantizer rtn."
+            )
+        names.append(u.name)
+    return names
+
+
+class GramAccumulator:
+    """Forward hooks summing X^T X (float64) per module; ``hessians()`` gives 2 X^T X / n."""
+
+    def __init__(self, model: nn.Module, module_names: list[str]):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.handles = [model.get_submodule(n).register_forward_hook(self._hook(n)) for n in module_names]
+
+    def _hook(self, name: str):
+        def hook(_module, inputs, _output):
+            X = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()  # (tokens, in)
+            if name in self.sums:
+                self.sums[name] += X.T @ X
+            else:
+                self.sums[name] = X.T @ X
+            self.counts[name] = self.counts.get(name, 0) + X.shape[0]
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def hessians(self) -> dict[str, torch.Tensor]:
+        return {n: (2.0 * s / self.counts[n]).float() for n, s in self.sums.items()}
+
+
+@torch.no_grad()
+def accumulate_hessians(model: nn.Module, inventory: Inventory, windows: torch.Tensor, *,
+                        progress: Callable | None = None) -> dict[str, torch.Tensor]:
+    acc = GramAccumulator(model, unit_modules(inventory))
+    try:
+        rows = progress(list(windows), desc="calibrating (X^T X)", unit="window") if progress else windows
+        for row in rows:
+            model(row[None, :])
+    finally:
+        acc.remove()
+    return acc.hessians()
+
+
+def cached_hessians(model: nn.Module, inventory: Inventory, tokenizer, text: str, settings: CalibSettings, *,
+                    progress: Callable | None = None) -> dict[str, torch.Tensor]:
+    """Hessians from the disk cache, or measured and cached (safetensors)."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(cache_dir()) / "hessians" / f"{settings.key(inventory.identity, text)}.safetensors"
+    if path.is_file():
+        return load_file(str(path))
+    H = accumulate_hessians(model, inventory, calibration_windows(tokenizer, text, settings), progress=progress)
+    write_atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in H.items()}, tmp))
+    return H

@@ -1,0 +1,73 @@
+"""GPTQ (Frantar et al., 2023): quantize columns one by one and push each
+column's error onto the columns not yet quantized, weighted by the inverse
+Hessian of the layer's output error. Honours any option (bits, group size,
+symmetry); with ``act_order`` columns go in order of decreasing H_jj, with
+group scales fixed up front from the original weight ("static groups") so the
+stored format stays contiguous groups along the input dimension.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bitalloc.options import QuantOption, group_count
+from bitalloc.quant import QuantizedWeight, choose_qparams, group_size_of, grouped, pack_weight, quantize_codes
+
+BLOCK = 128  # columns per lazy-update block; a multiple of every group size <= 128
+
+
+def inverse_hessian_factor(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(upper Cholesky factor of (H + damp*mean(diag H)*I)^-1, dead-column
+    mask). Columns whose input is always zero (H_jj = 0) get H_jj = 1."""
+    H = H.double().clone()  # (cols, cols)
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype)
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.cholesky_inverse(L)
+    return torch.linalg.cholesky(Hinv, upper=True), dead
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, option: QuantOption, *, damp: float = 0.01,
+                  act_order: bool = False, allow_ragged: bool = False) -> tuple[QuantizedWeight, float]:
+    """Quantize W (rows, cols) given H (cols, cols) = 2 X^T X / n. Returns the
+    stored weight and GPTQ's loss sum((w - q)^2 / [chol(H^-1)]_jj^2) / 2."""
+    rows, cols = W.shape
+    group_count(cols, option, allow_ragged=allow_ragged)
+    g = group_size_of(cols, option)
+    U, dead = inverse_hessian_factor(H, damp)
+    W = W.detach().double().clone()
+    W[:, dead] = 0.0
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
+    static = act_order or g > BLOCK or BLOCK % g != 0
+    n_groups = -(-cols // g)
+    scale = torch.zeros(rows, n_groups, dtype=torch.float64)
+    zero = torch.zeros(rows, n_groups, dtype=torch.float64)
+    if static:
+        s, z = choose_qparams(grouped(W.float(), g), option)
+        scale, zero = s.double(), z.double()
+    W, U = W[:, perm], U[perm][:, perm]
+    codes = torch.zeros(rows, cols, dtype=torch.float64)
+    loss = 0.0
+    for i1 in range(0, cols, BLOCK):
+        i2 = min(i1 + BLOCK, cols)
+        W1 = W[:, i1:i2].clone()  # (rows, B)
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            k = col // g
+            if not static and col % g == 0:  # a group starts: its scale from the updated weights
+                s, z = choose_qparams(W1[:, i : i + g].float()[:, None, :], option)
+                scale[:, k], zero[:, k] = s[:, 0].double(), z[:, 0].double()
+            w = W1[:, i]
+            q = quantize_codes(w, scale[:, k], zero[:, k], option.bits)
+            deq = (q - zero[:, k]) * scale[:, k]
+            codes[:, col] = q
+            d = U1[i, i]
+            loss += float(((w - deq) ** 2).sum() / d**2 / 2)
+            err = (w - deq) / d
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    return pack_weight(codes, scale.float(), zero.float(), option), loss
