@@ -104,7 +104,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['problem']} | {r['units']} x {r['options']} | {r['gap_vs_ilp']:.1e} | {fmt(r['lagrangian_certified_gap'])} "
-              f"| {fmt(r['ilp_certified_gap'])} | {r['lagrangian_s']:.2f} | {r['ilp_s']:.2f} | {r['speedup']:.0f} |")
+              f"| {fmt(r['ilp_certified_gap'])} | {r['lagrangian_s']:.4f} | {r['ilp_s']:.2f} | {r['speedup']:.0f} |")
 
 
 if __name__ == "__main__":
