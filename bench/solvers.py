@@ -71,7 +71,10 @@ def real_model(budgets) -> list[dict]:
 
     loaded = api.load(None)
     options, _ = api.resolve_menu(loaded.inventory, api.MenuSettings())
-    tables = api.error_tables(loaded, options, ["rtn-mse", "rtn-mse-rel"], progress=False)
+    from bitalloc.scorers import score
+
+    ctx = api.scoring_context(loaded, api.PlanSettings(Budget(4.0)), options, progress=False)
+    tables = score(ctx, ["rtn-mse", "rtn-mse-rel"])
     rows = []
     for scorer, table in tables.items():
         for b in budgets:

@@ -47,7 +47,7 @@ def test_option_names_round_trip(name):
     assert QuantOption.parse(name).name == name
 
 
-@pytest.mark.parametrize("bad", ["int7-g64-asym", "int4-g64", "fp8", "int4-gx-asym"])
+@pytest.mark.parametrize("bad", ["int9-g64-asym", "int1-g32-sym", "int4-g64", "fp8", "int4-gx-asym"])
 def test_bad_option_names(bad):
     with pytest.raises(BitallocError):
         QuantOption.parse(bad)

@@ -1,6 +1,6 @@
 """The stages as Python functions: load, score, plan, quantize, evaluate, run.
 
-Orchestration only; the maths lives in options/quant/scoring/problem/solvers.
+Orchestration only; the maths lives in options/quant/gptq/scorers/problem/solvers.
 """
 
 from __future__ import annotations
@@ -11,13 +11,15 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from bitalloc.calib import CalibSettings
 from bitalloc.errors import BitallocError
 from bitalloc.evaluate import EvalSettings, evaluate as evaluate_windows, reference_logprobs, reference_result, token_windows
 from bitalloc.loading import ModelSource, load_model, resolve_source
-from bitalloc.options import DEFAULT_GROUP_SIZES, SUPPORTED_BITS, QuantOption, build_menu, group_count
-from bitalloc.plan import Plan
-from bitalloc.problem import Budget, Constraints, budget_bits, build_problem, cost_matrix
-from bitalloc.scoring import ErrorTable, check_scorer, score
+from bitalloc.options import DEFAULT_BITS, DEFAULT_GROUP_SIZES, QuantOption, build_menu, group_count
+from bitalloc.plan import QUANTIZERS, Plan
+from bitalloc.problem import Budget, Constraints, budget_bits, build_problem, cost_matrix, sizes_of
+from bitalloc.scorers import ScorerSettings, ScoringContext, check_scorer, score
+from bitalloc.scoring import ErrorTable
 from bitalloc.solvers import solve
 from bitalloc.text import read_text_file, wiki_text
 from bitalloc.units import Inventory, find_units
@@ -36,7 +38,7 @@ class MenuSettings:
     """The options a unit may take. ``group_sizes=None`` means automatic: the
     standard sizes (32, 64, 128, per-channel) that divide every unit."""
 
-    bits: tuple[int, ...] = SUPPORTED_BITS
+    bits: tuple[int, ...] = DEFAULT_BITS
     group_sizes: tuple[int, ...] | None = None
     schemes: tuple[str, ...] = ("asym", "sym")
     allow_ragged: bool = False
@@ -50,9 +52,16 @@ class PlanSettings:
     menu: MenuSettings = field(default_factory=MenuSettings)
     constraints: Constraints = field(default_factory=Constraints)
     keep_bits: int = 16
+    quantizer: str = "rtn"
+    act_order: bool = False
+    calib_text: str | None = None  # a file; None: the calibration half of the offline text
+    calib: CalibSettings = field(default_factory=CalibSettings)
+    scorer_settings: ScorerSettings = field(default_factory=ScorerSettings)
 
     def __post_init__(self) -> None:
         check_scorer(self.scorer)
+        if self.quantizer not in QUANTIZERS:
+            raise BitallocError(f"The 'quantizer' parameter must be one of {list(QUANTIZERS)}. Got {self.quantizer!r} instead.")
 
 
 @dataclass
@@ -86,9 +95,18 @@ def resolve_menu(inventory: Inventory, menu: MenuSettings) -> tuple[tuple[QuantO
     return build_menu(menu.bits, groups, menu.schemes), notices
 
 
-def error_tables(loaded: Loaded, options: Sequence[QuantOption], scorers: Sequence[str], *,
-                 allow_ragged: bool = False, progress: bool = True) -> dict[str, ErrorTable]:
-    return score(loaded.model, loaded.inventory, options, scorers, allow_ragged=allow_ragged, progress=_tqdm(progress))
+def calibration_text(path: str | None) -> str:
+    return read_text_file(path) if path else wiki_text("calib")
+
+
+def scoring_context(loaded: Loaded, settings: PlanSettings, options: Sequence[QuantOption] | None = None, *,
+                    progress: bool = True) -> ScoringContext:
+    if options is None:
+        options, _ = resolve_menu(loaded.inventory, settings.menu)
+    text = calibration_text(settings.calib_text) if loaded.tokenizer is not None else None
+    return ScoringContext(loaded.model, loaded.tokenizer, loaded.inventory, options, calib_text=text,
+                          calib=settings.calib, settings=settings.scorer_settings,
+                          allow_ragged=settings.menu.allow_ragged, progress=_tqdm(progress))
 
 
 def solve_plan(inventory: Inventory, table: ErrorTable, settings: PlanSettings, model_label: str) -> Plan:
@@ -101,29 +119,67 @@ def solve_plan(inventory: Inventory, table: ErrorTable, settings: PlanSettings, 
         for i in members:
             assignment[inventory.units[i].name] = table.options[int(solution.choice[g])]
     return Plan(assignment, inventory.identity, model_label, settings.budget, table.scorer, settings.solver,
-                solution.objective, settings.keep_bits, settings.menu.allow_ragged, settings.constraints)
+                solution.objective, settings.keep_bits, settings.menu.allow_ragged, settings.constraints,
+                settings.quantizer, settings.act_order)
 
 
-def uniform_plan(inventory: Inventory, options: Sequence[QuantOption], budget: Budget, model_label: str, *,
-                 keep_bits: int = 16, allow_ragged: bool = False, table: ErrorTable | None = None) -> Plan:
+def _baseline_plan(inventory: Inventory, assignments: list[dict[str, QuantOption]], names: list[str],
+                   settings: PlanSettings, model_label: str, table: ErrorTable | None, kind: str) -> Plan:
+    """The largest candidate assignment within the budget; ties by table error."""
+    cap = budget_bits(settings.budget, inventory, keep_bits=settings.keep_bits)
+    sizes = []
+    for a in assignments:
+        try:
+            sizes.append(sizes_of(inventory, a, keep_bits=settings.keep_bits, allow_ragged=settings.menu.allow_ragged).quantized_bits)
+        except BitallocError:
+            sizes.append(np.iinfo(np.int64).max)
+    ok = [i for i, s in enumerate(sizes) if s <= cap]
+    if not ok:
+        raise BitallocError(f"No {kind} assignment of the menu fits {settings.budget.describe()}; it needs a larger budget.")
+    best = max(sizes[i] for i in ok)
+    candidates = [i for i in ok if sizes[i] == best]
+
+    def objective(i: int) -> float | None:
+        if table is None:
+            return None
+        col = {o: j for j, o in enumerate(table.options)}
+        return float(sum(table.errors[k, col[assignments[i][u.name]]] for k, u in enumerate(inventory.units)))
+
+    if table is not None:
+        candidates.sort(key=objective)
+    i = candidates[0]
+    return Plan(assignments[i], inventory.identity, model_label, settings.budget, f"{kind}:{names[i]}", kind,
+                objective(i), settings.keep_bits, settings.menu.allow_ragged, Constraints(), settings.quantizer,
+                settings.act_order)
+
+
+def uniform_plan(inventory: Inventory, options: Sequence[QuantOption], settings: PlanSettings, model_label: str,
+                 table: ErrorTable | None = None) -> Plan:
     """The single option with the largest size not above the budget; among
     options of equal size, the one with the least total error in ``table``."""
-    cost = cost_matrix(inventory, options, allow_ragged=allow_ragged)
-    fits = (cost >= 0).all(axis=0)
-    totals = cost.sum(axis=0)
-    cap = budget_bits(budget, inventory, keep_bits=keep_bits)
-    ok = fits & (totals <= cap)
-    if not ok.any():
-        raise BitallocError(f"No single option of the menu fits {budget.describe()}; the uniform baseline needs a larger budget.")
-    best = totals[ok].max()
-    candidates = [j for j in range(len(options)) if ok[j] and totals[j] == best]
-    if table is not None:
-        err = np.nansum(table.errors, axis=0)
-        candidates.sort(key=lambda j: err[j])
-    opt = options[candidates[0]]
-    objective = None if table is None else float(np.nansum(table.errors[:, candidates[0]]))
-    return Plan({u.name: opt for u in inventory.units}, inventory.identity, model_label, budget,
-                f"uniform:{opt.name}", "uniform", objective, keep_bits, allow_ragged)
+    fitting = [o for o in options if (cost_matrix(inventory, [o], allow_ragged=settings.menu.allow_ragged) >= 0).all()]
+    return _baseline_plan(inventory, [{u.name: o for u in inventory.units} for o in fitting],
+                          [o.name for o in fitting], settings, model_label, table, "uniform")
+
+
+def llama_rule_plan(inventory: Inventory, options: Sequence[QuantOption], settings: PlanSettings, model_label: str,
+                    table: ErrorTable | None = None) -> Plan:
+    """llama.cpp's Q4_K_M rule at this budget: the units the rule promotes
+    (attn_v, ffn_down in the first and last eighth of layers and every third
+    layer between) get the option two bits up (same group and scheme, the
+    next size in the menu if that is missing), the rest a base option; the
+    largest such mix within the budget."""
+    promoted = set(inventory.more_bits)
+    if not promoted:
+        raise BitallocError(f"The llama.cpp rule has no promoted tensors for family {inventory.arch!r}.")
+    assignments, names = [], []
+    for base in options:
+        ups = [o for o in options if o.group_size == base.group_size and o.symmetric == base.symmetric
+               and o.bits >= base.bits + 2]
+        up = min(ups, key=lambda o: o.bits) if ups else base
+        assignments.append({u.name: up if u.name in promoted else base for u in inventory.units})
+        names.append(f"{base.name}+{up.bits}b")
+    return _baseline_plan(inventory, assignments, names, settings, model_label, table, "llama-rule")
 
 
 def plan(model: str | None = None, *, settings: PlanSettings, table_path: str | None = None,
@@ -137,9 +193,7 @@ def plan(model: str | None = None, *, settings: PlanSettings, table_path: str | 
         if table.scorer != settings.scorer:
             table = table.rescored(settings.scorer)
     else:
-        options, _ = resolve_menu(loaded.inventory, settings.menu)
-        table = error_tables(loaded, options, [settings.scorer], allow_ragged=settings.menu.allow_ragged,
-                             progress=progress)[settings.scorer]
+        table = score(scoring_context(loaded, settings, progress=progress), [settings.scorer])[settings.scorer]
     if save_table:
         table.save(save_table)
     result = solve_plan(loaded.inventory, table, settings, loaded.source.label)
@@ -148,13 +202,23 @@ def plan(model: str | None = None, *, settings: PlanSettings, table_path: str | 
     return result
 
 
+def _hessians_for(loaded: Loaded, the_plan: Plan, settings: PlanSettings | None, progress: bool):
+    if the_plan.quantizer != "gptq":
+        return None
+    s = settings or PlanSettings(the_plan.budget)
+    return scoring_context(loaded, s, options=(), progress=progress).hessians
+
+
 def quantize(model: str | None = None, *, plan_path: str, out: str, progress: bool = True,
-             loaded: Loaded | None = None) -> dict:
+             loaded: Loaded | None = None, settings: PlanSettings | None = None) -> dict:
+    """Quantize per a plan file (RTN or GPTQ, as the plan says) and save."""
     from bitalloc.quantize import quantize_model, save_quantized
 
     loaded = loaded or load(model)
     the_plan = Plan.load(plan_path)
-    stored = quantize_model(loaded.model, loaded.inventory, the_plan, progress=_tqdm(progress))
+    the_plan.check_model(loaded.inventory)
+    hessians = _hessians_for(loaded, the_plan, settings, progress)
+    stored = quantize_model(loaded.model, loaded.inventory, the_plan, hessians=hessians, progress=_tqdm(progress))
     folder = save_quantized(out, loaded.model, loaded.tokenizer, loaded.inventory, the_plan, stored)
     sizes = the_plan.sizes(loaded.inventory)
     return {"out": str(folder), "file_bytes": (folder / "model.safetensors").stat().st_size, "sizes": sizes.to_dict()}
@@ -191,15 +255,26 @@ def evaluate(model: str | None = None, *, quantized: str | None = None, referenc
     return {"model": name, "text": label, "settings": settings.to_dict(), "result": result.to_dict()}
 
 
-def _plan_row(loaded: Loaded, the_plan: Plan, windows, reference, progress: bool, desc: str) -> dict:
+@dataclass
+class EvalBench:
+    """Windows, reference log-probs and GPTQ state shared by many plan rows."""
+
+    windows: object
+    reference: list
+    hessians: dict | None = None
+    gptq_cache: dict = field(default_factory=dict)
+
+
+def plan_row(loaded: Loaded, the_plan: Plan, bench: EvalBench, progress: bool, desc: str) -> dict:
+    """Quantize per the plan in memory, evaluate, restore; sizes and timings."""
     from bitalloc.quantize import quantize_model, restored
 
     t0 = time.perf_counter()
     with restored(loaded.model):
-        quantize_model(loaded.model, loaded.inventory, the_plan)
-        result = evaluate_windows(loaded.model, windows, reference, progress=_tqdm(progress), desc=desc)
+        quantize_model(loaded.model, loaded.inventory, the_plan, hessians=bench.hessians, cache=bench.gptq_cache)
+        t_quant = time.perf_counter() - t0
+        result = evaluate_windows(loaded.model, bench.windows, bench.reference, progress=_tqdm(progress), desc=desc)
     sizes = the_plan.sizes(loaded.inventory)
-    options = sorted({o.name for o in the_plan.assignment.values()})
     return {
         **result.to_dict(),
         "bpw": sizes.quantized_bpw,
@@ -207,9 +282,36 @@ def _plan_row(loaded: Loaded, the_plan: Plan, windows, reference, progress: bool
         "model_bpw": sizes.model_bpw,
         "model_mb": sizes.model_bytes / 1e6,
         "objective": the_plan.objective,
-        "options_used": options,
+        "options_used": sorted({o.name for o in the_plan.assignment.values()}),
+        "quantize_s": t_quant,
         "seconds": time.perf_counter() - t0,
     }
+
+
+def reference_block(loaded: Loaded, eval_settings: EvalSettings, text_path: str | None, keep_bits: int,
+                    progress: bool) -> tuple[dict, EvalBench]:
+    text, label = eval_text(text_path)
+    if loaded.tokenizer is None:
+        raise BitallocError(f"{loaded.source.label} has no tokenizer files; evaluation on text needs one.")
+    windows = token_windows(loaded.tokenizer, text, eval_settings)
+    reference = reference_logprobs(loaded.model, windows, progress=_tqdm(progress))
+    inv = loaded.inventory
+    block = {
+        "model": loaded.source.label,
+        "model_note": "the reference is the model as loaded; for the embedded default its weights already sit on a "
+                      "4-bit grid (Q4_1 GGUF), not an fp16 original",
+        "text": label,
+        "eval": eval_settings.to_dict(),
+        "units": len(inv.units),
+        "quantized_numel": inv.quantized_numel,
+        "kept_numel": inv.kept_numel,
+        "bpw_note": "bpw: stored bits of the quantized units (codes + fp16 scales + fp16 zeros) / their weights; "
+                    "code_bpw: codes only; model_bpw and model_mb: whole model, kept tensors (embeddings, norms) "
+                    f"at {keep_bits} bits, tied tensors once",
+        "reference": {**reference_result(windows, reference).to_dict(),
+                      "model_mb": (inv.quantized_numel + inv.kept_numel) * 2 / 1e6, "model_mb_note": "at fp16"},
+    }
+    return block, EvalBench(windows, reference)
 
 
 def run(model: str | None = None, *, settings: PlanSettings, scorers: Sequence[str] | None = None,
@@ -217,50 +319,32 @@ def run(model: str | None = None, *, settings: PlanSettings, scorers: Sequence[s
         eval_settings: EvalSettings = EvalSettings(), progress: bool = True, loaded: Loaded | None = None,
         plans_dir: str | None = None) -> dict:
     """All stages: reference, the uniform baseline and the allocated plan for
-    each budget (and scorer), evaluated on the same windows. One RTN
-    measurement serves every scorer and budget."""
+    each budget (and scorer), evaluated on the same windows. One measurement
+    serves every scorer and budget."""
     loaded = loaded or load(model)
     scorers = list(scorers or [settings.scorer])
     budgets = list(budgets or [settings.budget.value])
     options, notices = resolve_menu(loaded.inventory, settings.menu)
-    tables = error_tables(loaded, options, scorers, allow_ragged=settings.menu.allow_ragged, progress=progress)
-    text, label = eval_text(text_path)
-    if loaded.tokenizer is None:
-        raise BitallocError(f"{loaded.source.label} has no tokenizer files; `run` evaluates text and needs one.")
-    windows = token_windows(loaded.tokenizer, text, eval_settings)
-    reference = reference_logprobs(loaded.model, windows, progress=_tqdm(progress))
-    ref_result = reference_result(windows, reference)
+    ctx = scoring_context(loaded, settings, options, progress=progress)
+    tables = score(ctx, scorers)
+    report, bench = reference_block(loaded, eval_settings, text_path, settings.keep_bits, progress)
+    if settings.quantizer == "gptq":
+        bench.hessians = ctx.hessians
     inv = loaded.inventory
-    report = {
-        "model": loaded.source.label,
-        "model_note": "the reference is the model as loaded; for the embedded default its weights already sit on a 4-bit grid (Q4_1 GGUF), not an fp16 original",
-        "text": label,
-        "eval": eval_settings.to_dict(),
-        "menu": [o.name for o in options],
-        "notices": list(inv.notices) + notices,
-        "units": len(inv.units),
-        "quantized_numel": inv.quantized_numel,
-        "kept_numel": inv.kept_numel,
-        "bpw_note": "bpw: stored bits of the quantized units (codes + fp16 scales + fp16 zeros) / their weights; "
-                    "code_bpw: codes only; model_bpw and model_mb: whole model, kept tensors (embeddings, norms) "
-                    f"at {settings.keep_bits} bits, tied tensors once",
-        "reference": {**ref_result.to_dict(), "model_mb": (inv.quantized_numel + inv.kept_numel) * 2 / 1e6,
-                      "model_mb_note": "at fp16"},
-        "budgets": [],
-    }
-    first = tables[scorers[0]]
+    report.update(menu=[o.name for o in options], notices=list(inv.notices) + notices, quantizer=settings.quantizer,
+                  budgets=[])
     for value in budgets:
-        budget = replace(settings.budget, value=value)
-        uni = uniform_plan(inv, options, budget, loaded.source.label, keep_bits=settings.keep_bits,
-                           allow_ragged=settings.menu.allow_ragged, table=first)
-        entry = {"budget": budget.to_dict(), "uniform": {"option": uni.scorer.split(":", 1)[1],
-                                                           **_plan_row(loaded, uni, windows, reference, progress, f"uniform {value:g}")},
+        s = replace(settings, budget=replace(settings.budget, value=value))
+        uni = uniform_plan(inv, options, s, loaded.source.label, table=tables[scorers[0]])
+        entry = {"budget": s.budget.to_dict(),
+                 "uniform": {"option": uni.scorer.split(":", 1)[1],
+                             **plan_row(loaded, uni, bench, progress, f"uniform {value:g}")},
                  "allocated": {}}
         for scorer in scorers:
-            p = solve_plan(inv, tables[scorer], replace(settings, budget=budget, scorer=scorer), loaded.source.label)
+            p = solve_plan(inv, tables[scorer], replace(s, scorer=scorer), loaded.source.label)
             if plans_dir:
                 p.save(f"{plans_dir}/plan-{scorer}-{value:g}.json", inv)
-            entry["allocated"][scorer] = _plan_row(loaded, p, windows, reference, progress, f"{scorer} {value:g}")
+            entry["allocated"][scorer] = plan_row(loaded, p, bench, progress, f"{scorer} {value:g}")
         report["budgets"].append(entry)
     if len(budgets) == 1 and len(scorers) == 1:  # the flat shape of `bitalloc run --json`
         report["uniform"] = report["budgets"][0]["uniform"]

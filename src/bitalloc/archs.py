@@ -24,6 +24,8 @@ class ArchSpec:
     expert_params: tuple[str, ...] = ()
     # fnmatch patterns of module names that are never quantized.
     exclude: tuple[str, ...] = ()
+    # Suffixes llama.cpp's Q4_K_M rule gives more bits in some layers (attn_v, ffn_down).
+    more_bits: tuple[str, ...] = ()
 
 
 _LLAMA_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
@@ -33,19 +35,22 @@ _LLAMA_TIES = {
     "gate_up": ("mlp.gate_proj", "mlp.up_proj"),
 }
 _HEADS = ("lm_head", "*.lm_head")
+_MORE = ("self_attn.v_proj", "mlp.down_proj")
 _ROUTERS = ("*.mlp.gate", "*.shared_expert_gate")
 
 ARCHITECTURES: tuple[ArchSpec, ...] = (
-    ArchSpec("llama", ("llama",), _LLAMA_ATTN + _LLAMA_MLP, _LLAMA_TIES, exclude=_HEADS),
-    ArchSpec("mistral", ("mistral",), _LLAMA_ATTN + _LLAMA_MLP, _LLAMA_TIES, exclude=_HEADS),
-    ArchSpec("qwen2", ("qwen2",), _LLAMA_ATTN + _LLAMA_MLP, _LLAMA_TIES, exclude=_HEADS),
-    ArchSpec("qwen3", ("qwen3",), _LLAMA_ATTN + _LLAMA_MLP, _LLAMA_TIES, exclude=_HEADS),
-    ArchSpec("gemma3", ("gemma3_text", "gemma3", "gemma2", "gemma"), _LLAMA_ATTN + _LLAMA_MLP, _LLAMA_TIES, exclude=_HEADS),
+    ArchSpec("llama", ("llama",), _LLAMA_ATTN + _LLAMA_MLP, _LLAMA_TIES, exclude=_HEADS, more_bits=_MORE),
+    ArchSpec("mistral", ("mistral",), _LLAMA_ATTN + _LLAMA_MLP, _LLAMA_TIES, exclude=_HEADS, more_bits=_MORE),
+    ArchSpec("qwen2", ("qwen2",), _LLAMA_ATTN + _LLAMA_MLP, _LLAMA_TIES, exclude=_HEADS, more_bits=_MORE),
+    ArchSpec("qwen3", ("qwen3",), _LLAMA_ATTN + _LLAMA_MLP, _LLAMA_TIES, exclude=_HEADS, more_bits=_MORE),
+    ArchSpec("gemma3", ("gemma3_text", "gemma3", "gemma2", "gemma"), _LLAMA_ATTN + _LLAMA_MLP, _LLAMA_TIES,
+             exclude=_HEADS, more_bits=_MORE),
     ArchSpec(
         "gpt2",
         ("gpt2",),
         ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
         exclude=_HEADS,
+        more_bits=("attn.c_attn", "mlp.c_proj"),
     ),
     ArchSpec(
         "bert",
@@ -60,6 +65,7 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         ),
         {"qkv": ("attention.self.query", "attention.self.key", "attention.self.value")},
         exclude=("cls.*", "*.pooler.dense", "pooler.dense", "classifier", "qa_outputs"),
+        more_bits=("attention.self.value", "output.dense"),
     ),
     ArchSpec(
         "mixtral",
@@ -68,6 +74,7 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         {"qkv": _LLAMA_TIES["qkv"]},
         expert_params=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
         exclude=_HEADS + _ROUTERS,
+        more_bits=("self_attn.v_proj", "mlp.experts.down_proj"),
     ),
     ArchSpec(
         "qwen-moe",
@@ -76,6 +83,7 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         {"qkv": _LLAMA_TIES["qkv"], "shared_gate_up": ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj")},
         expert_params=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
         exclude=_HEADS + _ROUTERS,
+        more_bits=("self_attn.v_proj", "mlp.experts.down_proj"),
     ),
 )
 

@@ -25,11 +25,11 @@ def _budget_args(p: argparse.ArgumentParser, *, many: bool) -> None:
 
 
 def _menu_args(p: argparse.ArgumentParser) -> None:
-    from bitalloc.scoring import SCORERS
+    from bitalloc.scorers import SCORERS
     from bitalloc.solvers import SOLVERS
 
     g = p.add_argument_group("scoring, options and solver")
-    g.add_argument("--scorer", default="rtn-mse", help=f"error table: {', '.join(sorted(SCORERS))} (comma list for run)")
+    g.add_argument("--scorer", default="rtn-mse", help=f"error table: {', '.join(SCORERS)} (comma list for run)")
     g.add_argument("--solver", choices=SOLVERS, default="ilp", help="ilp: exact (HiGHS); lagrangian: fast")
     g.add_argument("--bits", default="2,3,4,5,6,8", help="bit-widths in the menu (default: 2,3,4,5,6,8)")
     g.add_argument("--group-sizes", default=None,
@@ -46,6 +46,24 @@ def _menu_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tie", default="", help="tie groups sharing one option: qkv, gate_up, ... or all")
     g.add_argument("--keep-bits", type=int, choices=(16, 32), default=16,
                    help="precision of tensors that are not quantized (embeddings, norms); counted in model size")
+    _calib_args(p)
+
+
+def _calib_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("quantizer and calibration")
+    g.add_argument("--quantizer", default="rtn", help="rtn (round to nearest) or gptq (Hessian-aware; comma list for compare)")
+    g.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
+    g.add_argument("--calib-text", help="calibration text file (default: the calibration half of the offline "
+                                        "Wikipedia sample, disjoint from the evaluation half)")
+    g.add_argument("--calib-windows", type=int, default=16, help="calibration windows for X^T X (default 16)")
+    g.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
+    g.add_argument("--alpha-gamma", type=float, default=1.0,
+                   help="AlphaQ exponent in (median a / a)^gamma (default 1, the paper's CLI default; its ablation "
+                        "favours 10-15 on MoE models)")
+    g.add_argument("--alpha-fit", choices=("hill", "ks"), default="hill", help="Hill estimator or KS power-law fit")
+    g.add_argument("--farms", action="store_true", help="alpha from seeded square sub-blocks (FARMS)")
+    g.add_argument("--probe-windows", type=int, default=2, help="windows of calibration text for kl/linearity probes")
+    g.add_argument("--probe-seq-len", type=int, default=128, help="tokens per probe window")
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -78,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     sq.add_argument("--model", help=MODEL_HELP)
     sq.add_argument("--plan", required=True, help="plan.json from `bitalloc plan`")
     sq.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    _calib_args(sq)
 
     se = sub.add_parser("eval", help="perplexity (and KL to a reference) of a model or a quantized folder")
     src = se.add_mutually_exclusive_group()
@@ -96,6 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--plans-dir", help="also write each plan here")
     sr.add_argument("--json", help="write the report as JSON here")
 
+    sc = sub.add_parser("compare", help="every scorer x quantizer x budget on one model: table, plot, correlations")
+    sc.add_argument("--model", help=MODEL_HELP)
+    sc.add_argument("--budgets", default="2.5,3,3.5,4", help="bpw budgets over the quantized units (default 2.5,3,3.5,4)")
+    sc.add_argument("--scorers", default="all", help="comma list, or 'all'")
+    _menu_args(sc)
+    _eval_args(sc)
+    sc.set_defaults(windows=4, quantizer="rtn,gptq", bytes=None, over="quantized")
+    sc.add_argument("--out", default="out/compare", help="folder for compare.json, compare.md, compare.png")
+
     sd = sub.add_parser("demo", help="the main job on the embedded SmolLM2-135M: reference, uniform and allocated RTN "
                                      f"at budgets {', '.join(map(str, DEMO_BUDGETS))} bpw")
     sd.add_argument("--windows", type=int, default=8)
@@ -106,8 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _plan_settings(args, budget_value: float):
     from bitalloc.api import MenuSettings, PlanSettings
+    from bitalloc.calib import CalibSettings
     from bitalloc.options import parse_group_sizes, parse_int_list
     from bitalloc.problem import Budget, Constraints, parse_allow_rule
+    from bitalloc.scorers import ScorerSettings
 
     if args.bytes is not None:
         budget = Budget(args.bytes, "bytes", "model")
@@ -123,7 +153,13 @@ def _plan_settings(args, budget_value: float):
     )
     constraints = Constraints(tuple(parse_allow_rule(r) for r in args.allow), args.min_bits, args.max_bits,
                               tuple(t.strip() for t in args.tie.split(",") if t.strip()))
-    return PlanSettings(budget, args.scorer.split(",")[0], args.solver, menu, constraints, args.keep_bits)
+    return PlanSettings(
+        budget, args.scorer.split(",")[0], args.solver, menu, constraints, args.keep_bits,
+        quantizer=args.quantizer.split(",")[0], act_order=args.act_order, calib_text=args.calib_text,
+        calib=CalibSettings(args.calib_windows, args.calib_seq_len),
+        scorer_settings=ScorerSettings(alpha_gamma=args.alpha_gamma, alpha_fit=args.alpha_fit, alpha_farms=args.farms,
+                                       probe_windows=args.probe_windows, probe_seq_len=args.probe_seq_len),
+    )
 
 
 def _write_json(path: str | None, data) -> None:
@@ -191,7 +227,12 @@ def _dry_run(loaded, settings, args) -> None:
 def cmd_quantize(args) -> None:
     from bitalloc import api
 
-    info = api.quantize(args.model, plan_path=args.plan, out=args.out, progress=not args.quiet)
+    from bitalloc.calib import CalibSettings
+    from bitalloc.plan import Plan
+
+    budget = Plan.load(args.plan).budget
+    settings = api.PlanSettings(budget, calib_text=args.calib_text, calib=CalibSettings(args.calib_windows, args.calib_seq_len))
+    info = api.quantize(args.model, plan_path=args.plan, out=args.out, progress=not args.quiet, settings=settings)
     s = info["sizes"]
     print(f"wrote {info['out']}: model.safetensors {info['file_bytes'] / 1e6:.3f} MB on disk; plan realizes "
           f"{s['quantized_bpw']:.4f} bpw over the quantized units, {s['model_bpw']:.4f} over the whole model")
@@ -231,13 +272,29 @@ def cmd_run(args, *, budgets=None, scorers=None) -> dict:
     return report
 
 
+def cmd_compare(args) -> None:
+    from bitalloc import api
+    from bitalloc.compare import CompareSettings, compare, markdown, write_outputs
+    from bitalloc.scorers import SCORERS
+
+    budgets = tuple(float(b) for b in args.budgets.split(","))
+    scorers = tuple(SCORERS) if args.scorers == "all" else tuple(s.strip() for s in args.scorers.split(","))
+    settings = CompareSettings(budgets, scorers, tuple(q.strip() for q in args.quantizer.split(",")), _eval_settings(args))
+    loaded = api.load(args.model)
+    report = compare(loaded, settings, _plan_settings(args, budgets[0]), progress=not args.quiet)
+    print(markdown(report))
+    for path in write_outputs(report, args.out):
+        print(f"wrote {path}")
+
+
 def cmd_demo(args) -> None:
     ns = build_parser().parse_args(["run"])
     ns.windows, ns.seq_len, ns.json, ns.quiet = args.windows, args.seq_len, args.json, args.quiet
     cmd_run(ns, budgets=list(DEMO_BUDGETS), scorers=list(DEMO_SCORERS))
 
 
-COMMANDS = {"plan": cmd_plan, "quantize": cmd_quantize, "eval": cmd_eval, "run": cmd_run, "demo": cmd_demo}
+COMMANDS = {"plan": cmd_plan, "quantize": cmd_quantize, "eval": cmd_eval, "run": cmd_run, "compare": cmd_compare,
+            "demo": cmd_demo}
 
 
 def main(argv=None) -> int:

@@ -15,7 +15,8 @@ from typing import Iterable, Sequence
 
 from bitalloc.errors import BitallocError, GroupSizeError
 
-SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
+DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
 DEFAULT_GROUP_SIZES = (32, 64, 128, 0)  # 0 = one group per output channel
 SCALE_BITS = 16  # fp16 scale per group
 ZERO_BITS = 16  # fp16 zero point per group (asymmetric only)
@@ -98,7 +99,7 @@ def storage_bits(shape: Sequence[int], option: QuantOption, *, allow_ragged: boo
 
 
 def build_menu(
-    bits: Iterable[int] = SUPPORTED_BITS,
+    bits: Iterable[int] = DEFAULT_BITS,
     group_sizes: Iterable[int] = DEFAULT_GROUP_SIZES,
     schemes: Iterable[str] = ("asym", "sym"),
 ) -> tuple[QuantOption, ...]:

@@ -14,6 +14,7 @@ from bitalloc.units import Inventory
 
 PLAN_FORMAT = "bitalloc.plan"
 PLAN_VERSION = 1
+QUANTIZERS = ("rtn", "gptq")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,12 @@ class Plan:
     keep_bits: int = 16
     allow_ragged: bool = False
     constraints: Constraints = field(default_factory=Constraints)
+    quantizer: str = "rtn"  # "rtn" or "gptq"
+    act_order: bool = False  # GPTQ only
+
+    def __post_init__(self) -> None:
+        if self.quantizer not in QUANTIZERS:
+            raise BitallocError(f"The 'quantizer' parameter must be one of {list(QUANTIZERS)}. Got {self.quantizer!r} instead.")
 
     def sizes(self, inventory: Inventory) -> Sizes:
         return sizes_of(inventory, self.assignment, keep_bits=self.keep_bits, allow_ragged=self.allow_ragged)
@@ -56,6 +63,8 @@ class Plan:
             "budget": self.budget.to_dict(),
             "scorer": self.scorer,
             "solver": self.solver,
+            "quantizer": self.quantizer,
+            "act_order": self.act_order,
             "objective": self.objective,
             "keep_bits": self.keep_bits,
             "allow_ragged_groups": self.allow_ragged,
@@ -91,6 +100,8 @@ class Plan:
             keep_bits=int(data.get("keep_bits", 16)),
             allow_ragged=bool(data.get("allow_ragged_groups", False)),
             constraints=Constraints.from_dict(data.get("constraints", {})),
+            quantizer=data.get("quantizer", "rtn"),
+            act_order=bool(data.get("act_order", False)),
         )
 
     def save(self, path: str, inventory: Inventory | None = None) -> None:

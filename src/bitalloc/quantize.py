@@ -31,16 +31,32 @@ def keep_dtype(bits: int) -> torch.dtype:
     return KEEP_DTYPES[bits]
 
 
-def quantize_model(model, inventory: Inventory, plan: Plan, *, progress: Callable | None = None) -> dict[str, QuantizedWeight]:
-    """Quantize in place per the plan (units RTN; kept tensors rounded to
-    keep_bits) and return the stored form of each unit."""
+def quantize_model(model, inventory: Inventory, plan: Plan, *, hessians: dict[str, torch.Tensor] | None = None,
+                   cache: dict | None = None, progress: Callable | None = None) -> dict[str, QuantizedWeight]:
+    """Quantize in place per the plan (units by RTN or GPTQ; kept tensors
+    rounded to keep_bits) and return the stored form of each unit. ``cache``
+    keeps GPTQ results per (unit, option) for reuse across plans."""
+    from bitalloc.gptq import gptq_quantize
+
     plan.check_model(inventory)
+    if plan.quantizer == "gptq" and hessians is None:
+        raise BitallocError("A GPTQ plan needs calibration Hessians; quantize through bitalloc.api, which computes them.")
     stored: dict[str, QuantizedWeight] = {}
-    units = progress(inventory.units, desc="quantizing", unit="tensor") if progress else inventory.units
+    units = progress(inventory.units, desc=f"quantizing ({plan.quantizer})", unit="tensor") if progress else inventory.units
     for unit in units:
-        W = get_weight(model, unit)  # (out, in)
-        check_finite(W, unit)
-        qw = quantize_rtn(W, plan.assignment[unit.name], allow_ragged=plan.allow_ragged)
+        opt = plan.assignment[unit.name]
+        key = (unit.name, opt.name, plan.act_order)
+        if plan.quantizer == "gptq" and cache is not None and key in cache:
+            qw = cache[key]
+        else:
+            W = get_weight(model, unit)  # (out, in)
+            check_finite(W, unit)
+            if plan.quantizer == "gptq":
+                qw, _ = gptq_quantize(W, hessians[unit.name], opt, act_order=plan.act_order, allow_ragged=plan.allow_ragged)
+                if cache is not None:
+                    cache[key] = qw
+            else:
+                qw = quantize_rtn(W, opt, allow_ragged=plan.allow_ragged)
         set_weight(model, unit, dequantize(qw))
         stored[unit.name] = qw
     dtype = keep_dtype(plan.keep_bits)

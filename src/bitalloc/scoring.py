@@ -1,24 +1,19 @@
 """Error tables: for every unit and option, importance x distortion.
 
-A scorer supplies both halves. The measurement (distortion) is the expensive
-part and is shared: ``rtn-mse`` and ``rtn-mse-rel`` measure the same
-round-to-nearest weight error ||W - Q(W)||^2 and differ only in importance
-(1, or 1/||W||^2). Tables are versioned JSON files, reusable for any budget.
+The solver minimises the sum over units of ``importance[u] * distortion[u, o]``.
+Tables are versioned JSON files keyed by unit name, reusable for any budget.
+Scorers that fill them live in ``scorers.py``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
-
 import numpy as np
-import torch
 
-from bitalloc.errors import BitallocError, GroupSizeError, PlanMismatchError
+from bitalloc.errors import BitallocError, PlanMismatchError
 from bitalloc.fileio import read_json, write_json
-from bitalloc.options import QuantOption, group_count
-from bitalloc.quant import fake_quantize
-from bitalloc.units import Inventory, Unit, check_finite, get_weight
+from bitalloc.options import QuantOption
+from bitalloc.units import Inventory
 
 TABLE_FORMAT = "bitalloc.error-table"
 TABLE_VERSION = 1
@@ -54,11 +49,14 @@ class ErrorTable:
                           self.weight_norm2)
 
     def rescored(self, scorer: str) -> "ErrorTable":
-        """The same RTN measurement under another weight-error scorer."""
-        check_scorer(scorer)
-        if self.weight_norm2 is None or self.scorer not in SCORERS:
-            raise BitallocError(f"A table made by {self.scorer!r} cannot serve scorer {scorer!r}; score again.")
-        return self.with_importance(scorer, SCORERS[scorer][1](self.weight_norm2))
+        """The same plain RTN measurement as rtn-mse or rtn-mse-rel."""
+        if scorer not in WEIGHT_ERROR_IMPORTANCE or self.scorer not in WEIGHT_ERROR_IMPORTANCE or self.weight_norm2 is None:
+            raise BitallocError(f"A table made by {self.scorer!r} cannot serve scorer {scorer!r}; score again without --table.")
+        return self.with_importance(scorer, WEIGHT_ERROR_IMPORTANCE[scorer](self.weight_norm2))
+
+    def sensitivity(self, option: QuantOption) -> np.ndarray:
+        """(units,) the table's predicted cost of storing each unit at ``option``."""
+        return self.errors[:, self.options.index(option)]
 
     def to_dict(self) -> dict:
         return {
@@ -110,74 +108,10 @@ class ErrorTable:
             )
 
 
-def rtn_weight_errors(W: torch.Tensor, options: Sequence[QuantOption], *, allow_ragged: bool, name: str) -> np.ndarray:
-    """||W - RTN(W)||^2 for each option; NaN where the group size does not fit."""
-    out = np.full(len(options), np.nan)
-    for j, opt in enumerate(options):
-        try:
-            group_count(W.shape[1], opt, allow_ragged=allow_ragged, name=name)
-        except GroupSizeError:
-            continue
-        out[j] = float(((W - fake_quantize(W, opt, allow_ragged=allow_ragged)) ** 2).sum(dtype=torch.float64))
-    return out
 
 
-def measure_rtn(
-    model,
-    inventory: Inventory,
-    options: Sequence[QuantOption],
-    *,
-    allow_ragged: bool = False,
-    progress: Callable | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(distortion (units, options), ||W||^2 (units,)) for every unit."""
-    units: Sequence[Unit] = inventory.units
-    distortion = np.empty((len(units), len(options)))
-    norms = np.empty(len(units))
-    iterator = progress(units, desc="scoring (RTN error)", unit="tensor") if progress else units
-    for i, unit in enumerate(iterator):
-        W = get_weight(model, unit)  # (out, in)
-        check_finite(W, unit)
-        distortion[i] = rtn_weight_errors(W, options, allow_ragged=allow_ragged, name=unit.param)
-        norms[i] = float((W.double() ** 2).sum())
-    return distortion, norms
-
-
-def _importance_one(norms: np.ndarray) -> np.ndarray:
-    return np.ones_like(norms)
-
-
-def _importance_relative(norms: np.ndarray) -> np.ndarray:
-    return 1.0 / np.maximum(norms, np.finfo(np.float64).tiny)
-
-
-# scorer name -> (what it minimises, importance from ||W||^2)
-SCORERS: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]] = {
-    "rtn-mse": ("sum of squared RTN weight error ||W - Q(W)||^2", _importance_one),
-    "rtn-mse-rel": ("sum of relative RTN weight error ||W - Q(W)||^2 / ||W||^2", _importance_relative),
+# rtn-mse and rtn-mse-rel share one measurement and differ only in importance.
+WEIGHT_ERROR_IMPORTANCE = {
+    "rtn-mse": lambda norms: np.ones_like(norms),
+    "rtn-mse-rel": lambda norms: 1.0 / np.maximum(norms, np.finfo(np.float64).tiny),
 }
-
-
-def check_scorer(name: str) -> None:
-    if name not in SCORERS:
-        raise BitallocError(f"The 'scorer' parameter must be one of {sorted(SCORERS)}. Got {name!r} instead.")
-
-
-def score(
-    model,
-    inventory: Inventory,
-    options: Sequence[QuantOption],
-    scorers: Sequence[str] = ("rtn-mse",),
-    *,
-    allow_ragged: bool = False,
-    progress: Callable | None = None,
-) -> dict[str, ErrorTable]:
-    """One RTN measurement, one error table per requested scorer."""
-    for s in scorers:
-        check_scorer(s)
-    distortion, norms = measure_rtn(model, inventory, options, allow_ragged=allow_ragged, progress=progress)
-    names = tuple(u.name for u in inventory.units)
-    return {
-        s: ErrorTable(s, inventory.identity, names, tuple(options), distortion, SCORERS[s][1](norms), norms)
-        for s in scorers
-    }

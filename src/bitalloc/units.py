@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -50,6 +51,7 @@ class Inventory:
     model_type: str
     identity: str
     notices: tuple[str, ...] = ()
+    more_bits: tuple[str, ...] = ()  # unit names llama.cpp's Q4_K_M rule promotes
 
     @property
     def quantized_numel(self) -> int:
@@ -131,6 +133,31 @@ def find_units(model: nn.Module) -> Inventory:
         model_type=model_type,
         identity=model_identity(model),
         notices=tuple(notices),
+        more_bits=_more_bits(units, spec),
+    )
+
+
+def layer_index(name: str) -> int | None:
+    m = re.search(r"\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def llama_cpp_promotes(layer: int, n_layers: int) -> bool:
+    """Q4_K_M's choice of layers for more bits: the first and last eighth of
+    the layers and every third layer in between."""
+    eighth = n_layers // 8
+    return layer < eighth or layer >= 7 * n_layers // 8 or (layer - eighth) % 3 == 2
+
+
+def _more_bits(units: list[Unit], spec: ArchSpec) -> tuple[str, ...]:
+    layers = [i for i in (layer_index(u.name) for u in units) if i is not None]
+    if not layers:
+        return ()
+    n_layers = max(layers) + 1
+    return tuple(
+        u.name for u in units
+        if any(u.name.split("[")[0].endswith("." + s) for s in spec.more_bits)
+        and (i := layer_index(u.name)) is not None and llama_cpp_promotes(i, n_layers)
     )
 
 

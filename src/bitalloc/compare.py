@@ -1,0 +1,140 @@
+"""`bitalloc compare`: every scorer x quantizer x budget on one model and
+text, beside the uniform and llama.cpp-rule baselines; a table, a plot of
+perplexity against bpw, and the Spearman correlation of each scorer's
+per-unit sensitivity with the measured end-to-end KL sensitivity."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from bitalloc import api
+from bitalloc.errors import BitallocError
+from bitalloc.evaluate import EvalSettings
+from bitalloc.fileio import write_atomic, write_json
+from bitalloc.options import QuantOption
+from bitalloc.scorers import SCORERS, score
+
+BASELINES = ("uniform", "llama-rule")
+
+
+@dataclass(frozen=True)
+class CompareSettings:
+    budgets: tuple[float, ...] = (2.5, 3.0, 3.5, 4.0)
+    scorers: tuple[str, ...] = tuple(SCORERS)
+    quantizers: tuple[str, ...] = ("rtn", "gptq")
+    eval: EvalSettings = EvalSettings(seq_len=512, windows=4)
+    sensitivity_option: str = "int3-g64-asym"  # where per-unit sensitivities are compared
+
+    def __post_init__(self) -> None:
+        for s in self.scorers:
+            if s not in SCORERS:
+                raise BitallocError(f"Unknown scorer {s!r}; choose from {sorted(SCORERS)}.")
+
+
+def spearman(scorer_sens: np.ndarray, measured: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    ok = np.isfinite(scorer_sens) & np.isfinite(measured)
+    return float(spearmanr(scorer_sens[ok], measured[ok]).statistic)
+
+
+def correlations(tables: dict, option: QuantOption) -> dict[str, float]:
+    """Spearman rho of each table's per-unit sensitivity at ``option`` with the kl table's."""
+    if "kl" not in tables:
+        return {}
+    measured = tables["kl"].sensitivity(option)
+    return {name: spearman(t.sensitivity(option), measured) for name, t in tables.items() if name != "kl"}
+
+
+def compare(loaded: api.Loaded, settings: CompareSettings, plan_settings: api.PlanSettings, *,
+            progress: bool = True) -> dict:
+    options, notices = api.resolve_menu(loaded.inventory, plan_settings.menu)
+    ctx = api.scoring_context(loaded, plan_settings, options, progress=progress)
+    tables, score_s = {}, {}
+    for name in settings.scorers:
+        t0 = time.perf_counter()
+        tables[name] = score(ctx, [name])[name]
+        score_s[name] = time.perf_counter() - t0  # shared measurements are charged to the first scorer using them
+    report, bench = api.reference_block(loaded, settings.eval, None, plan_settings.keep_bits, progress)
+    t0 = time.perf_counter()
+    hessians = ctx.hessians if "gptq" in settings.quantizers else None
+    report.update(menu=[o.name for o in options], notices=list(loaded.inventory.notices) + notices,
+                  scoring_seconds=score_s, calibration_seconds=time.perf_counter() - t0, rows=[],
+                  calib=plan_settings.calib.to_dict(), scorer_settings=plan_settings.scorer_settings.__dict__)
+    first = tables[settings.scorers[0]]
+    for quantizer in settings.quantizers:
+        bench.hessians = hessians if quantizer == "gptq" else None
+        for value in settings.budgets:
+            s = replace(plan_settings, budget=replace(plan_settings.budget, value=value), quantizer=quantizer)
+            plans = {
+                "uniform": api.uniform_plan(loaded.inventory, options, s, loaded.source.label, table=first),
+                "llama-rule": api.llama_rule_plan(loaded.inventory, options, s, loaded.source.label, table=first),
+            }
+            for name in settings.scorers:
+                plans[name] = api.solve_plan(loaded.inventory, tables[name], replace(s, scorer=name), loaded.source.label)
+            for method, p in plans.items():
+                row = api.plan_row(loaded, p, bench, progress, f"{quantizer} {method} {value:g}")
+                report["rows"].append({"quantizer": quantizer, "budget": value, "method": method,
+                                       "detail": p.scorer, **row})
+    ref_opt = QuantOption.parse(settings.sensitivity_option)
+    report["spearman_vs_kl"] = correlations(tables, ref_opt) if ref_opt in options else {}
+    report["sensitivity_option"] = settings.sensitivity_option
+    return report
+
+
+def markdown(report: dict) -> str:
+    ref = report["reference"]
+    lines = [f"Reference perplexity {ref['ppl']:.3f} ({report['model']}; {report['model_note']}).", "",
+             "| quantizer | budget | method | ppl | KL | top-1 | bpw | code bpw | model MB | s (quantize + eval) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        name = r["method"] if r["method"] not in BASELINES else f"{r['method']} ({r['detail'].split(':', 1)[-1]})"
+        lines.append(f"| {r['quantizer']} | {r['budget']:g} | {name} | {r['ppl']:.2f} | {r['kl']:.4f} | "
+                     f"{r['top1']:.3f} | {r['bpw']:.4f} | {r['code_bpw']:.4f} | {r['model_mb']:.2f} | {r['seconds']:.1f} |")
+    if report.get("spearman_vs_kl"):
+        lines += ["", f"Spearman correlation of per-unit sensitivity at {report['sensitivity_option']} with the measured "
+                  "`kl` sensitivity:", "", "| scorer | Spearman rho |", "|---|---|"]
+        lines += [f"| {k} | {v:+.3f} |" for k, v in sorted(report["spearman_vs_kl"].items(), key=lambda kv: -kv[1])]
+    lines += ["", "Scoring time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["scoring_seconds"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: str) -> None:
+    """Perplexity (log) against realized bpw, one line per method, a panel per quantizer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    quantizers = sorted({r["quantizer"] for r in report["rows"]})
+    fig, axes = plt.subplots(1, len(quantizers), figsize=(6.5 * len(quantizers), 5), sharey=True, squeeze=False)
+    for ax, q in zip(axes[0], quantizers):
+        rows = [r for r in report["rows"] if r["quantizer"] == q]
+        for method in dict.fromkeys(r["method"] for r in rows):
+            pts = sorted((r["bpw"], r["ppl"]) for r in rows if r["method"] == method)
+            style = "--" if method in BASELINES else "-"
+            ax.plot(*zip(*pts), style, marker="o", label=method, linewidth=2 if method in BASELINES else 1.2)
+        ax.axhline(report["reference"]["ppl"], color="black", linestyle=":", label="reference")
+        ax.set_yscale("log")
+        ax.set_xlabel("bits per weight over quantized units (codes + fp16 scales/zeros)")
+        ax.set_title(f"{q.upper()}: perplexity vs size")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("perplexity (log scale)")
+    axes[0][-1].legend(fontsize=8, loc="upper right")
+    fig.suptitle(report["model"], fontsize=10)
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+def write_outputs(report: dict, out_dir: str) -> list[str]:
+    out = Path(out_dir)
+    write_json(out / "compare.json", report)
+    write_atomic(out / "compare.md", lambda tmp: Path(tmp).write_text(markdown(report)))
+    plot(report, str(out / "compare.png"))
+    return [str(out / n) for n in ("compare.json", "compare.md", "compare.png")]
