@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -49,3 +50,30 @@ def test_gram_accumulation_equals_one_shot():
     acc.remove()
     X = torch.cat([b.reshape(-1, 16) for b in batches])  # (60, 16)
     assert torch.allclose(acc.hessians()["0"], (2 * X.T @ X / X.shape[0]).float(), atol=1e-5)
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_mixed_column_bits_gptq_diag_equals_rtn_and_round_trips(sym):
+    from bitalloc.quant import pack_weight_codes, unpack_weight_codes
+
+    torch.manual_seed(4)
+    W = torch.randn(16, 128)
+    opt = QuantOption(3, 32, sym, mixed="slim")
+    bits = (4, 2, 3, 3)
+    ref = quantize_rtn(W, opt, column_bits=bits)
+    qw, _ = gptq_quantize(W, torch.diag(torch.rand(128) + 0.5), opt, column_bits=bits)
+    assert torch.equal(qw.codes, ref.codes) and qw.column_bits == bits
+    # each column group is quantized at its own width: the 4-bit group is finer than the 2-bit one
+    err = ((dequantize(ref) - W) ** 2).reshape(16, 4, 32).mean(dim=(0, 2))
+    assert err[0] < err[2] < err[1]
+    assert int(ref.codes[:, 32:64].max()) < 4
+    packed = pack_weight_codes(ref)
+    assert packed.nbytes == sum(16 * 32 * b // 8 for b in bits)
+    assert np.array_equal(unpack_weight_codes(packed, (16, 128), opt, bits), ref.codes.numpy())
+
+
+def test_mixed_bits_must_keep_the_mean():
+    from bitalloc.errors import BitallocError
+
+    with pytest.raises(BitallocError, match="average exactly"):
+        quantize_rtn(torch.randn(4, 64), QuantOption(3, 32, mixed="baq"), column_bits=(4, 3))

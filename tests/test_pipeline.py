@@ -213,3 +213,25 @@ def test_uncached_hub_id_offline_is_a_clear_error(tmp_path):
                            "--bpw", "3", "--dry-run"], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Hugging Face Hub" in proc.stderr and "not cached" in proc.stderr
+
+
+@pytest.mark.parametrize("scorer", ["salience", "baq"])
+@pytest.mark.parametrize("quantizer", ["rtn", "gptq"])
+def test_mixed_column_plans_meet_budget_and_reload(loaded, tmp_path, scorer, quantizer):
+    from bitalloc.calib import CalibSettings
+
+    s = api.PlanSettings(Budget(3.5), scorer=scorer, quantizer=quantizer, calib=CalibSettings(4, 64))
+    p = api.plan(settings=s, loaded=loaded, out=str(tmp_path / "plan.json"), progress=False)
+    assert p.sizes(loaded.inventory).quantized_bpw <= 3.5
+    mixed = [n for n, o in p.assignment.items() if o.mixed]
+    assert mixed and set(mixed) == set(p.column_bits)
+    for n in mixed:
+        o = p.assignment[n]
+        assert sum(p.column_bits[n]) == o.bits * len(p.column_bits[n])
+    assert Plan.load(str(tmp_path / "plan.json")) == p
+    with restored(loaded.model):
+        info = api.quantize(plan_path=str(tmp_path / "plan.json"), out=str(tmp_path / "q"), loaded=loaded,
+                            progress=False, settings=s)
+        expected = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    model, _, _ = load_quantized(info["out"])
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())

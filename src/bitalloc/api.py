@@ -114,13 +114,16 @@ def solve_plan(inventory: Inventory, table: ErrorTable, settings: PlanSettings, 
     problem = build_problem(inventory, table.options, table.errors, settings.budget, settings.constraints,
                             keep_bits=settings.keep_bits, allow_ragged=settings.menu.allow_ragged)
     solution = solve(problem, settings.solver)
-    assignment = {}
+    assignment, column_bits = {}, {}
     for g, members in enumerate(problem.groups):
         for i in members:
-            assignment[inventory.units[i].name] = table.options[int(solution.choice[g])]
+            name, opt = inventory.units[i].name, table.options[int(solution.choice[g])]
+            assignment[name] = opt
+            if opt.mixed:
+                column_bits[name] = table.column_bits[name][opt.name]
     return Plan(assignment, inventory.identity, model_label, settings.budget, table.scorer, settings.solver,
                 solution.objective, settings.keep_bits, settings.menu.allow_ragged, settings.constraints,
-                settings.quantizer, settings.act_order)
+                settings.quantizer, settings.act_order, column_bits)
 
 
 def _baseline_plan(inventory: Inventory, assignments: list[dict[str, QuantOption]], names: list[str],

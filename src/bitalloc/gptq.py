@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from bitalloc.options import QuantOption, group_count
-from bitalloc.quant import QuantizedWeight, choose_qparams, group_size_of, grouped, pack_weight, quantize_codes
+from bitalloc.quant import QuantizedWeight, choose_qparams, group_bits_of, group_size_of, grouped, pack_weight, quantize_codes
 
 BLOCK = 128  # columns per lazy-update block; a multiple of every group size <= 128
 
@@ -29,22 +29,23 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, 
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, option: QuantOption, *, damp: float = 0.01,
-                  act_order: bool = False, allow_ragged: bool = False) -> tuple[QuantizedWeight, float]:
+                  act_order: bool = False, allow_ragged: bool = False,
+                  column_bits: tuple[int, ...] | None = None) -> tuple[QuantizedWeight, float]:
     """Quantize W (rows, cols) given H (cols, cols) = 2 X^T X / n. Returns the
     stored weight and GPTQ's loss sum((w - q)^2 / [chol(H^-1)]_jj^2) / 2."""
     rows, cols = W.shape
-    group_count(cols, option, allow_ragged=allow_ragged)
+    n_groups = group_count(cols, option, allow_ragged=allow_ragged and not option.mixed)
+    gbits = group_bits_of(option, n_groups, column_bits).double()  # (groups,)
     g = group_size_of(cols, option)
     U, dead = inverse_hessian_factor(H, damp)
     W = W.detach().double().clone()
     W[:, dead] = 0.0
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
     static = act_order or g > BLOCK or BLOCK % g != 0
-    n_groups = -(-cols // g)
     scale = torch.zeros(rows, n_groups, dtype=torch.float64)
     zero = torch.zeros(rows, n_groups, dtype=torch.float64)
     if static:
-        s, z = choose_qparams(grouped(W.float(), g), option)
+        s, z = choose_qparams(grouped(W.float(), g), option, gbits.float())
         scale, zero = s.double(), z.double()
     W, U = W[:, perm], U[perm][:, perm]
     codes = torch.zeros(rows, cols, dtype=torch.float64)
@@ -58,10 +59,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, option: QuantOption, *, damp
             col = int(perm[i1 + i])
             k = col // g
             if not static and col % g == 0:  # a group starts: its scale from the updated weights
-                s, z = choose_qparams(W1[:, i : i + g].float()[:, None, :], option)
+                s, z = choose_qparams(W1[:, i : i + g].float()[:, None, :], option, gbits[k : k + 1].float())
                 scale[:, k], zero[:, k] = s[:, 0].double(), z[:, 0].double()
             w = W1[:, i]
-            q = quantize_codes(w, scale[:, k], zero[:, k], option.bits)
+            q = quantize_codes(w, scale[:, k], zero[:, k], gbits[k])
             deq = (q - zero[:, k]) * scale[:, k]
             codes[:, col] = q
             d = U1[i, i]
@@ -70,4 +71,4 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, option: QuantOption, *, damp
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-    return pack_weight(codes, scale.float(), zero.float(), option), loss
+    return pack_weight(codes, scale.float(), zero.float(), option, column_bits), loss

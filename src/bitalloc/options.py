@@ -20,8 +20,10 @@ DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
 DEFAULT_GROUP_SIZES = (32, 64, 128, 0)  # 0 = one group per output channel
 SCALE_BITS = 16  # fp16 scale per group
 ZERO_BITS = 16  # fp16 zero point per group (asymmetric only)
+COLUMN_BITS_ENTRY = 8  # a mixed option stores each column group's bit-width in one byte
+MIXED_KINDS = ("slim", "baq")  # SliM-LLM salience pairs, BAQ water-filling
 
-_NAME = re.compile(r"^int(\d+)-(?:g(\d+)|(pc))-(asym|sym)$")
+_NAME = re.compile(r"^int(\d+)-(?:g(\d+)|(pc))-(asym|sym)(?:~(slim|baq))?$")
 
 
 @dataclass(frozen=True)
@@ -34,8 +36,16 @@ class QuantOption:
     bits: int
     group_size: int
     symmetric: bool = False
+    # "" for one bit-width; "slim"/"baq": each group of input columns (all
+    # rows) has its own bit-width, ``bits`` on average (the vector is per unit)
+    mixed: str = ""
 
     def __post_init__(self) -> None:
+        if self.mixed and (self.mixed not in MIXED_KINDS or self.group_size == 0):
+            raise BitallocError(
+                f"A mixed option must be one of {list(MIXED_KINDS)} with a positive group size. Got {self.mixed!r} "
+                f"with group size {self.group_size}."
+            )
         if self.bits not in SUPPORTED_BITS:
             raise BitallocError(
                 f"The 'bits' of an option must be one of {list(SUPPORTED_BITS)}. Got {self.bits} instead."
@@ -48,7 +58,11 @@ class QuantOption:
     @property
     def name(self) -> str:
         group = "pc" if self.group_size == 0 else f"g{self.group_size}"
-        return f"int{self.bits}-{group}-{'sym' if self.symmetric else 'asym'}"
+        return f"int{self.bits}-{group}-{'sym' if self.symmetric else 'asym'}" + (f"~{self.mixed}" if self.mixed else "")
+
+    @property
+    def base(self) -> "QuantOption":
+        return QuantOption(self.bits, self.group_size, self.symmetric)
 
     @property
     def overhead_bits_per_group(self) -> int:
@@ -61,8 +75,8 @@ class QuantOption:
             raise BitallocError(
                 f"Unknown option name {name!r}. Expected int<bits>-g<group>|pc-asym|sym, e.g. 'int4-g128-asym' or 'int8-pc-sym'."
             )
-        bits, group, pc, scheme = m.groups()
-        return cls(bits=int(bits), group_size=0 if pc else int(group), symmetric=scheme == "sym")
+        bits, group, pc, scheme, mixed = m.groups()
+        return cls(bits=int(bits), group_size=0 if pc else int(group), symmetric=scheme == "sym", mixed=mixed or "")
 
     def __str__(self) -> str:
         return self.name
@@ -92,10 +106,13 @@ def group_count(cols: int, option: QuantOption, *, allow_ragged: bool = False, n
 
 def storage_bits(shape: Sequence[int], option: QuantOption, *, allow_ragged: bool = False, name: str = "") -> int:
     """Exact stored bits of a (rows, cols) weight under ``option``:
-    rows*cols*bits for codes + rows*groups*(16 [+16]) for fp16 scales [and zeros]."""
+    rows*cols*bits for codes + rows*groups*(16 [+16]) for fp16 scales [and
+    zeros] (+ one byte per column group for a mixed option's bit-widths,
+    whose mean is exactly ``bits``)."""
     rows, cols = int(shape[0]), int(shape[1])
-    groups = group_count(cols, option, allow_ragged=allow_ragged, name=name)
-    return rows * cols * option.bits + rows * groups * option.overhead_bits_per_group
+    groups = group_count(cols, option, allow_ragged=allow_ragged and not option.mixed, name=name)
+    table = groups * COLUMN_BITS_ENTRY if option.mixed else 0
+    return rows * cols * option.bits + rows * groups * option.overhead_bits_per_group + table
 
 
 def build_menu(

@@ -31,6 +31,7 @@ class Plan:
     constraints: Constraints = field(default_factory=Constraints)
     quantizer: str = "rtn"  # "rtn" or "gptq"
     act_order: bool = False  # GPTQ only
+    column_bits: dict[str, tuple[int, ...]] = field(default_factory=dict)  # units with a mixed option
 
     def __post_init__(self) -> None:
         if self.quantizer not in QUANTIZERS:
@@ -77,6 +78,8 @@ class Plan:
                 "weights; code_bpw: codes only; model_bpw: whole model with kept tensors at keep_bits, tied once"
             )
         data["units"] = units
+        if self.column_bits:
+            data["column_bits"] = {name: list(bits) for name, bits in self.column_bits.items()}
         return data
 
     @classmethod
@@ -102,6 +105,7 @@ class Plan:
             constraints=Constraints.from_dict(data.get("constraints", {})),
             quantizer=data.get("quantizer", "rtn"),
             act_order=bool(data.get("act_order", False)),
+            column_bits={name: tuple(b) for name, b in data.get("column_bits", {}).items()},
         )
 
     def save(self, path: str, inventory: Inventory | None = None) -> None:

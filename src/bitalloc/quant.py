@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from bitalloc.errors import BitallocError
 from bitalloc.options import QuantOption, group_count
 
 FP16_TINY = 2.0**-24  # smallest positive fp16 (subnormal)
@@ -22,12 +23,31 @@ FP16_MAX = 65504.0
 @dataclass(frozen=True)
 class QuantizedWeight:
     """Stored form of one weight: codes (rows, cols) uint8, scales and zeros
-    (rows, groups) fp16 (zeros is None when symmetric)."""
+    (rows, groups) fp16 (zeros is None when symmetric); for a mixed option,
+    ``column_bits`` gives each column group's bit-width."""
 
     codes: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor | None
     option: QuantOption
+    column_bits: tuple[int, ...] | None = None
+
+    def group_bits(self) -> torch.Tensor:
+        return group_bits_of(self.option, self.scales.shape[1], self.column_bits)
+
+
+def group_bits_of(option: QuantOption, groups: int, column_bits=None) -> torch.Tensor:
+    """(groups,) bit-width of each column group: all ``option.bits``, or the
+    mixed option's vector (checked: right length, mean exactly ``bits``)."""
+    if not option.mixed:
+        return torch.full((groups,), float(option.bits))
+    if column_bits is None or len(column_bits) != groups:
+        raise BitallocError(f"Option {option.name} needs {groups} column-group bit-widths; got "
+                            f"{None if column_bits is None else len(column_bits)}.")
+    if sum(column_bits) != option.bits * groups or min(column_bits) < 1 or max(column_bits) > 8:
+        raise BitallocError(f"The column bit-widths of {option.name} must lie in [1, 8] and average exactly "
+                            f"{option.bits}; got {list(column_bits)}.")
+    return torch.tensor(column_bits, dtype=torch.float32)
 
 
 def grouped(W: torch.Tensor, group: int) -> torch.Tensor:
@@ -45,61 +65,97 @@ def group_size_of(cols: int, option: QuantOption) -> int:
     return cols if option.group_size == 0 else min(option.group_size, cols)
 
 
-def choose_qparams(Wg: torch.Tensor, option: QuantOption) -> tuple[torch.Tensor, torch.Tensor]:
+def choose_qparams(Wg: torch.Tensor, option: QuantOption, bits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point per group of Wg (rows, groups, g), both (rows,
-    groups) float32 holding fp16-representable values. Codes are unsigned:
+    groups) float32 holding fp16-representable values; ``bits`` (groups,)
+    overrides the option's bit-width per group. Codes are unsigned:
     q = clamp(round(w / scale + zero), 0, 2^b - 1), w ~ (q - zero) * scale."""
-    qmax = 2**option.bits - 1
+    if bits is None:
+        bits = torch.full((Wg.shape[1],), float(option.bits))
+    qmax = (2.0**bits - 1)[None, :].expand(Wg.shape[0], -1)  # (rows, groups)
     if option.symmetric:
         # Signed scale, as llama.cpp's Q4_0: the largest-magnitude weight maps
         # exactly onto the most negative code, so all 2^b levels are used;
         # the zero point is the constant 2^(b-1) and is not stored.
-        half = 2 ** (option.bits - 1)
+        half = (qmax + 1) / 2
         peak = Wg.gather(-1, Wg.abs().argmax(dim=-1, keepdim=True))[..., 0]  # (rows, groups), signed
         magnitude = (peak.abs() / half).clamp(FP16_TINY, FP16_MAX)
         scale = torch.where(peak > 0, -magnitude, magnitude).half().float()
-        return scale, torch.full_like(scale, float(half))
+        return scale, half.clone()
     wmin, wmax = Wg.amin(dim=-1), Wg.amax(dim=-1)
     flat = wmax == wmin
     # A constant group c is stored exactly: scale |c|/qmax, zero 0 or qmax.
     scale = torch.where(flat, wmin.abs() / qmax, (wmax - wmin) / qmax)
     scale = scale.clamp(FP16_TINY, FP16_MAX).half().float()
-    zero = torch.where(flat & (wmin < 0), torch.full_like(wmin, qmax), torch.round(-wmin / scale))
-    return scale, zero.clamp(0, qmax)
+    zero = torch.where(flat & (wmin < 0), qmax, torch.round(-wmin / scale))
+    return scale, torch.minimum(zero.clamp(min=0), qmax)
 
 
-def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned codes (as float) for weights w given broadcastable scale and zero."""
-    return torch.clamp(torch.round(w / scale + zero), 0, 2**bits - 1)
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits) -> torch.Tensor:
+    """Unsigned codes (as float) for weights w given broadcastable scale, zero and bits."""
+    qmax = 2.0**bits - 1
+    q = torch.round(w / scale + zero).clamp(min=0)
+    return torch.minimum(q, torch.as_tensor(qmax, dtype=q.dtype))
 
 
-def quantize_rtn(W: torch.Tensor, option: QuantOption, *, allow_ragged: bool = False) -> QuantizedWeight:
+def quantize_rtn(W: torch.Tensor, option: QuantOption, *, allow_ragged: bool = False,
+                 column_bits: tuple[int, ...] | None = None) -> QuantizedWeight:
     """Round-to-nearest codes for W (rows, cols) under ``option``."""
     rows, cols = W.shape
-    group_count(cols, option, allow_ragged=allow_ragged)  # validates divisibility
+    groups = group_count(cols, option, allow_ragged=allow_ragged and not option.mixed)
+    bits = group_bits_of(option, groups, column_bits)  # (groups,)
     Wg = grouped(W.detach().float(), group_size_of(cols, option))  # (rows, groups, g)
-    scale, zero = choose_qparams(Wg, option)
-    q = quantize_codes(Wg, scale[..., None], zero[..., None], option.bits)
-    return pack_weight(q.reshape(rows, -1)[:, :cols], scale, zero, option)
+    scale, zero = choose_qparams(Wg, option, bits)
+    q = quantize_codes(Wg, scale[..., None], zero[..., None], bits[None, :, None])
+    return pack_weight(q.reshape(rows, -1)[:, :cols], scale, zero, option, column_bits)
 
 
-def pack_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, option: QuantOption) -> QuantizedWeight:
+def pack_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, option: QuantOption,
+                column_bits: tuple[int, ...] | None = None) -> QuantizedWeight:
     """The stored form: uint8 codes, fp16 scales, fp16 zeros (asymmetric only)."""
-    return QuantizedWeight(codes.to(torch.uint8), scale.half(), None if option.symmetric else zero.half(), option)
+    return QuantizedWeight(codes.to(torch.uint8), scale.half(), None if option.symmetric else zero.half(), option,
+                           tuple(int(b) for b in column_bits) if option.mixed else None)
 
 
 def dequantize(qw: QuantizedWeight) -> torch.Tensor:
     """Float32 weight (rows, cols) from stored codes, scales and zeros."""
     rows, cols = qw.codes.shape
     q = grouped(qw.codes.float(), group_size_of(cols, qw.option))  # (rows, groups, g)
-    zero = float(2 ** (qw.option.bits - 1)) if qw.option.symmetric else qw.zeros.float()[..., None]
+    if qw.option.symmetric:
+        zero = (2.0 ** (qw.group_bits() - 1))[None, :, None]
+    else:
+        zero = qw.zeros.float()[..., None]
     W = (q - zero) * qw.scales.float()[..., None]
     return W.reshape(rows, -1)[:, :cols].contiguous()
 
 
-def fake_quantize(W: torch.Tensor, option: QuantOption, *, allow_ragged: bool = False) -> torch.Tensor:
+def fake_quantize(W: torch.Tensor, option: QuantOption, *, allow_ragged: bool = False,
+                  column_bits: tuple[int, ...] | None = None) -> torch.Tensor:
     """W after a round trip through storage, in W's dtype."""
-    return dequantize(quantize_rtn(W, option, allow_ragged=allow_ragged)).to(W.dtype)
+    return dequantize(quantize_rtn(W, option, allow_ragged=allow_ragged, column_bits=column_bits)).to(W.dtype)
+
+
+def pack_weight_codes(qw: QuantizedWeight) -> np.ndarray:
+    """All codes bit-packed: one stream, or for a mixed option one stream per
+    column group at its own width, concatenated."""
+    codes = qw.codes.numpy()
+    if qw.column_bits is None:
+        return pack_bits(codes, qw.option.bits)
+    g = qw.option.group_size
+    return np.concatenate([pack_bits(codes[:, k * g : (k + 1) * g], b) for k, b in enumerate(qw.column_bits)])
+
+
+def unpack_weight_codes(packed: np.ndarray, shape: tuple[int, int], option: QuantOption,
+                        column_bits: tuple[int, ...] | None) -> np.ndarray:
+    rows, cols = shape
+    if column_bits is None:
+        return unpack_bits(packed, option.bits, rows * cols).reshape(rows, cols)
+    g, out, at = option.group_size, np.empty((rows, cols), dtype=np.uint8), 0
+    for k, b in enumerate(column_bits):
+        n = -(-rows * g * b // 8)
+        out[:, k * g : (k + 1) * g] = unpack_bits(packed[at : at + n], b, rows * g).reshape(rows, g)
+        at += n
+    return out
 
 
 def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:

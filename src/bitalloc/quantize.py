@@ -17,7 +17,7 @@ from bitalloc.errors import BitallocError
 from bitalloc.fileio import replace_dir_atomic
 from bitalloc.options import QuantOption
 from bitalloc.plan import Plan
-from bitalloc.quant import QuantizedWeight, dequantize, pack_bits, quantize_rtn, unpack_bits
+from bitalloc.quant import QuantizedWeight, dequantize, pack_weight_codes, quantize_rtn, unpack_weight_codes
 from bitalloc.units import Inventory, Unit, check_finite, get_weight, set_weight
 
 SAVED_FORMAT = "bitalloc.quantized"
@@ -45,18 +45,20 @@ def quantize_model(model, inventory: Inventory, plan: Plan, *, hessians: dict[st
     units = progress(inventory.units, desc=f"quantizing ({plan.quantizer})", unit="tensor") if progress else inventory.units
     for unit in units:
         opt = plan.assignment[unit.name]
-        key = (unit.name, opt.name, plan.act_order)
+        bits = plan.column_bits.get(unit.name)
+        key = (unit.name, opt.name, plan.act_order, bits)
         if plan.quantizer == "gptq" and cache is not None and key in cache:
             qw = cache[key]
         else:
             W = get_weight(model, unit)  # (out, in)
             check_finite(W, unit)
             if plan.quantizer == "gptq":
-                qw, _ = gptq_quantize(W, hessians[unit.name], opt, act_order=plan.act_order, allow_ragged=plan.allow_ragged)
+                qw, _ = gptq_quantize(W, hessians[unit.name], opt, act_order=plan.act_order,
+                                      allow_ragged=plan.allow_ragged, column_bits=bits)
                 if cache is not None:
                     cache[key] = qw
             else:
-                qw = quantize_rtn(W, opt, allow_ragged=plan.allow_ragged)
+                qw = quantize_rtn(W, opt, allow_ragged=plan.allow_ragged, column_bits=bits)
         set_weight(model, unit, dequantize(qw))
         stored[unit.name] = qw
     dtype = keep_dtype(plan.keep_bits)
@@ -77,9 +79,9 @@ def restored(model) -> Iterator[None]:
         model.load_state_dict(saved)
 
 
-def _unit_record(unit: Unit, option: QuantOption) -> dict:
+def _unit_record(unit: Unit, qw: QuantizedWeight) -> dict:
     return {"param": unit.param, "shape": list(unit.shape), "index": unit.index, "transposed": unit.transposed,
-            "option": option.name}
+            "option": qw.option.name, "column_bits": None if qw.column_bits is None else list(qw.column_bits)}
 
 
 def save_quantized(out_dir: str, model, tokenizer, inventory: Inventory, plan: Plan,
@@ -90,7 +92,7 @@ def save_quantized(out_dir: str, model, tokenizer, inventory: Inventory, plan: P
     tensors: dict[str, torch.Tensor] = {}
     for unit in inventory.units:
         qw = stored[unit.name]
-        tensors[f"{unit.name}.qweight"] = torch.from_numpy(pack_bits(qw.codes.numpy(), qw.option.bits))
+        tensors[f"{unit.name}.qweight"] = torch.from_numpy(pack_weight_codes(qw))
         tensors[f"{unit.name}.scales"] = qw.scales.contiguous()
         if qw.zeros is not None:
             tensors[f"{unit.name}.zeros"] = qw.zeros.contiguous()
@@ -101,7 +103,7 @@ def save_quantized(out_dir: str, model, tokenizer, inventory: Inventory, plan: P
         "format": SAVED_FORMAT,
         "version": SAVED_VERSION,
         "model_identity": inventory.identity,
-        "units": {u.name: _unit_record(u, plan.assignment[u.name]) for u in inventory.units},
+        "units": {u.name: _unit_record(u, stored[u.name]) for u in inventory.units},
         "kept": [k.name for k in inventory.kept],
     }
 
@@ -141,10 +143,10 @@ def load_quantized(folder: str):
         for uname, rec in meta["units"].items():
             unit = Unit(uname, rec["param"], tuple(rec["shape"]), rec["index"], rec["transposed"])
             opt = QuantOption.parse(rec["option"])
-            rows, cols = unit.shape
-            codes = unpack_bits(tensors[f"{uname}.qweight"].numpy(), opt.bits, rows * cols).reshape(rows, cols)
+            bits = None if rec.get("column_bits") is None else tuple(rec["column_bits"])
+            codes = unpack_weight_codes(tensors[f"{uname}.qweight"].numpy(), unit.shape, opt, bits)
             zeros = tensors.get(f"{uname}.zeros")
-            qw = QuantizedWeight(torch.from_numpy(np.ascontiguousarray(codes)), tensors[f"{uname}.scales"], zeros, opt)
+            qw = QuantizedWeight(torch.from_numpy(np.ascontiguousarray(codes)), tensors[f"{uname}.scales"], zeros, opt, bits)
             set_weight(model, unit, dequantize(qw))
     model.tie_weights()
     model.eval()

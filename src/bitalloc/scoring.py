@@ -7,7 +7,7 @@ Scorers that fill them live in ``scorers.py``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import numpy as np
 
 from bitalloc.errors import BitallocError, PlanMismatchError
@@ -30,6 +30,8 @@ class ErrorTable:
     distortion: np.ndarray  # (units, options) float64
     importance: np.ndarray  # (units,) float64
     weight_norm2: np.ndarray | None = None  # (units,) ||W||^2, lets one measurement serve other scorers
+    # unit -> mixed option name -> bit-width per column group (mixed options only)
+    column_bits: dict[str, dict[str, tuple[int, ...]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         shape = (len(self.unit_names), len(self.options))
@@ -46,7 +48,7 @@ class ErrorTable:
 
     def with_importance(self, scorer: str, importance: np.ndarray) -> "ErrorTable":
         return ErrorTable(scorer, self.model_identity, self.unit_names, self.options, self.distortion, importance,
-                          self.weight_norm2)
+                          self.weight_norm2, self.column_bits)
 
     def rescored(self, scorer: str) -> "ErrorTable":
         """The same plain RTN measurement as rtn-mse or rtn-mse-rel."""
@@ -69,6 +71,8 @@ class ErrorTable:
                 name: {
                     "importance": float(self.importance[i]),
                     **({} if self.weight_norm2 is None else {"weight_norm2": float(self.weight_norm2[i])}),
+                    **({"column_bits": {o: list(b) for o, b in self.column_bits[name].items()}}
+                       if name in self.column_bits else {}),
                     "distortion": [None if np.isnan(d) else float(d) for d in self.distortion[i]],
                 }
                 for i, name in enumerate(self.unit_names)
@@ -91,6 +95,8 @@ class ErrorTable:
             distortion=np.array([[np.nan if d is None else d for d in r["distortion"]] for r in rows], dtype=np.float64),
             importance=np.array([r["importance"] for r in rows], dtype=np.float64),
             weight_norm2=np.array([r["weight_norm2"] for r in rows]) if rows and "weight_norm2" in rows[0] else None,
+            column_bits={n: {o: tuple(b) for o, b in r["column_bits"].items()} for n, r in zip(names, rows)
+                         if "column_bits" in r},
         )
 
     def save(self, path: str) -> None:

@@ -1,0 +1,117 @@
+"""Each scorer against an independent computation on a tiny random Llama."""
+
+import numpy as np
+import pytest
+import torch
+
+from bitalloc import api
+from bitalloc.calib import CalibSettings
+from bitalloc.compare import CompareSettings, compare, correlations, write_outputs
+from bitalloc.evaluate import EvalSettings
+from bitalloc.options import QuantOption
+from bitalloc.problem import Budget
+from bitalloc.quant import fake_quantize
+from bitalloc.scorers import SCORERS, ScorerSettings, score
+from bitalloc.units import get_weight
+
+SETTINGS = api.PlanSettings(Budget(3.5), calib=CalibSettings(4, 64),
+                            scorer_settings=ScorerSettings(probe_windows=1, probe_seq_len=48, taylor_windows=2))
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory):
+    import os
+
+    from conftest import char_tokenizer, tiny_llama
+
+    os.environ["BITALLOC_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    path = tmp_path_factory.mktemp("m") / "tiny"
+    tiny_llama(num_hidden_layers=3).save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    loaded = api.load(str(path))
+    c = api.scoring_context(loaded, SETTINGS, progress=False)
+    c.loaded = loaded
+    yield c
+    os.environ.pop("BITALLOC_CACHE")
+
+
+@pytest.fixture(scope="module")
+def tables(ctx):
+    return score(ctx, list(SCORERS))
+
+
+def test_every_scorer_fills_a_finite_non_negative_table(tables, ctx):
+    for name, t in tables.items():
+        assert t.unit_names == tuple(u.name for u in ctx.inventory.units), name
+        e = t.errors[:, : len(ctx.options)]
+        assert np.isfinite(e).all() and (e >= 0).all(), name
+        # more bits at the same layout never costs more (except data-free alpha ties)
+        col = {o: j for j, o in enumerate(t.options)}
+        lo, hi = col[QuantOption(2, 32)], col[QuantOption(8, 32)]
+        assert (t.errors[:, lo] >= t.errors[:, hi]).all(), name
+
+
+def test_output_and_hessian_match_direct_formulas(tables, ctx):
+    unit = ctx.inventory.units[4]
+    opt = QuantOption(3, 32)
+    j = ctx.options.index(opt)
+    W = get_weight(ctx.model, unit)
+    H = ctx.hessians[unit.name].double()
+    dW = (W - fake_quantize(W, opt)).double()
+    assert tables["output"].distortion[4, j] == pytest.approx(float(torch.trace(dW @ H @ dW.T)), rel=1e-5)
+    Hd = H + 0.01 * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype)
+    U = torch.linalg.cholesky(torch.linalg.inv(Hd), upper=True)
+    obs = 0.5 * float(((dW**2) / torch.diag(U) ** 2).sum())
+    assert tables["hessian"].distortion[4, j] == pytest.approx(obs, rel=1e-5)
+
+
+def test_kl_scorer_measures_the_unit_alone(tables, ctx):
+    unit = ctx.inventory.units[2]
+    opt = QuantOption(3, 64)
+    W = get_weight(ctx.model, unit)
+    measured = ctx.with_weight(2, fake_quantize(W, opt))
+    assert tables["kl"].distortion[2, ctx.options.index(opt)] == pytest.approx(measured, rel=1e-6)
+    assert torch.equal(get_weight(ctx.model, unit), W)  # restored
+
+
+def test_taylor_matches_autograd(tables, ctx):
+    unit = ctx.inventory.units[0]
+    opt = QuantOption(2, 64)
+    g = ctx.gradients[unit.name]
+    W = get_weight(ctx.model, unit)
+    expected = float((g * (W - fake_quantize(W, opt))).abs().sum())
+    assert tables["taylor"].distortion[0, ctx.options.index(opt)] == pytest.approx(expected, rel=1e-5)
+    assert float(g.abs().sum()) > 0
+
+
+def test_linearity_slopes_are_positive(ctx, tables):
+    assert (tables["linearity"].importance > 0).all()
+
+
+def test_spearman_of_kl_with_itself_is_one(tables):
+    rho = correlations({"kl": tables["kl"], "same": tables["kl"]}, QuantOption(3, 64))
+    assert rho["same"] == pytest.approx(1.0)
+
+
+def test_llama_rule_plan_promotes_attn_v_and_ffn_down(ctx):
+    inv = ctx.loaded.inventory
+    s = api.PlanSettings(Budget(4.0))
+    p = api.llama_rule_plan(inv, ctx.options, s, "tiny")
+    assert p.sizes(inv).quantized_bpw <= 4.0
+    promoted = set(inv.more_bits)
+    assert promoted == {"model.layers.2.self_attn.v_proj", "model.layers.2.mlp.down_proj"}  # 3 layers: the last
+    base = {p.assignment[u.name].bits for u in inv.units if u.name not in promoted}
+    assert len(base) == 1 and all(p.assignment[n].bits >= min(base) + 2 for n in promoted)
+
+
+def test_compare_writes_table_plot_and_correlations(ctx, tmp_path):
+    settings = CompareSettings(budgets=(3.5,), scorers=("rtn-mse", "output", "kl"), quantizers=("rtn", "gptq"),
+                               eval=EvalSettings(seq_len=48, windows=1))
+    report = compare(ctx.loaded, settings, SETTINGS, progress=False)
+    methods = {(r["quantizer"], r["method"]) for r in report["rows"]}
+    assert ("gptq", "uniform") in methods and ("rtn", "kl") in methods and len(report["rows"]) == 2 * 5
+    assert all(r["bpw"] <= 3.5 for r in report["rows"])
+    assert set(report["spearman_vs_kl"]) == {"rtn-mse", "output"}
+    paths = write_outputs(report, str(tmp_path))
+    png = open(paths[2], "rb").read(8)
+    assert png.startswith(b"\x89PNG")
