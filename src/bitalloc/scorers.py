@@ -130,7 +130,7 @@ class ScoringContext:
     def probe(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(windows, reference log-probs) of the probe set (calibration text)."""
         text = self._need_text()
-        # the probe windows come after the calibration windows in the text: no reuse
+        # the first windows of the calibration text: never evaluation text
         windows = token_windows(self.tokenizer, text, EvalSettings(self.settings.probe_seq_len,
                                                                    self.settings.probe_windows, "auto"))
         return windows, reference_logprobs(self.model, windows)
