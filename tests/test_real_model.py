@@ -55,3 +55,25 @@ def test_cli_dry_run_on_embedded_model(capsys):
     assert main(["--quiet", "plan", "--bpw", "3.0", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "int3-g64-sym" in out and "feasible" in out
+
+
+def test_gptq_beats_rtn_on_real_layers(smol):
+    """Layer output error tr(dW H dW^T) of GPTQ is below RTN's on SmolLM2's
+    own layers, with H from a little calibration text."""
+    from bitalloc.calib import CalibSettings, accumulate_hessians, calibration_windows
+    from bitalloc.gptq import gptq_quantize
+    from bitalloc.options import QuantOption
+    from bitalloc.quant import dequantize, quantize_rtn
+    from bitalloc.text import wiki_text
+    from bitalloc.units import Inventory, get_weight
+
+    names = ["model.layers.3.self_attn.q_proj", "model.layers.20.mlp.down_proj"]
+    inv = smol.inventory
+    sub = Inventory(tuple(inv.unit(n) for n in names), inv.kept, (), inv.arch, inv.model_type, inv.identity)
+    windows = calibration_windows(smol.tokenizer, wiki_text("calib"), CalibSettings(2, 128))
+    H = accumulate_hessians(smol.model, sub, windows)
+    for unit in sub.units:
+        W, h = get_weight(smol.model, unit), H[unit.name].double()
+        for opt in (QuantOption(3, 64), QuantOption(4, 32, True)):
+            out_err = lambda Q: float(torch.trace((W - Q).double() @ h @ (W - Q).double().T))  # noqa: E731
+            assert out_err(dequantize(gptq_quantize(W, H[unit.name], opt)[0])) < out_err(dequantize(quantize_rtn(W, opt)))

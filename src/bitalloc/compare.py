@@ -111,14 +111,23 @@ def plot(report: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    quantizers = sorted({r["quantizer"] for r in report["rows"]})
-    fig, axes = plt.subplots(1, len(quantizers), figsize=(6.5 * len(quantizers), 5), sharey=True, squeeze=False)
+    quantizers = list(dict.fromkeys(r["quantizer"] for r in report["rows"]))
+    methods = list(dict.fromkeys(r["method"] for r in report["rows"]))
+    scorers = [m for m in methods if m not in BASELINES]
+    colors = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(scorers), 2)))
+    markers = "o^sDv<>pPXh*"
+    fig, axes = plt.subplots(1, len(quantizers), figsize=(6.5 * len(quantizers), 5.5), sharey=True, squeeze=False)
     for ax, q in zip(axes[0], quantizers):
         rows = [r for r in report["rows"] if r["quantizer"] == q]
-        for method in dict.fromkeys(r["method"] for r in rows):
+        for method in methods:
             pts = sorted((r["bpw"], r["ppl"]) for r in rows if r["method"] == method)
-            style = "--" if method in BASELINES else "-"
-            ax.plot(*zip(*pts), style, marker="o", label=method, linewidth=2 if method in BASELINES else 1.2)
+            if method in BASELINES:
+                style = dict(color="black" if method == "uniform" else "dimgray", linestyle="--", linewidth=2.2,
+                             marker="s" if method == "uniform" else "D")
+            else:
+                i = scorers.index(method)
+                style = dict(color=colors[i], linestyle="-", linewidth=1.3, marker=markers[i % len(markers)])
+            ax.plot(*zip(*pts), label=method, markersize=5, **style)
         ax.axhline(report["reference"]["ppl"], color="black", linestyle=":", label="reference")
         ax.set_yscale("log")
         ax.set_xlabel("bits per weight over quantized units (codes + fp16 scales/zeros)")

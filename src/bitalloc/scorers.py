@@ -80,7 +80,7 @@ class ScoringContext:
         self.allow_ragged, self.progress = allow_ragged, progress
         self._reductions: dict[str, np.ndarray] = {}
 
-    def _iter(self, items, desc: str):
+    def iterate(self, items, desc: str):
         return self.progress(items, desc=desc, unit="tensor") if self.progress else items
 
     def _need_text(self) -> str:
@@ -164,7 +164,7 @@ class ScoringContext:
         out = {k: np.full((len(units), len(self.options)), np.nan) for k in kinds}
         extra = {"obs": lambda: self.obs_weights, "output": lambda: self.hessians, "taylor": lambda: self.gradients}
         data = {k: extra[k]() for k in kinds if k in extra}
-        for i, unit in enumerate(self._iter(units, "scoring (RTN errors)")):
+        for i, unit in enumerate(self.iterate(units, "scoring (RTN errors)")):
             W = get_weight(self.model, unit)  # (out, in)
             check_finite(W, unit)
             for j, opt in enumerate(self.options):
@@ -197,7 +197,7 @@ class ScoringContext:
         done: dict[str, list[float]] = json.loads(path.read_text())["units"] if path.is_file() else {}
         units = self.inventory.units
         todo = [i for i, u in enumerate(units) if u.name not in done]
-        for n, i in enumerate(self._iter(todo, f"probing ({kind})")):
+        for n, i in enumerate(self.iterate(todo, f"probing ({kind})")):
             done[units[i].name] = measure(i)
             if n % 10 == 9 or n == len(todo) - 1:
                 write_json(path, {"version": PROBE_FORMAT_VERSION, "units": done})
@@ -232,7 +232,7 @@ def score_weight_error(ctx: ScoringContext, name: str) -> ErrorTable:
 def alphas(ctx: ScoringContext) -> np.ndarray:
     s = ctx.settings
     return np.array([unit_alpha(get_weight(ctx.model, u), fit=s.alpha_fit, farms=s.alpha_farms, seed=s.seed + i)
-                     for i, u in enumerate(ctx._iter(ctx.inventory.units, "alpha (spectra)"))])
+                     for i, u in enumerate(ctx.iterate(ctx.inventory.units, "alpha (spectra)"))])
 
 
 def score_alpha(ctx: ScoringContext, name: str) -> ErrorTable:
@@ -332,7 +332,7 @@ def score_mixed(ctx: ScoringContext, name: str) -> ErrorTable:
     distortion[:, : len(ctx.options)] = base
     column_bits: dict[str, dict[str, tuple[int, ...]]] = {}
     bits_range = list(range(MIN_BITS, MAX_BITS + 1))
-    for i, unit in enumerate(ctx._iter(ctx.inventory.units, f"scoring ({name} column groups)")):
+    for i, unit in enumerate(ctx.iterate(ctx.inventory.units, f"scoring ({name} column groups)")):
         W = get_weight(ctx.model, unit)
         d = ctx.obs_weights[unit.name]
         per_layout: dict[tuple[int, bool], np.ndarray] = {}

@@ -13,6 +13,9 @@ budget (checked in integer arithmetic).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -79,13 +82,14 @@ def solve_ilp(cost: np.ndarray, error: np.ndarray, allowed: np.ndarray, budget: 
     margin = 0
     for _ in range(5):
         cap = (slack_budget - margin) / norm
-        res = milp(
-            c,
-            integrality=np.ones(len(c)),
-            bounds=Bounds(0, 1),
-            constraints=[LinearConstraint(onehot, 1, 1), LinearConstraint(extra[None, :] / norm, -np.inf, cap)],
-            options={"time_limit": time_limit, "mip_rel_gap": mip_rel_gap},
-        )
+        with _quiet_native_stdout():
+            res = milp(
+                c,
+                integrality=np.ones(len(c)),
+                bounds=Bounds(0, 1),
+                constraints=[LinearConstraint(onehot, 1, 1), LinearConstraint(extra[None, :] / norm, -np.inf, cap)],
+                options={"time_limit": time_limit, "mip_rel_gap": mip_rel_gap},
+            )
         if res.x is None:
             raise BitallocError(f"The ILP solver found no solution ({res.message}). Try --solver lagrangian.")
         x = res.x > 0.5
@@ -98,6 +102,25 @@ def solve_ilp(cost: np.ndarray, error: np.ndarray, allowed: np.ndarray, budget: 
             return Solution(choice, total, obj, "ilp", time.perf_counter() - t0, lower)
         margin += total - budget + 1  # tolerance overrun: tighten and solve again
     raise BitallocError("The ILP solver could not meet the budget exactly after 5 tightenings. Try --solver lagrangian.")
+
+
+@contextlib.contextmanager
+def _quiet_native_stdout():
+    """HiGHS prints solver internals straight to file descriptor 1; hide them."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(fd)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), fd)
+        try:
+            yield
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
 
 
 def _argmin_choice(cost, error, allowed, lam: float) -> np.ndarray:
