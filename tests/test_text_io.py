@@ -41,3 +41,13 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     assert list(tmp_path.iterdir()) == []
     write_json(target, {"a": 1})
     assert target.read_text().strip().startswith("{")
+
+
+def test_wikitext2_without_datasets_or_network_is_a_clear_error(monkeypatch):
+    import sys
+
+    from bitalloc.text import read_text_file
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
+    with pytest.raises(BitallocError, match="needs the package datasets"):
+        read_text_file("wikitext2")

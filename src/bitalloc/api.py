@@ -96,6 +96,10 @@ def resolve_menu(inventory: Inventory, menu: MenuSettings) -> tuple[tuple[QuantO
 
 
 def calibration_text(path: str | None) -> str:
+    from bitalloc.text import WIKITEXT2, wikitext2
+
+    if path == WIKITEXT2:
+        return wikitext2("train")  # disjoint from the 'test' split used for evaluation
     return read_text_file(path) if path else wiki_text("calib")
 
 

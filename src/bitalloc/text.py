@@ -85,7 +85,29 @@ def wiki_text(part: str) -> str:
     return cached.read_text()
 
 
+WIKITEXT2 = "wikitext2"  # --text / --calib-text value that selects WikiText-2 through `datasets`
+
+
+def wikitext2(split: str) -> str:
+    """WikiText-2 (raw) through Hugging Face `datasets`: 'test' for evaluation,
+    'train' for calibration. Needs the network or a local datasets cache."""
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise BitallocError("--text wikitext2 needs the package datasets: `pip install 'bitalloc[hub]'`.") from None
+    try:
+        rows = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
+    except Exception as e:  # datasets raises many kinds when offline
+        raise BitallocError(
+            f"Could not load WikiText-2 ({e.__class__.__name__}): no network and no local cache. Use the offline "
+            "default (omit --text) or pass a text file."
+        ) from None
+    return "".join(rows)
+
+
 def read_text_file(path: str) -> str:
+    if path == WIKITEXT2:
+        return wikitext2("test")
     p = Path(path).expanduser()
     if not p.is_file():
         raise BitallocError(f"Text file {path!r} does not exist. Pass a UTF-8 text file with --text.")
