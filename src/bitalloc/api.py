@@ -54,6 +54,7 @@ class PlanSettings:
     keep_bits: int = 16
     quantizer: str = "rtn"
     act_order: bool = False
+    sequential: bool = False  # GPTQ: Hessians layer by layer from the partly quantized model
     calib_text: str | None = None  # a file; None: the calibration half of the offline text
     calib: CalibSettings = field(default_factory=CalibSettings)
     scorer_settings: ScorerSettings = field(default_factory=ScorerSettings)
@@ -127,7 +128,8 @@ def solve_plan(inventory: Inventory, table: ErrorTable, settings: PlanSettings, 
                 column_bits[name] = table.column_bits[name][opt.name]
     return Plan(assignment, inventory.identity, model_label, settings.budget, table.scorer, settings.solver,
                 solution.objective, settings.keep_bits, settings.menu.allow_ragged, settings.constraints,
-                settings.quantizer, settings.act_order, column_bits)
+                quantizer=settings.quantizer, act_order=settings.act_order, sequential=settings.sequential,
+                column_bits=column_bits)
 
 
 def _baseline_plan(inventory: Inventory, assignments: list[dict[str, QuantOption]], names: list[str],
@@ -156,8 +158,8 @@ def _baseline_plan(inventory: Inventory, assignments: list[dict[str, QuantOption
         candidates.sort(key=objective)
     i = candidates[0]
     return Plan(assignments[i], inventory.identity, model_label, settings.budget, f"{kind}:{names[i]}", kind,
-                objective(i), settings.keep_bits, settings.menu.allow_ragged, Constraints(), settings.quantizer,
-                settings.act_order)
+                objective(i), settings.keep_bits, settings.menu.allow_ragged, Constraints(),
+                quantizer=settings.quantizer, act_order=settings.act_order, sequential=settings.sequential)
 
 
 def uniform_plan(inventory: Inventory, options: Sequence[QuantOption], settings: PlanSettings, model_label: str,
@@ -209,11 +211,17 @@ def plan(model: str | None = None, *, settings: PlanSettings, table_path: str | 
     return result
 
 
-def _hessians_for(loaded: Loaded, the_plan: Plan, settings: PlanSettings | None, progress: bool):
+def _calibration_for(loaded: Loaded, the_plan: Plan, settings: PlanSettings | None, progress: bool) -> dict:
+    """What quantize_model needs for this plan: Hessians (one-shot GPTQ) or
+    calibration windows (sequential GPTQ); nothing for RTN."""
     if the_plan.quantizer != "gptq":
-        return None
+        return {}
     s = settings or PlanSettings(the_plan.budget)
-    return scoring_context(loaded, s, options=(), progress=progress).hessians
+    if the_plan.sequential:
+        from bitalloc.calib import calibration_windows
+
+        return {"calib_windows": calibration_windows(loaded.tokenizer, calibration_text(s.calib_text), s.calib)}
+    return {"hessians": scoring_context(loaded, s, options=(), progress=progress).hessians}
 
 
 def quantize(model: str | None = None, *, plan_path: str, out: str, progress: bool = True,
@@ -224,8 +232,8 @@ def quantize(model: str | None = None, *, plan_path: str, out: str, progress: bo
     loaded = loaded or load(model)
     the_plan = Plan.load(plan_path)
     the_plan.check_model(loaded.inventory)
-    hessians = _hessians_for(loaded, the_plan, settings, progress)
-    stored = quantize_model(loaded.model, loaded.inventory, the_plan, hessians=hessians, progress=_tqdm(progress))
+    calibration = _calibration_for(loaded, the_plan, settings, progress)
+    stored = quantize_model(loaded.model, loaded.inventory, the_plan, progress=_tqdm(progress), **calibration)
     folder = save_quantized(out, loaded.model, loaded.tokenizer, loaded.inventory, the_plan, stored)
     sizes = the_plan.sizes(loaded.inventory)
     return {"out": str(folder), "file_bytes": (folder / "model.safetensors").stat().st_size, "sizes": sizes.to_dict()}
@@ -270,6 +278,7 @@ class EvalBench:
     reference: list
     hessians: dict | None = None
     gptq_cache: dict = field(default_factory=dict)
+    calib_windows: object = None  # sequential GPTQ
 
 
 def plan_row(loaded: Loaded, the_plan: Plan, bench: EvalBench, progress: bool, desc: str) -> dict:
@@ -278,7 +287,8 @@ def plan_row(loaded: Loaded, the_plan: Plan, bench: EvalBench, progress: bool, d
 
     t0 = time.perf_counter()
     with restored(loaded.model):
-        quantize_model(loaded.model, loaded.inventory, the_plan, hessians=bench.hessians, cache=bench.gptq_cache)
+        quantize_model(loaded.model, loaded.inventory, the_plan, hessians=bench.hessians, cache=bench.gptq_cache,
+                       calib_windows=bench.calib_windows, progress=_tqdm(progress and the_plan.sequential))
         t_quant = time.perf_counter() - t0
         result = evaluate_windows(loaded.model, bench.windows, bench.reference, progress=_tqdm(progress), desc=desc)
     sizes = the_plan.sizes(loaded.inventory)
@@ -337,6 +347,10 @@ def run(model: str | None = None, *, settings: PlanSettings, scorers: Sequence[s
     report, bench = reference_block(loaded, eval_settings, text_path, settings.keep_bits, progress)
     if settings.quantizer == "gptq":
         bench.hessians = ctx.hessians
+        if settings.sequential:
+            from bitalloc.calib import calibration_windows
+
+            bench.calib_windows = calibration_windows(loaded.tokenizer, ctx.calib_text, settings.calib)
     inv = loaded.inventory
     report.update(menu=[o.name for o in options], notices=list(inv.notices) + notices, quantizer=settings.quantizer,
                   budgets=[])

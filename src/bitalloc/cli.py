@@ -52,6 +52,9 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("quantizer and calibration")
     g.add_argument("--quantizer", default="rtn", help="rtn (round to nearest) or gptq (Hessian-aware; comma list for compare)")
     g.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
+    g.add_argument("--gptq-sequential", action="store_true",
+                   help="GPTQ: measure each layer's Hessians after the layers before it are quantized (slower: one "
+                        "partial forward pass over the calibration text per layer)")
     g.add_argument("--calib-text", help="calibration text file, or 'wikitext2' (its train split) (default: the "
                                         "calibration half of the offline Wikipedia sample, disjoint from the "
                                         "evaluation half)")
@@ -157,7 +160,8 @@ def _plan_settings(args, budget_value: float):
                               tuple(t.strip() for t in args.tie.split(",") if t.strip()))
     return PlanSettings(
         budget, args.scorer.split(",")[0], args.solver, menu, constraints, args.keep_bits,
-        quantizer=args.quantizer.split(",")[0], act_order=args.act_order, calib_text=args.calib_text,
+        quantizer=args.quantizer.split(",")[0], act_order=args.act_order, sequential=args.gptq_sequential,
+        calib_text=args.calib_text,
         calib=CalibSettings(args.calib_windows, args.calib_seq_len),
         scorer_settings=ScorerSettings(alpha_gamma=args.alpha_gamma, alpha_fit=args.alpha_fit, alpha_farms=args.farms,
                                        probe_windows=args.probe_windows, probe_seq_len=args.probe_seq_len),
@@ -234,6 +238,7 @@ def cmd_quantize(args) -> None:
 
     budget = Plan.load(args.plan).budget
     settings = api.PlanSettings(budget, calib_text=args.calib_text, calib=CalibSettings(args.calib_windows, args.calib_seq_len))
+    # the plan file says whether GPTQ is sequential; these settings only say where its calibration text comes from
     info = api.quantize(args.model, plan_path=args.plan, out=args.out, progress=not args.quiet, settings=settings)
     s = info["sizes"]
     print(f"wrote {info['out']}: model.safetensors {info['file_bytes'] / 1e6:.3f} MB on disk; plan realizes "

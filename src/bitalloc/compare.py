@@ -66,6 +66,10 @@ def compare(loaded: api.Loaded, settings: CompareSettings, plan_settings: api.Pl
                   scoring_seconds=score_s, calibration_seconds=time.perf_counter() - t0, rows=[],
                   calib=plan_settings.calib.to_dict(), scorer_settings=plan_settings.scorer_settings.__dict__)
     first = tables[settings.scorers[0]]
+    if plan_settings.sequential and "gptq" in settings.quantizers:
+        from bitalloc.calib import calibration_windows
+
+        bench.calib_windows = calibration_windows(loaded.tokenizer, ctx.calib_text, plan_settings.calib)
     for quantizer in settings.quantizers:
         bench.hessians = hessians if quantizer == "gptq" else None
         for value in settings.budgets:

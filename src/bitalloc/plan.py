@@ -31,6 +31,7 @@ class Plan:
     constraints: Constraints = field(default_factory=Constraints)
     quantizer: str = "rtn"  # "rtn" or "gptq"
     act_order: bool = False  # GPTQ only
+    sequential: bool = False  # GPTQ only: each layer's Hessians after earlier layers are quantized
     column_bits: dict[str, tuple[int, ...]] = field(default_factory=dict)  # units with a mixed option
 
     def __post_init__(self) -> None:
@@ -66,6 +67,7 @@ class Plan:
             "solver": self.solver,
             "quantizer": self.quantizer,
             "act_order": self.act_order,
+            "sequential": self.sequential,
             "objective": self.objective,
             "keep_bits": self.keep_bits,
             "allow_ragged_groups": self.allow_ragged,
@@ -105,6 +107,7 @@ class Plan:
             constraints=Constraints.from_dict(data.get("constraints", {})),
             quantizer=data.get("quantizer", "rtn"),
             act_order=bool(data.get("act_order", False)),
+            sequential=bool(data.get("sequential", False)),
             column_bits={name: tuple(b) for name, b in data.get("column_bits", {}).items()},
         )
 

@@ -32,40 +32,96 @@ def keep_dtype(bits: int) -> torch.dtype:
 
 
 def quantize_model(model, inventory: Inventory, plan: Plan, *, hessians: dict[str, torch.Tensor] | None = None,
-                   cache: dict | None = None, progress: Callable | None = None) -> dict[str, QuantizedWeight]:
+                   cache: dict | None = None, calib_windows: torch.Tensor | None = None,
+                   progress: Callable | None = None) -> dict[str, QuantizedWeight]:
     """Quantize in place per the plan (units by RTN or GPTQ; kept tensors
     rounded to keep_bits) and return the stored form of each unit. ``cache``
-    keeps GPTQ results per (unit, option) for reuse across plans."""
-    from bitalloc.gptq import gptq_quantize
-
+    keeps one-shot GPTQ results per (unit, option) for reuse across plans;
+    sequential GPTQ measures each layer's Hessians from ``calib_windows``
+    after the layers before it are quantized."""
     plan.check_model(inventory)
-    if plan.quantizer == "gptq" and hessians is None:
-        raise BitallocError("A GPTQ plan needs calibration Hessians; quantize through bitalloc.api, which computes them.")
-    stored: dict[str, QuantizedWeight] = {}
-    units = progress(inventory.units, desc=f"quantizing ({plan.quantizer})", unit="tensor") if progress else inventory.units
-    for unit in units:
-        opt = plan.assignment[unit.name]
-        bits = plan.column_bits.get(unit.name)
-        key = (unit.name, opt.name, plan.act_order, bits)
-        if plan.quantizer == "gptq" and cache is not None and key in cache:
-            qw = cache[key]
-        else:
-            W = get_weight(model, unit)  # (out, in)
-            check_finite(W, unit)
-            if plan.quantizer == "gptq":
-                qw, _ = gptq_quantize(W, hessians[unit.name], opt, act_order=plan.act_order,
-                                      allow_ragged=plan.allow_ragged, column_bits=bits)
-                if cache is not None:
-                    cache[key] = qw
+    if plan.quantizer == "gptq" and plan.sequential:
+        if calib_windows is None:
+            raise BitallocError("Sequential GPTQ needs calibration windows; quantize through bitalloc.api.")
+        stored = _quantize_sequential(model, inventory, plan, calib_windows, progress)
+    else:
+        if plan.quantizer == "gptq" and hessians is None:
+            raise BitallocError("A GPTQ plan needs calibration Hessians; quantize through bitalloc.api, which computes them.")
+        units = progress(inventory.units, desc=f"quantizing ({plan.quantizer})", unit="tensor") if progress else inventory.units
+        stored = {}
+        for unit in units:
+            key = (unit.name, plan.assignment[unit.name].name, plan.act_order, plan.column_bits.get(unit.name))
+            if plan.quantizer == "gptq" and cache is not None and key in cache:
+                qw = cache[key]
             else:
-                qw = quantize_rtn(W, opt, allow_ragged=plan.allow_ragged, column_bits=bits)
-        set_weight(model, unit, dequantize(qw))
-        stored[unit.name] = qw
+                qw = _quantize_unit(model, unit, plan, None if hessians is None else hessians[unit.name])
+                if plan.quantizer == "gptq" and cache is not None:
+                    cache[key] = qw
+            set_weight(model, unit, dequantize(qw))
+            stored[unit.name] = qw
     dtype = keep_dtype(plan.keep_bits)
     with torch.no_grad():
         for kept in inventory.kept:
             p = model.get_parameter(kept.name)
             p.copy_(p.to(dtype).to(p.dtype))
+    return stored
+
+
+def _quantize_unit(model, unit: Unit, plan: Plan, H: torch.Tensor | None) -> QuantizedWeight:
+    from bitalloc.gptq import gptq_quantize
+
+    W = get_weight(model, unit)  # (out, in)
+    check_finite(W, unit)
+    opt, bits = plan.assignment[unit.name], plan.column_bits.get(unit.name)
+    if plan.quantizer == "gptq":
+        return gptq_quantize(W, H, opt, act_order=plan.act_order, allow_ragged=plan.allow_ragged, column_bits=bits)[0]
+    return quantize_rtn(W, opt, allow_ragged=plan.allow_ragged, column_bits=bits)
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _raise_stop(*_args) -> None:
+    raise _StopForward
+
+
+def _quantize_sequential(model, inventory: Inventory, plan: Plan, windows: torch.Tensor,
+                         progress: Callable | None) -> dict[str, QuantizedWeight]:
+    """Layer by layer: Gram matrices of this layer's inputs from the model with
+    every earlier layer already quantized (the forward stops after this
+    layer), then GPTQ on this layer's units. Units outside numbered layers go last."""
+    from bitalloc.calib import GramAccumulator
+    from bitalloc.units import layer_index
+
+    by_layer: dict[int | None, list[Unit]] = {}
+    for u in inventory.units:
+        by_layer.setdefault(layer_index(u.name), []).append(u)
+    order = sorted(k for k in by_layer if k is not None) + ([None] if None in by_layer else [])
+    stored: dict[str, QuantizedWeight] = {}
+    for layer in progress(order, desc="quantizing (sequential GPTQ)", unit="layer") if progress else order:
+        units = by_layer[layer]
+        acc = GramAccumulator(model, [u.name for u in units])
+        block = None
+        if layer is not None:
+            block = model.get_submodule(units[0].name.split(f".{layer}.")[0] + f".{layer}")
+        stop = block.register_forward_hook(_raise_stop) if block is not None else None
+        try:
+            with torch.no_grad():
+                for row in windows:
+                    try:
+                        model(row[None, :])
+                    except _StopForward:
+                        pass
+        finally:
+            acc.remove()
+            if stop is not None:
+                stop.remove()
+        hessians = acc.hessians()
+        for unit in units:
+            qw = _quantize_unit(model, unit, plan, hessians[unit.name])
+            set_weight(model, unit, dequantize(qw))
+            stored[unit.name] = qw
     return stored
 
 
