@@ -5,7 +5,6 @@ the embedded default (SmolLM2-135M-Instruct, Q4_1 GGUF, from the PyPI package
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -51,7 +50,8 @@ def embedded_source() -> ModelSource:
 
 
 def _looks_like_path(spec: str) -> bool:
-    return spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").split("/", 1)[-1] or spec.endswith(".gguf")
+    """A hub id is 'name' or 'org/name'; anything else is meant as a path."""
+    return spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
 
 
 def resolve_source(model: str | None) -> ModelSource:
@@ -77,7 +77,7 @@ def resolve_source(model: str | None) -> ModelSource:
             + (f" and {len(ggufs)} .gguf files (name one)." if ggufs else " and no .gguf file.")
             + " Pass a Hugging Face model folder, a .gguf file, or a hub id."
         )
-    if _looks_like_path(model) or model.count("/") > 1:
+    if _looks_like_path(model):
         raise ModelNotFoundError(
             f"Model path {model!r} does not exist. Check the path, or omit --model to use the embedded "
             "SmolLM2-135M."

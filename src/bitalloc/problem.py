@@ -10,7 +10,7 @@ precision, tied tensors once / all its weights).
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import numpy as np
@@ -177,7 +177,6 @@ class Problem:
     allowed: np.ndarray  # (groups, options) bool
     budget_bits: int
     options: tuple[QuantOption, ...]
-    unit_names: tuple[str, ...] = field(default=())
 
     def min_max_bits(self) -> tuple[int, int]:
         big = np.iinfo(np.int64).max
@@ -240,7 +239,7 @@ def build_problem(inventory: Inventory, options: Sequence[QuantOption], errors: 
             "--max-bits, group sizes, ties) exclude every option. Loosen them."
         )
     problem = Problem(tuple(groups), g_cost, g_err, g_allowed, budget_bits(budget, inventory, keep_bits=keep_bits),
-                      tuple(options), tuple(u.name for u in inventory.units))
+                      tuple(options))
     lo, hi = problem.min_max_bits()
     if problem.budget_bits < lo:
         raise InfeasibleBudgetError(
