@@ -60,10 +60,9 @@ def compare(loaded: api.Loaded, settings: CompareSettings, plan_settings: api.Pl
         tables[name] = score(ctx, [name])[name]
         score_s[name] = time.perf_counter() - t0  # shared measurements are charged to the first scorer using them
     report, bench = api.reference_block(loaded, settings.eval, None, plan_settings.keep_bits, progress)
-    t0 = time.perf_counter()
     hessians = ctx.hessians if "gptq" in settings.quantizers else None
     report.update(menu=[o.name for o in options], notices=list(loaded.inventory.notices) + notices,
-                  scoring_seconds=score_s, calibration_seconds=time.perf_counter() - t0, rows=[],
+                  scoring_seconds=score_s, rows=[],
                   calib=plan_settings.calib.to_dict(), scorer_settings=plan_settings.scorer_settings.__dict__)
     first = tables[settings.scorers[0]]
     if plan_settings.sequential and "gptq" in settings.quantizers:

@@ -271,6 +271,15 @@ def score_linearity(ctx: ScoringContext, name: str) -> ErrorTable:
     return _table(ctx, name, rel, np.maximum(slope, 0.0))
 
 
+def _relative_error(ctx: ScoringContext, option: QuantOption) -> np.ndarray:
+    """(units,) ||W - RTN(W)||^2 / ||W||^2, a ragged last group allowed (as the kl probes do)."""
+    out = []
+    for u in ctx.inventory.units:
+        W = get_weight(ctx.model, u)
+        out.append(float(((W - fake_quantize(W, option, allow_ragged=True)) ** 2).sum() / (W**2).sum()))
+    return np.array(out)
+
+
 def score_kl(ctx: ScoringContext, name: str) -> ErrorTable:
     """exllamav3-style measured KL, each unit quantized alone at a few probe
     options; other options interpolated by a power law in the unit's relative
@@ -290,8 +299,12 @@ def score_kl(ctx: ScoringContext, name: str) -> ErrorTable:
 
     kls = ctx.measure_per_unit("kl", measure)
     rel = ctx.reductions(["mse"])["mse"] / ctx.norms[:, None]  # (units, options)
-    probe_rel = np.array([[float(((W - fake_quantize(W, o, allow_ragged=True)) ** 2).sum() / (W**2).sum())
-                           for o in probes] for W in (get_weight(ctx.model, u) for u in ctx.inventory.units)])
+    def probe_column(o: QuantOption) -> np.ndarray:
+        if o in ctx.options and np.isfinite(col := rel[:, ctx.options.index(o)]).all():
+            return col  # already measured in the weight-error sweep
+        return _relative_error(ctx, o)
+
+    probe_rel = np.stack([probe_column(o) for o in probes], axis=1)  # (units, probes)
     distortion = np.empty_like(rel)
     for i, u in enumerate(ctx.inventory.units):
         y = np.log(np.maximum(np.array(kls[u.name]), 1e-12))

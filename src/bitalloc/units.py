@@ -11,7 +11,6 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import re
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -203,8 +202,3 @@ def check_finite(W: torch.Tensor, unit: Unit) -> None:
             f"Tensor {unit.param} holds {bad} NaN/Inf values; bitalloc cannot quantize it. "
             "Check the checkpoint (a failed conversion or a corrupted download)."
         )
-
-
-def warn_notices(inv: Inventory) -> None:
-    for n in inv.notices:
-        warnings.warn(n, stacklevel=2)
