@@ -35,7 +35,7 @@ import torch
 from bitalloc.alpha import alpha_importance, unit_alpha
 from bitalloc.calib import CalibSettings, cached_hessians, calibration_windows
 from bitalloc.errors import BitallocError, GroupSizeError
-from bitalloc.evaluate import EvalSettings, reference_logprobs, token_windows, window_logprobs
+from bitalloc.evaluate import EvalSettings, evaluate, reference_logprobs, token_windows
 from bitalloc.fileio import write_json
 from bitalloc.gptq import inverse_hessian_factor
 from bitalloc.options import QuantOption, group_count
@@ -135,16 +135,10 @@ class ScoringContext:
                                                                    self.settings.probe_windows, "auto"))
         return windows, reference_logprobs(self.model, windows)
 
-    @torch.no_grad()
     def probe_kl(self) -> float:
         """Mean KL(reference || current model) on the probe set, nats/token."""
         windows, ref = self.probe
-        total = count = 0.0
-        for row, r in zip(windows, ref):
-            logp = window_logprobs(self.model, row)
-            total += float((r.exp() * (r - logp)).sum())
-            count += r.shape[0]
-        return total / count
+        return evaluate(self.model, windows, ref).kl
 
     # ---- one sweep of RTN errors, several reductions ---------------------
     def reductions(self, kinds: Sequence[str]) -> dict[str, np.ndarray]:
