@@ -1,7 +1,7 @@
 import pytest
 
 from bitalloc.errors import BitallocError, GroupSizeError
-from bitalloc.options import QuantOption, build_menu, parse_group_sizes, storage_bits
+from bitalloc.options import QuantOption, build_menu, storage_bits
 
 
 @pytest.mark.parametrize(
@@ -56,8 +56,5 @@ def test_bad_option_names(bad):
 def test_menu_and_group_parsing():
     menu = build_menu((2, 4), (64, 0), ("asym", "sym"))
     assert len(menu) == 8 and len(set(menu)) == 8
-    assert parse_group_sizes("32, 64,channel") == (32, 64, 0)
-    with pytest.raises(BitallocError):
-        parse_group_sizes("32,big")
     with pytest.raises(BitallocError):
         build_menu((4,), (64,), ("nf4",))

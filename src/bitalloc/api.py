@@ -58,6 +58,7 @@ class PlanSettings:
     calib_text: str | None = None  # a file; None: the calibration half of the offline text
     calib: CalibSettings = field(default_factory=CalibSettings)
     scorer_settings: ScorerSettings = field(default_factory=ScorerSettings)
+    text_encoding: str = "utf-8"  # of calib_text (and, in run, of the evaluation text)
 
     def __post_init__(self) -> None:
         check_scorer(self.scorer)
@@ -96,19 +97,48 @@ def resolve_menu(inventory: Inventory, menu: MenuSettings) -> tuple[tuple[QuantO
     return build_menu(menu.bits, groups, menu.schemes), notices
 
 
-def calibration_text(path: str | None) -> str:
+def calibration_text(path: str | None, encoding: str = "utf-8") -> str:
     from bitalloc.text import WIKITEXT2, wikitext2
 
     if path == WIKITEXT2:
         return wikitext2("train")  # disjoint from the 'test' split used for evaluation
-    return read_text_file(path) if path else wiki_text("calib")
+    return read_text_file(path, encoding) if path else wiki_text("calib")
+
+
+def preflight(loaded: Loaded, settings: PlanSettings, budgets: Sequence[float] = (),
+              options: Sequence[QuantOption] | None = None) -> tuple[tuple[QuantOption, ...], list[str]]:
+    """Everything about the model that can make planning fail, checked before
+    any scoring: the menu against the shapes, tie names, --allow patterns, and
+    each budget against the feasible range (the error table does not change
+    which assignments fit, so a zero table tells)."""
+    notices: list[str] = []
+    if options is None:
+        options, notices = resolve_menu(loaded.inventory, settings.menu)
+    zeros = np.zeros((len(loaded.inventory.units), len(options)))
+    for value in budgets or [settings.budget.value]:
+        s = replace(settings, budget=replace(settings.budget, value=value))
+        build_problem(loaded.inventory, options, zeros, s.budget, s.constraints, keep_bits=s.keep_bits,
+                      allow_ragged=s.menu.allow_ragged)
+    return tuple(options), notices
+
+
+def check_calibration_text(loaded: Loaded, settings: PlanSettings, scorers: Sequence[str]) -> None:
+    """Tokenize the calibration text now if anything will need it, so that
+    too little text fails before minutes of scoring, not after."""
+    from bitalloc.calib import calibration_windows
+    from bitalloc.scorers import SCORERS
+
+    needs = settings.quantizer == "gptq" or any(SCORERS[n][0] != "data-free" for n in scorers)
+    if needs and loaded.tokenizer is not None:
+        text = calibration_text(settings.calib_text, settings.text_encoding)
+        calibration_windows(loaded.tokenizer, text, settings.calib)
 
 
 def scoring_context(loaded: Loaded, settings: PlanSettings, options: Sequence[QuantOption] | None = None, *,
                     progress: bool = True) -> ScoringContext:
     if options is None:
         options, _ = resolve_menu(loaded.inventory, settings.menu)
-    text = calibration_text(settings.calib_text) if loaded.tokenizer is not None else None
+    text = calibration_text(settings.calib_text, settings.text_encoding) if loaded.tokenizer is not None else None
     return ScoringContext(loaded.model, loaded.tokenizer, loaded.inventory, options, calib_text=text,
                           calib=settings.calib, settings=settings.scorer_settings,
                           allow_ragged=settings.menu.allow_ragged, progress=_tqdm(progress))
@@ -129,7 +159,7 @@ def solve_plan(inventory: Inventory, table: ErrorTable, settings: PlanSettings, 
     return Plan(assignment, inventory.identity, model_label, settings.budget, table.scorer, settings.solver,
                 solution.objective, settings.keep_bits, settings.menu.allow_ragged, settings.constraints,
                 quantizer=settings.quantizer, act_order=settings.act_order, sequential=settings.sequential,
-                column_bits=column_bits)
+                column_bits=column_bits, model_content=inventory.content_id)
 
 
 def _baseline_plan(inventory: Inventory, assignments: list[dict[str, QuantOption]], names: list[str],
@@ -159,7 +189,8 @@ def _baseline_plan(inventory: Inventory, assignments: list[dict[str, QuantOption
     i = candidates[0]
     return Plan(assignments[i], inventory.identity, model_label, settings.budget, f"{kind}:{names[i]}", kind,
                 objective(i), settings.keep_bits, settings.menu.allow_ragged, Constraints(),
-                quantizer=settings.quantizer, act_order=settings.act_order, sequential=settings.sequential)
+                quantizer=settings.quantizer, act_order=settings.act_order, sequential=settings.sequential,
+                model_content=inventory.content_id)
 
 
 def uniform_plan(inventory: Inventory, options: Sequence[QuantOption], settings: PlanSettings, model_label: str,
@@ -192,17 +223,22 @@ def llama_rule_plan(inventory: Inventory, options: Sequence[QuantOption], settin
 
 
 def plan(model: str | None = None, *, settings: PlanSettings, table_path: str | None = None,
-         save_table: str | None = None, out: str | None = None, progress: bool = True,
-         loaded: Loaded | None = None) -> Plan:
-    """Score (or reuse a saved error table), solve, and write the plan file."""
+         table: ErrorTable | None = None, save_table: str | None = None, out: str | None = None,
+         progress: bool = True, loaded: Loaded | None = None) -> Plan:
+    """Score (or reuse a saved error table), solve, and write the plan file.
+    Everything that can fail without scoring is checked before scoring."""
     loaded = loaded or load(model)
     if table_path:
         table = ErrorTable.load(table_path)
+    if table is not None:
         table.check_model(loaded.inventory)
         if table.scorer != settings.scorer:
             table = table.rescored(settings.scorer)
+        preflight(loaded, settings, options=table.options)
     else:
-        table = score(scoring_context(loaded, settings, progress=progress), [settings.scorer])[settings.scorer]
+        options, _ = preflight(loaded, settings)
+        check_calibration_text(loaded, settings, [settings.scorer])
+        table = score(scoring_context(loaded, settings, options, progress=progress), [settings.scorer])[settings.scorer]
     if save_table:
         table.save(save_table)
     result = solve_plan(loaded.inventory, table, settings, loaded.source.label)
@@ -220,7 +256,8 @@ def _calibration_for(loaded: Loaded, the_plan: Plan, settings: PlanSettings | No
     if the_plan.sequential:
         from bitalloc.calib import calibration_windows
 
-        return {"calib_windows": calibration_windows(loaded.tokenizer, calibration_text(s.calib_text), s.calib)}
+        text = calibration_text(s.calib_text, s.text_encoding)
+        return {"calib_windows": calibration_windows(loaded.tokenizer, text, s.calib)}
     return {"hessians": scoring_context(loaded, s, options=(), progress=progress).hessians}
 
 
@@ -232,27 +269,33 @@ def quantize(model: str | None = None, *, plan_path: str, out: str, progress: bo
     loaded = loaded or load(model)
     the_plan = Plan.load(plan_path)
     the_plan.check_model(loaded.inventory)
+    notices = []
+    if the_plan.model_content and the_plan.model_content != loaded.inventory.content_id:
+        notices.append("The plan was made on another checkpoint of this architecture (its weights differ); its "
+                       "allocation is applied as it is.")
     calibration = _calibration_for(loaded, the_plan, settings, progress)
     stored = quantize_model(loaded.model, loaded.inventory, the_plan, progress=_tqdm(progress), **calibration)
     folder = save_quantized(out, loaded.model, loaded.tokenizer, loaded.inventory, the_plan, stored)
     sizes = the_plan.sizes(loaded.inventory)
-    return {"out": str(folder), "file_bytes": (folder / "model.safetensors").stat().st_size, "sizes": sizes.to_dict()}
+    return {"out": str(folder), "file_bytes": (folder / "model.safetensors").stat().st_size, "sizes": sizes.to_dict(),
+            "notices": notices}
 
 
-def eval_text(text_path: str | None) -> tuple[str, str]:
+def eval_text(text_path: str | None, encoding: str = "utf-8") -> tuple[str, str]:
     """(text, label): a user's file, or the evaluation part of the offline Wikipedia sample."""
     if text_path:
-        return read_text_file(text_path), text_path
+        return read_text_file(text_path, encoding), text_path
     return wiki_text("eval"), "gensim enwiki sample, evaluation half (even-numbered articles)"
 
 
 def evaluate(model: str | None = None, *, quantized: str | None = None, reference_model: str | None = None,
-             text_path: str | None = None, settings: EvalSettings = EvalSettings(), progress: bool = True) -> dict:
+             text_path: str | None = None, settings: EvalSettings = EvalSettings(), progress: bool = True,
+             encoding: str = "utf-8") -> dict:
     """Perplexity of a model or a quantized folder; with ``reference_model``,
     also KL and top-1 agreement against it."""
     from bitalloc.quantize import load_quantized
 
-    text, label = eval_text(text_path)
+    text, label = eval_text(text_path, encoding)
     if quantized:
         m, tok, _ = load_quantized(quantized)
         name = quantized
@@ -306,8 +349,8 @@ def plan_row(loaded: Loaded, the_plan: Plan, bench: EvalBench, progress: bool, d
 
 
 def reference_block(loaded: Loaded, eval_settings: EvalSettings, text_path: str | None, keep_bits: int,
-                    progress: bool) -> tuple[dict, EvalBench]:
-    text, label = eval_text(text_path)
+                    progress: bool, encoding: str = "utf-8") -> tuple[dict, EvalBench]:
+    text, label = eval_text(text_path, encoding)
     if loaded.tokenizer is None:
         raise BitallocError(f"{loaded.source.label} has no tokenizer files; evaluation on text needs one.")
     windows = token_windows(loaded.tokenizer, text, eval_settings)
@@ -334,17 +377,21 @@ def reference_block(loaded: Loaded, eval_settings: EvalSettings, text_path: str 
 def run(model: str | None = None, *, settings: PlanSettings, scorers: Sequence[str] | None = None,
         budgets: Sequence[float] | None = None, text_path: str | None = None,
         eval_settings: EvalSettings = EvalSettings(), progress: bool = True, loaded: Loaded | None = None,
-        plans_dir: str | None = None) -> dict:
+        plans_dir: str | None = None, encoding: str = "utf-8") -> dict:
     """All stages: reference, the uniform baseline and the allocated plan for
     each budget (and scorer), evaluated on the same windows. One measurement
-    serves every scorer and budget."""
+    serves every scorer and budget. What can fail without scoring (budgets,
+    menu, ties, too little text) fails before scoring."""
     loaded = loaded or load(model)
     scorers = list(scorers or [settings.scorer])
+    for name in scorers:
+        check_scorer(name)
     budgets = list(budgets or [settings.budget.value])
-    options, notices = resolve_menu(loaded.inventory, settings.menu)
+    options, notices = preflight(loaded, settings, budgets)
+    check_calibration_text(loaded, settings, scorers)
+    report, bench = reference_block(loaded, eval_settings, text_path, settings.keep_bits, progress, encoding)
     ctx = scoring_context(loaded, settings, options, progress=progress)
     tables = score(ctx, scorers)
-    report, bench = reference_block(loaded, eval_settings, text_path, settings.keep_bits, progress)
     if settings.quantizer == "gptq":
         bench.hessians = ctx.hessians
         if settings.sequential:

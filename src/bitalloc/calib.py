@@ -1,6 +1,8 @@
 """Calibration: each linear's input Gram matrix H = 2 X^T X / n, accumulated
 by forward hooks one batch at a time (no activations are kept), cached on
-disk keyed by model identity, text and settings, and reused."""
+disk keyed by the checkpoint's content hash, text and settings, and reused.
+A cache file that does not hold what it should (damaged, another model's
+units, wrong shapes, non-finite values) is measured again and replaced."""
 
 from __future__ import annotations
 
@@ -76,6 +78,14 @@ class GramAccumulator:
         return {n: (2.0 * s / self.counts[n]).float() for n, s in self.sums.items()}
 
 
+def _valid_hessians(H: dict[str, torch.Tensor], inventory: Inventory) -> bool:
+    """One finite (in, in) matrix per unit, nothing else."""
+    if set(H) != {u.name for u in inventory.units}:
+        return False
+    return all(H[u.name].shape == (u.shape[1], u.shape[1]) and bool(torch.isfinite(H[u.name]).all())
+               for u in inventory.units)
+
+
 @torch.no_grad()
 def accumulate_hessians(model: nn.Module, inventory: Inventory, windows: torch.Tensor, *,
                         progress: Callable | None = None) -> dict[str, torch.Tensor]:
@@ -94,9 +104,14 @@ def cached_hessians(model: nn.Module, inventory: Inventory, tokenizer, text: str
     """Hessians from the disk cache, or measured and cached (safetensors)."""
     from safetensors.torch import load_file, save_file
 
-    path = Path(cache_dir()) / "hessians" / f"{settings.key(inventory.identity, text)}.safetensors"
+    path = Path(cache_dir()) / "hessians" / f"{settings.key(inventory.content_id, text)}.safetensors"
     if path.is_file():
-        return load_file(str(path))
+        try:
+            H = load_file(str(path))
+        except Exception:  # safetensors raises its own error type for a damaged header
+            H = None
+        if H is not None and _valid_hessians(H, inventory):
+            return H
     H = accumulate_hessians(model, inventory, calibration_windows(tokenizer, text, settings), progress=progress)
     write_atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in H.items()}, tmp))
     return H

@@ -85,6 +85,88 @@ def resolve_source(model: str | None) -> ModelSource:
     return ModelSource("hub", model)
 
 
+def check_gguf(path: str | Path) -> None:
+    """A GGUF file that cannot be read is one clear error naming it (empty,
+    random bytes, truncated), before transformers meets it."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise BitallocError(f"The GGUF file {str(path)!r} cannot be read: {e.strerror}.") from None
+    if magic != b"GGUF":
+        what = "is empty" if not magic else "does not start with the GGUF magic bytes"
+        raise BitallocError(f"The GGUF file {str(path)!r} {what}: it is not a GGUF model. Pass a valid .gguf file.")
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        size = path.stat().st_size
+        for t in reader.tensors:  # a truncated file ends before some tensor's data
+            if t.data_offset + t.n_bytes > size:
+                raise ValueError(f"tensor {t.name} runs past the end of the file")
+    except Exception as e:  # gguf-py raises many kinds (ValueError, struct errors, IndexError) on damage
+        raise BitallocError(f"The GGUF file {str(path)!r} is damaged or truncated ({e.__class__.__name__}: "
+                            f"{_one_line(e)}). Download or convert it again.") from None
+
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def check_safetensors(folder: str | Path) -> None:
+    """A model folder holds weights, and every .safetensors file has a
+    readable header and data that covers it (not truncated)."""
+    from safetensors import safe_open
+
+    if not any(any(Path(folder).glob(p)) for p in WEIGHT_PATTERNS):
+        raise BitallocError(f"The model folder {str(folder)!r} has a config.json but no weights file (.safetensors or "
+                            ".bin). Copy the weights there, or pass another folder.")
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                handle.keys()
+        except Exception as e:  # safetensors' own error type for headers and sizes
+            raise BitallocError(f"The weights file {str(f)!r} is damaged or truncated ({_one_line(e)}). Download or "
+                                "save the model again.") from None
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]
+
+
+def check_source(source: ModelSource) -> None:
+    """The files of a local model can be read (headers only; cheap)."""
+    if source.gguf_file:
+        check_gguf(Path(source.path) / source.gguf_file)
+    elif source.kind == "dir":
+        check_safetensors(source.path)
+
+
+def position_limit(source: ModelSource) -> int | None:
+    """The model's longest sequence (max_position_embeddings, or the GGUF's
+    context_length), read without loading the model; None if not stated."""
+    if source.gguf_file:
+        from gguf import GGUFReader
+
+        check_gguf(Path(source.path) / source.gguf_file)
+        reader = GGUFReader(str(Path(source.path) / source.gguf_file))
+        for name, field in reader.fields.items():
+            if name.endswith(".context_length") and field.data:
+                return int(field.parts[field.data[0]][0])
+        return None
+    config = Path(source.path) / "config.json"
+    if source.kind != "dir" or not config.is_file():
+        return None
+    from bitalloc.fileio import read_json
+
+    data = read_json(config, "model config")
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = data.get(key) if isinstance(data, dict) else None
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def load_model(source: ModelSource, *, dtype: str = "float32"):
     """(model, tokenizer) in eval mode on the CPU, in ``dtype``."""
     import torch
@@ -92,6 +174,7 @@ def load_model(source: ModelSource, *, dtype: str = "float32"):
 
     torch_dtype = getattr(torch, dtype)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    check_source(source)
     try:
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, **kwargs)
     except OSError as e:
@@ -101,14 +184,17 @@ def load_model(source: ModelSource, *, dtype: str = "float32"):
                 f"hub is unreachable or the model is not cached ({e.__class__.__name__}). Download it on a "
                 "connected machine (huggingface-cli download) and pass the folder, or pass a .gguf file."
             ) from e
-        raise ModelNotFoundError(f"Could not load the model at {source.label}: {e}") from e
+        raise ModelNotFoundError(f"Could not load the model at {source.label}: {_one_line(e)}") from e
     except ValueError as e:
         if "does not recognize this architecture" in str(e) or "Unrecognized" in str(e):
             raise BitallocError(
-                f"transformers cannot build the architecture of {source.label}: {e}. Upgrade transformers, "
-                "or convert the checkpoint to a supported family."
+                f"transformers cannot build the architecture of {source.label}: {_one_line(e)}. Upgrade "
+                "transformers, or convert the checkpoint to a supported family."
             ) from e
-        raise
+        raise BitallocError(f"Could not load the model at {source.label}: {_one_line(e)}") from e
+    except (KeyError, TypeError, RuntimeError) as e:  # a config or weights that do not fit each other
+        raise BitallocError(f"Could not load the model at {source.label} ({e.__class__.__name__}: {_one_line(e)}). "
+                            "Check that its config.json and weights belong together.") from e
     model.eval()
     return model, load_tokenizer(source)
 

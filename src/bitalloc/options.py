@@ -132,25 +132,3 @@ def build_menu(
         for s in schemes
     }
     return tuple(sorted(menu, key=lambda o: (o.bits, o.group_size == 0, -o.group_size, o.symmetric)))
-
-
-def parse_group_sizes(text: str) -> tuple[int, ...]:
-    out = []
-    for tok in text.split(","):
-        tok = tok.strip().lower()
-        if tok in ("pc", "channel", "per-channel", "0"):
-            out.append(0)
-        elif tok.isdigit():
-            out.append(int(tok))
-        else:
-            raise BitallocError(
-                f"The 'group-sizes' parameter takes numbers or 'channel', comma separated. Got {tok!r} instead."
-            )
-    return tuple(out)
-
-
-def parse_int_list(text: str, what: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(t) for t in text.split(","))
-    except ValueError:
-        raise BitallocError(f"The '{what}' parameter takes comma-separated integers. Got {text!r} instead.") from None

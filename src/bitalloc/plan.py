@@ -5,11 +5,13 @@ model, and the sizes it realises in both bpw measures."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bitalloc.errors import BitallocError, PlanMismatchError
 from bitalloc.fileio import read_json, write_json
 from bitalloc.options import QuantOption
 from bitalloc.problem import Budget, Constraints, Sizes, sizes_of
+from bitalloc.schema import check_header, need, string_map
 from bitalloc.units import Inventory
 
 PLAN_FORMAT = "bitalloc.plan"
@@ -33,6 +35,7 @@ class Plan:
     act_order: bool = False  # GPTQ only
     sequential: bool = False  # GPTQ only: each layer's Hessians after earlier layers are quantized
     column_bits: dict[str, tuple[int, ...]] = field(default_factory=dict)  # units with a mixed option
+    model_content: str = ""  # content hash of the checkpoint the plan was made on (Inventory.content_id)
 
     def __post_init__(self) -> None:
         if self.quantizer not in QUANTIZERS:
@@ -61,7 +64,7 @@ class Plan:
         data = {
             "format": PLAN_FORMAT,
             "version": PLAN_VERSION,
-            "model": {"identity": self.model_identity, "label": self.model_label},
+            "model": {"identity": self.model_identity, "content": self.model_content, "label": self.model_label},
             "budget": self.budget.to_dict(),
             "scorer": self.scorer,
             "solver": self.solver,
@@ -85,30 +88,46 @@ class Plan:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Plan":
-        if data.get("format") != PLAN_FORMAT:
-            raise BitallocError("This file is not a bitalloc plan (missing 'format': 'bitalloc.plan').")
-        if data.get("version") != PLAN_VERSION:
-            raise BitallocError(f"Plan version {data.get('version')} is not supported (expected {PLAN_VERSION}).")
-        try:
-            assignment = {name: QuantOption.parse(opt) for name, opt in data["units"].items()}
-        except KeyError as e:
-            raise BitallocError(f"The plan lacks the field {e}.") from None
+    def from_dict(cls, data: dict, where: str = "The plan") -> "Plan":
+        data = check_header(data, PLAN_FORMAT, PLAN_VERSION, where, "plan")
+        model = need(data, "model", "object", where)
+        units = string_map(need(data, "units", "object", where), where, "units")
+        if not units:
+            raise BitallocError(f"{where} assigns no unit ('units' is empty). Make a plan with `bitalloc plan`.")
+        assignment = {}
+        for name, opt in units.items():
+            try:
+                assignment[name] = QuantOption.parse(opt)
+            except BitallocError as e:
+                raise BitallocError(f"{where}: unit {name!r}: {e}") from None
+        column_bits = need(data, "column_bits", "object", where, optional=True, default={})
+        for name, bits in column_bits.items():
+            if not isinstance(bits, list) or not all(isinstance(b, int) and not isinstance(b, bool) for b in bits):
+                raise BitallocError(f"{where}: column_bits[{name!r}] must be a list of integers.")
+        budget = need(data, "budget", "object", where)
+        need(budget, "value", "number", f"{where}: budget")
+        quantizer = need(data, "quantizer", "string", where, optional=True, default="rtn")
+        if quantizer not in QUANTIZERS:
+            raise BitallocError(f"{where}: 'quantizer' must be one of {list(QUANTIZERS)}; it holds {quantizer!r}.")
+        keep_bits = need(data, "keep_bits", "int", where, optional=True, default=16)
+        if keep_bits not in (16, 32):
+            raise BitallocError(f"{where}: 'keep_bits' must be 16 or 32; it holds {keep_bits}.")
         return cls(
             assignment=assignment,
-            model_identity=data["model"]["identity"],
-            model_label=data["model"].get("label", "?"),
-            budget=Budget.from_dict(data["budget"]),
-            scorer=data.get("scorer", "?"),
-            solver=data.get("solver", "?"),
-            objective=data.get("objective"),
-            keep_bits=int(data.get("keep_bits", 16)),
-            allow_ragged=bool(data.get("allow_ragged_groups", False)),
-            constraints=Constraints.from_dict(data.get("constraints", {})),
-            quantizer=data.get("quantizer", "rtn"),
-            act_order=bool(data.get("act_order", False)),
-            sequential=bool(data.get("sequential", False)),
-            column_bits={name: tuple(b) for name, b in data.get("column_bits", {}).items()},
+            model_identity=need(model, "identity", "string", f"{where}: model"),
+            model_label=need(model, "label", "string", f"{where}: model", optional=True, default="?"),
+            budget=Budget.from_dict(budget),
+            scorer=need(data, "scorer", "string", where, optional=True, default="?"),
+            solver=need(data, "solver", "string", where, optional=True, default="?"),
+            objective=need(data, "objective", "number", where, optional=True),
+            keep_bits=keep_bits,
+            allow_ragged=need(data, "allow_ragged_groups", "bool", where, optional=True, default=False),
+            constraints=Constraints.from_dict(need(data, "constraints", "object", where, optional=True, default={})),
+            quantizer=quantizer,
+            act_order=need(data, "act_order", "bool", where, optional=True, default=False),
+            sequential=need(data, "sequential", "bool", where, optional=True, default=False),
+            column_bits={name: tuple(b) for name, b in column_bits.items()},
+            model_content=need(model, "content", "string", f"{where}: model", optional=True, default=""),
         )
 
     def save(self, path: str, inventory: Inventory | None = None) -> None:
@@ -116,9 +135,9 @@ class Plan:
 
     @classmethod
     def load(cls, path: str) -> "Plan":
+        if not Path(path).exists():
+            raise BitallocError(f"Plan file {path!r} does not exist. Make one with `bitalloc plan --out {path}`.")
         try:
-            return cls.from_dict(read_json(path))
-        except FileNotFoundError:
-            raise BitallocError(f"Plan file {path!r} does not exist. Make one with `bitalloc plan --out {path}`.") from None
-        except ValueError as e:
-            raise BitallocError(f"Plan file {path!r} is not valid JSON: {e}.") from None
+            return cls.from_dict(read_json(path, "plan file"), where=f"Plan file {path!r}")
+        except (TypeError, ValueError, KeyError) as e:  # a field of the right type holding a wrong value
+            raise BitallocError(f"Plan file {path!r} is damaged: {e}.") from None

@@ -36,8 +36,8 @@ class Budget:
             raise BitallocError(f"The budget 'kind' must be one of {list(BUDGET_KINDS)}. Got {self.kind!r} instead.")
         if self.over not in BPW_OVER:
             raise BitallocError(f"The budget 'over' must be one of {list(BPW_OVER)}. Got {self.over!r} instead.")
-        if not self.value > 0:
-            raise BitallocError(f"The budget must be positive. Got {self.value} instead.")
+        if not (self.value > 0 and np.isfinite(self.value)):
+            raise BitallocError(f"The budget must be a finite positive number. Got {self.value} instead.")
 
     def describe(self) -> str:
         if self.kind == "bytes":
@@ -248,6 +248,14 @@ def build_problem(inventory: Inventory, options: Sequence[QuantOption], errors: 
             f"{_fmt(express_bits(lo, budget, inventory, keep_bits=keep_bits), budget)} to "
             f"{_fmt(express_bits(hi, budget, inventory, keep_bits=keep_bits), budget)} (beyond that every unit gets its "
             "largest option). Raise the budget or allow smaller options."
+        )
+    if problem.budget_bits > hi:
+        raise InfeasibleBudgetError(
+            f"Budget {budget.describe()} is above the largest allowed assignment, "
+            f"{_fmt(express_bits(hi, budget, inventory, keep_bits=keep_bits), budget)} (every unit at its largest "
+            f"option), so it would not be spent. Give a budget from "
+            f"{_fmt(express_bits(lo, budget, inventory, keep_bits=keep_bits), budget)} to "
+            f"{_fmt(express_bits(hi, budget, inventory, keep_bits=keep_bits), budget)}, or allow larger options."
         )
     return problem
 

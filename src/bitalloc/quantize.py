@@ -14,9 +14,10 @@ import numpy as np
 import torch
 
 from bitalloc.errors import BitallocError
-from bitalloc.fileio import replace_dir_atomic
+from bitalloc.fileio import dumps_json, file_digest, read_json, replace_dir_atomic
 from bitalloc.options import QuantOption
 from bitalloc.plan import Plan
+from bitalloc.schema import check_header, need
 from bitalloc.quant import QuantizedWeight, dequantize, pack_weight_codes, quantize_rtn, unpack_weight_codes
 from bitalloc.units import Inventory, Unit, check_finite, get_weight, set_weight
 
@@ -140,9 +141,13 @@ def _unit_record(unit: Unit, qw: QuantizedWeight) -> dict:
             "option": qw.option.name, "column_bits": None if qw.column_bits is None else list(qw.column_bits)}
 
 
+MANIFEST = "bitalloc.json"  # written last; lists every other file with its sha256
+
+
 def save_quantized(out_dir: str, model, tokenizer, inventory: Inventory, plan: Plan,
                    stored: dict[str, QuantizedWeight]) -> Path:
-    """Write the folder atomically (a temp folder, then rename)."""
+    """Write the folder atomically (a temporary folder, then an atomic swap);
+    the same inputs give the same bytes in every file."""
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
@@ -159,52 +164,91 @@ def save_quantized(out_dir: str, model, tokenizer, inventory: Inventory, plan: P
         "format": SAVED_FORMAT,
         "version": SAVED_VERSION,
         "model_identity": inventory.identity,
+        "model_content": inventory.content_id,
         "units": {u.name: _unit_record(u, stored[u.name]) for u in inventory.units},
         "kept": [k.name for k in inventory.kept],
     }
 
     def fill(tmp: Path) -> None:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "bitalloc": SAVED_FORMAT})
-        (tmp / "bitalloc.json").write_text(json.dumps(meta, indent=1) + "\n")
-        (tmp / "plan.json").write_text(json.dumps(plan.to_dict(inventory), indent=1) + "\n")
+        # one metadata key: safetensors writes a metadata map in no fixed order
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "plan.json").write_text(dumps_json(plan.to_dict(inventory)))
         config = model.config.to_dict()
         config.pop("quantization_config", None)  # a GGUF source's marker; these weights are plain floats
         config.pop("_name_or_path", None)
-        (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True, default=str) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        files = {p.name: {"sha256": file_digest(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
+        (tmp / MANIFEST).write_text(dumps_json({**meta, "files": files}))
 
     return replace_dir_atomic(out_dir, fill)
 
 
+def read_manifest(folder: str) -> dict:
+    """The folder's bitalloc.json, checked, and every file it lists verified
+    against its recorded size and sha256."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise BitallocError(f"--quantized {folder!r} is not a folder. Pass a folder written by `bitalloc quantize`.")
+    if not (path / MANIFEST).is_file():
+        raise BitallocError(f"{folder!r} is not a complete bitalloc quantized folder (no {MANIFEST}; an interrupted "
+                            "save leaves none). Make it again with `bitalloc quantize`.")
+    where = f"{folder}/{MANIFEST}"
+    meta = check_header(read_json(path / MANIFEST, "quantized folder manifest"), SAVED_FORMAT, SAVED_VERSION, where,
+                        "quantized folder manifest")
+    files = need(meta, "files", "object", where)
+    for key, kind in (("units", "object"), ("kept", "list")):
+        need(meta, key, kind, where)
+    for name in ("model.safetensors", "plan.json", "config.json"):
+        if name not in files:
+            raise BitallocError(f"{where} does not list {name}; the folder is damaged. Quantize again.")
+    for name, rec in files.items():
+        f = path / name
+        if not f.is_file():
+            raise BitallocError(f"{folder!r} lacks {name}, which its {MANIFEST} lists. The folder is damaged; quantize "
+                                "again.")
+        if not isinstance(rec, dict) or f.stat().st_size != rec.get("bytes") or file_digest(f) != rec.get("sha256"):
+            raise BitallocError(f"{name} in {folder!r} does not match the sha256 recorded when it was written: the file "
+                                "was changed or damaged. Quantize again.")
+    return meta
+
+
 def load_quantized(folder: str):
-    """(model, tokenizer, plan) from a folder written by ``save_quantized``;
-    unit weights are dequantized from the stored codes."""
+    """(model, tokenizer, plan) from a folder written by ``save_quantized``,
+    every file verified first; unit weights are dequantized from the codes."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    meta = read_manifest(folder)
     path = Path(folder)
-    if not (path / "bitalloc.json").is_file():
-        raise BitallocError(f"{folder!r} is not a bitalloc quantized folder (no bitalloc.json). Make one with `bitalloc quantize`.")
-    meta = json.loads((path / "bitalloc.json").read_text())
-    if meta.get("format") != SAVED_FORMAT or meta.get("version") != SAVED_VERSION:
-        raise BitallocError(f"{folder!r} holds format {meta.get('format')} v{meta.get('version')}; expected {SAVED_FORMAT} v{SAVED_VERSION}.")
-    config = AutoConfig.from_pretrained(str(path))
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tensors = load_file(str(path / "model.safetensors"))
-    with torch.no_grad():
-        for name in meta["kept"]:
-            p = model.get_parameter(name)
-            p.copy_(tensors[name].to(p.dtype))
-        for uname, rec in meta["units"].items():
-            unit = Unit(uname, rec["param"], tuple(rec["shape"]), rec["index"], rec["transposed"])
-            opt = QuantOption.parse(rec["option"])
-            bits = None if rec.get("column_bits") is None else tuple(rec["column_bits"])
-            codes = unpack_weight_codes(tensors[f"{uname}.qweight"].numpy(), unit.shape, opt, bits)
-            zeros = tensors.get(f"{uname}.zeros")
-            qw = QuantizedWeight(torch.from_numpy(np.ascontiguousarray(codes)), tensors[f"{uname}.scales"], zeros, opt, bits)
-            set_weight(model, unit, dequantize(qw))
+    the_plan = Plan.load(str(path / "plan.json"))
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        tensors = load_file(str(path / "model.safetensors"))
+        with torch.no_grad():
+            for name in meta["kept"]:
+                p = model.get_parameter(name)
+                p.copy_(tensors[name].to(p.dtype))
+            for uname, rec in meta["units"].items():
+                set_weight(model, _record_unit(uname, rec), dequantize(_stored_weight(tensors, uname, rec)))
+    except (KeyError, ValueError, TypeError, AttributeError, RuntimeError) as e:
+        raise BitallocError(f"{folder!r} does not hold the tensors its manifest describes ({e.__class__.__name__}: "
+                            f"{e}). Quantize again.") from None
     model.tie_weights()
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path)) if (path / "tokenizer_config.json").is_file() else None
-    return model, tokenizer, Plan.load(str(path / "plan.json"))
+    return model, tokenizer, the_plan
+
+
+def _record_unit(name: str, rec: dict) -> Unit:
+    return Unit(name, rec["param"], tuple(rec["shape"]), rec["index"], rec["transposed"])
+
+
+def _stored_weight(tensors: dict[str, torch.Tensor], name: str, rec: dict) -> QuantizedWeight:
+    unit, opt = _record_unit(name, rec), QuantOption.parse(rec["option"])
+    bits = None if rec.get("column_bits") is None else tuple(rec["column_bits"])
+    codes = unpack_weight_codes(tensors[f"{name}.qweight"].numpy(), unit.shape, opt, bits)
+    return QuantizedWeight(torch.from_numpy(np.ascontiguousarray(codes)), tensors[f"{name}.scales"],
+                           tensors.get(f"{name}.zeros"), opt, bits)

@@ -181,14 +181,16 @@ class ScoringContext:
 
     # ---- probe measurements (cached on disk, resumable) -------------------
     def _probe_cache(self, kind: str) -> Path:
-        key = f"{kind}-{self.inventory.identity}-{self.settings.key()}-{hashlib.sha256(self._need_text().encode()).hexdigest()[:10]}"
+        key = f"{kind}-{self.inventory.content_id}-{self.settings.key()}-{hashlib.sha256(self._need_text().encode()).hexdigest()[:10]}"
         return Path(cache_dir()) / "probes" / f"{key}.json"
 
-    def measure_per_unit(self, kind: str, measure: Callable[[int], list[float]]) -> dict[str, list[float]]:
-        """Run ``measure(unit index)`` for every unit not yet in the cache file;
-        the file is rewritten every few units so an interrupted run resumes."""
+    def measure_per_unit(self, kind: str, measure: Callable[[int], list[float]], width: int) -> dict[str, list[float]]:
+        """Run ``measure(unit index)`` (``width`` numbers) for every unit not
+        yet in the cache file; the file is rewritten every few units so an
+        interrupted run resumes. Entries that are not ``width`` numbers for a
+        unit of this model are dropped and measured again."""
         path = self._probe_cache(kind)
-        done: dict[str, list[float]] = json.loads(path.read_text())["units"] if path.is_file() else {}
+        done = _cached_measurements(path, {u.name for u in self.inventory.units}, width)
         units = self.inventory.units
         todo = [i for i, u in enumerate(units) if u.name not in done]
         for n, i in enumerate(self.iterate(todo, f"probing ({kind})")):
@@ -209,13 +211,30 @@ class ScoringContext:
             set_weight(self.model, unit, W)
 
 
+def _cached_measurements(path: Path, names: set[str], width: int) -> dict[str, list[float]]:
+    """The valid entries of a probe cache file (none if it is damaged)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    units = data.get("units") if isinstance(data, dict) and data.get("version") == PROBE_FORMAT_VERSION else None
+    if not isinstance(units, dict):
+        return {}
+
+    def ok(v) -> bool:
+        return (isinstance(v, list) and len(v) == width
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v))
+
+    return {k: v for k, v in units.items() if k in names and ok(v)}
+
+
 # ---- the scorers ---------------------------------------------------------
 
 def _table(ctx: ScoringContext, name: str, distortion: np.ndarray, importance: np.ndarray | None = None,
            norms: np.ndarray | None = None) -> ErrorTable:
     names = tuple(u.name for u in ctx.inventory.units)
     imp = np.ones(len(names)) if importance is None else importance
-    return ErrorTable(name, ctx.inventory.identity, names, ctx.options, distortion, imp, norms)
+    return ErrorTable(name, ctx.inventory.content_id, names, ctx.options, distortion, imp, norms)
 
 
 def score_weight_error(ctx: ScoringContext, name: str) -> ErrorTable:
@@ -259,7 +278,7 @@ def score_linearity(ctx: ScoringContext, name: str) -> ErrorTable:
         noise *= (W.double().pow(2).sum() / noise.double().pow(2).sum()).sqrt().float()  # ||noise|| = ||W||
         return [ctx.with_weight(i, W + float(np.sqrt(r)) * noise) for r in levels]
 
-    kls = ctx.measure_per_unit("linearity", measure)
+    kls = ctx.measure_per_unit("linearity", measure, len(levels))
     slope = np.array([np.dot(levels, kls[u.name]) / np.dot(levels, levels) for u in ctx.inventory.units])
     rel = ctx.reductions(["mse"])["mse"] / ctx.norms[:, None]
     return _table(ctx, name, rel, np.maximum(slope, 0.0))
@@ -291,7 +310,7 @@ def score_kl(ctx: ScoringContext, name: str) -> ErrorTable:
                 out.append(float("nan"))
         return out
 
-    kls = ctx.measure_per_unit("kl", measure)
+    kls = ctx.measure_per_unit("kl", measure, len(probes))
     rel = ctx.reductions(["mse"])["mse"] / ctx.norms[:, None]  # (units, options)
     def probe_column(o: QuantOption) -> np.ndarray:
         if o in ctx.options and np.isfinite(col := rel[:, ctx.options.index(o)]).all():
@@ -356,7 +375,7 @@ def score_mixed(ctx: ScoringContext, name: str) -> ErrorTable:
             distortion[i, j] = cost(bits)
             column_bits.setdefault(unit.name, {})[opt.name] = bits
     names = tuple(u.name for u in ctx.inventory.units)
-    return ErrorTable(name, ctx.inventory.identity, names, options, distortion, np.ones(len(names)), None, column_bits)
+    return ErrorTable(name, ctx.inventory.content_id, names, options, distortion, np.ones(len(names)), None, column_bits)
 
 
 # name -> (what it needs, function). "data-free": weights only.

@@ -13,10 +13,11 @@ import numpy as np
 from bitalloc.errors import BitallocError, PlanMismatchError
 from bitalloc.fileio import read_json, write_json
 from bitalloc.options import QuantOption
+from bitalloc.schema import check_header, need, number_list
 from bitalloc.units import Inventory
 
 TABLE_FORMAT = "bitalloc.error-table"
-TABLE_VERSION = 1
+TABLE_VERSION = 2  # 2: model_identity is the content hash
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class ErrorTable:
     """distortion[u, o] (NaN: option not applicable to unit u) and importance[u]."""
 
     scorer: str
-    model_identity: str
+    model_identity: str  # Inventory.content_id of the checkpoint measured
     unit_names: tuple[str, ...]
     options: tuple[QuantOption, ...]
     distortion: np.ndarray  # (units, options) float64
@@ -80,23 +81,34 @@ class ErrorTable:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ErrorTable":
-        if data.get("format") != TABLE_FORMAT:
-            raise BitallocError("This file is not a bitalloc error table (missing 'format': 'bitalloc.error-table').")
-        if data.get("version") != TABLE_VERSION:
-            raise BitallocError(f"Error table version {data.get('version')} is not supported (expected {TABLE_VERSION}).")
-        names = tuple(data["units"])
-        rows = [data["units"][n] for n in names]
+    def from_dict(cls, data: dict, where: str = "The error table") -> "ErrorTable":
+        data = check_header(data, TABLE_FORMAT, TABLE_VERSION, where, "error table")
+        option_names = need(data, "options", "list", where)
+        if not option_names or not all(isinstance(o, str) for o in option_names):
+            raise BitallocError(f"{where}: 'options' must be a non-empty list of option names.")
+        options = tuple(QuantOption.parse(o) for o in option_names)
+        units = need(data, "units", "object", where)
+        if not units:
+            raise BitallocError(f"{where} scores no unit ('units' is empty).")
+        names = tuple(units)
+        rows = [need(units, n, "object", f"{where}: units") for n in names]
+        for n, r in zip(names, rows):
+            at = f"{where}: unit {n!r}"
+            need(r, "importance", "number", at)
+            number_list(need(r, "distortion", "list", at), at, "distortion", length=len(options), nullable=True)
+            if "weight_norm2" in r:
+                need(r, "weight_norm2", "number", at)
+        norms = all("weight_norm2" in r for r in rows)
         return cls(
-            scorer=data["scorer"],
-            model_identity=data["model_identity"],
+            scorer=need(data, "scorer", "string", where),
+            model_identity=need(data, "model_identity", "string", where),
             unit_names=names,
-            options=tuple(QuantOption.parse(o) for o in data["options"]),
+            options=options,
             distortion=np.array([[np.nan if d is None else d for d in r["distortion"]] for r in rows], dtype=np.float64),
             importance=np.array([r["importance"] for r in rows], dtype=np.float64),
-            weight_norm2=np.array([r["weight_norm2"] for r in rows]) if rows and "weight_norm2" in rows[0] else None,
+            weight_norm2=np.array([r["weight_norm2"] for r in rows]) if norms else None,
             column_bits={n: {o: tuple(b) for o, b in r["column_bits"].items()} for n, r in zip(names, rows)
-                         if "column_bits" in r},
+                         if isinstance(r.get("column_bits"), dict)},
         )
 
     def save(self, path: str) -> None:
@@ -104,14 +116,23 @@ class ErrorTable:
 
     @classmethod
     def load(cls, path: str) -> "ErrorTable":
-        return cls.from_dict(read_json(path))
+        where = f"Error table {path!r}"
+        try:
+            return cls.from_dict(read_json(path, "error table"), where)
+        except (TypeError, ValueError, KeyError) as e:
+            raise BitallocError(f"{where} is damaged: {e}.") from None
 
     def check_model(self, inventory: Inventory) -> None:
-        if self.model_identity != inventory.identity:
+        """Refuse a table measured on another checkpoint, even one of the same
+        architecture (the identity is a hash of the weights' content)."""
+        if self.model_identity != inventory.content_id:
             raise PlanMismatchError(
-                f"The error table was measured on another model (identity {self.model_identity}, this model "
-                f"{inventory.identity}). Score this model again, without --table."
+                f"The error table was measured on another model or checkpoint (content {self.model_identity}; this "
+                f"model's is {inventory.content_id}). Score this model again, without --table."
             )
+        if set(self.unit_names) != {u.name for u in inventory.units}:
+            raise PlanMismatchError("The error table's units do not match this model's units. Score this model again, "
+                                    "without --table.")
 
 
 

@@ -105,13 +105,36 @@ def wikitext2(split: str) -> str:
     return "".join(rows)
 
 
-def read_text_file(path: str) -> str:
+def check_encoding(name: str) -> str:
+    """A codec name Python knows, normalised; a clear error otherwise."""
+    import codecs
+
+    try:
+        return codecs.lookup(name).name
+    except LookupError:
+        raise BitallocError(f"--encoding {name!r} is not a text encoding Python knows; use e.g. utf-8, latin-1, "
+                            "cp1252.") from None
+
+
+def read_text_file(path: str, encoding: str = "utf-8") -> str:
+    """A user's text file, decoded strictly: bytes that are not valid in
+    ``encoding`` are an error, never silently replaced."""
     if path == WIKITEXT2:
         return wikitext2("test")
     p = Path(path).expanduser()
     if not p.is_file():
-        raise BitallocError(f"Text file {path!r} does not exist. Pass a UTF-8 text file with --text.")
-    text = p.read_text(encoding="utf-8", errors="replace")
+        what = "is a folder" if p.is_dir() else "does not exist"
+        raise BitallocError(f"Text file {path!r} {what}. Pass a UTF-8 text file with --text.")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode(check_encoding(encoding))
+    except UnicodeDecodeError as e:
+        raise BitallocError(
+            f"Text file {path!r} is not valid {encoding} (byte 0x{raw[e.start]:02x} at offset {e.start}). Convert it "
+            "to UTF-8, or name its encoding with --encoding (e.g. latin-1)."
+        ) from None
+    if "\x00" in text:
+        raise BitallocError(f"Text file {path!r} holds NUL characters: it looks binary, not text. Pass a text file.")
     if not text.strip():
         raise BitallocError(f"Text file {path!r} is empty.")
     return text

@@ -48,9 +48,10 @@ class Inventory:
     tie_groups: tuple[tuple[str, tuple[str, ...]], ...]  # (tie name, unit names sharing one option)
     arch: str
     model_type: str
-    identity: str
+    identity: str  # architecture: parameter names and shapes
     notices: tuple[str, ...] = ()
     more_bits: tuple[str, ...] = ()  # unit names llama.cpp's Q4_K_M rule promotes
+    content_id: str = ""  # this checkpoint's weights (a fine-tune of the same architecture differs)
 
     @property
     def quantized_numel(self) -> int:
@@ -76,6 +77,27 @@ def model_identity(model: nn.Module) -> str:
     h = hashlib.sha256()
     for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
         h.update(f"{name}:{tuple(p.shape)};".encode())
+    return h.hexdigest()[:16]
+
+
+CONTENT_SAMPLE = 4096  # values hashed per tensor
+
+
+def content_identity(model: nn.Module) -> str:
+    """A hash of the architecture and of each parameter's values: a strided
+    sample of CONTENT_SAMPLE values plus the float64 sum and sum of squares of
+    the whole tensor, so that any checkpoint with other weights (a fine-tune,
+    another quantization) gets another identity without hashing every byte."""
+    h = hashlib.sha256(model_identity(model).encode())
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            flat = p.detach().reshape(-1)
+            step = max(1, flat.numel() // CONTENT_SAMPLE)
+            sample = flat[::step][:CONTENT_SAMPLE].float().contiguous()
+            h.update(name.encode())
+            h.update(sample.numpy().tobytes())
+            whole = flat.double()
+            h.update(f"{float(whole.sum()):.17g},{float((whole * whole).sum()):.17g};".encode())
     return h.hexdigest()[:16]
 
 
@@ -133,6 +155,7 @@ def find_units(model: nn.Module) -> Inventory:
         identity=model_identity(model),
         notices=tuple(notices),
         more_bits=_more_bits(units, spec),
+        content_id=content_identity(model),
     )
 
 

@@ -1,0 +1,350 @@
+"""The CLI's commands: check every argument that depends on another or on a
+file, before any model is loaded; then run the stage through ``api`` and
+print. The only module besides progress bars that prints."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from bitalloc.errors import BitallocError
+
+# (flag, attribute, applies(args), why it would be ignored otherwise)
+_SCORER_ONLY = (
+    ("--alpha-gamma", "alpha_gamma", lambda a: _uses(a, "alpha", "alpha-rel"), "only the alpha scorers use it"),
+    ("--alpha-fit", "alpha_fit", lambda a: _uses(a, "alpha", "alpha-rel"), "only the alpha scorers use it"),
+    ("--farms", "farms", lambda a: _uses(a, "alpha", "alpha-rel"), "only the alpha scorers use it"),
+    ("--probe-windows", "probe_windows", lambda a: _uses(a, "kl", "linearity"), "only kl and linearity probe"),
+    ("--probe-seq-len", "probe_seq_len", lambda a: _uses(a, "kl", "linearity"), "only kl and linearity probe"),
+    ("--act-order", "act_order", lambda a: "gptq" in (a.quantizer or ()), "only GPTQ orders columns"),
+    ("--gptq-sequential", "gptq_sequential", lambda a: "gptq" in (a.quantizer or ()), "it is a GPTQ setting"),
+)
+_CALIBRATED = ("hessian", "output", "taylor", "linearity", "kl", "salience", "baq")
+
+
+def _uses(args, *scorers: str) -> bool:
+    chosen = _scorers_of(args)
+    return any(s in chosen for s in scorers)
+
+
+def _scorers_of(args) -> tuple[str, ...]:
+    from bitalloc.scorers import SCORERS
+
+    scorers = getattr(args, "scorers", None)
+    if scorers is not None:
+        return tuple(SCORERS) if scorers == "all" else scorers
+    return args.scorer or ("rtn-mse",)
+
+
+def _given(args, attr: str) -> bool:
+    value = getattr(args, attr, None)
+    return value is not None and value is not False and value != [] and value != ""
+
+
+def refuse_ignored(args) -> None:
+    """An option that the rest of the command line makes meaningless is an
+    error, never silently dropped."""
+    for flag, attr, applies, why in _SCORER_ONLY:
+        if _given(args, attr) and not applies(args):
+            raise BitallocError(f"{flag} would be ignored: {why}, and this command uses scorer(s) "
+                                f"{', '.join(_scorers_of(args))} with quantizer(s) {', '.join(args.quantizer or ('rtn',))}.")
+    calib = [f for f, a in (("--calib-text", "calib_text"), ("--calib-windows", "calib_windows"),
+                            ("--calib-seq-len", "calib_seq_len")) if _given(args, a)]
+    needs_calib = "gptq" in (args.quantizer or ()) or any(s in _CALIBRATED for s in _scorers_of(args))
+    if calib and not needs_calib:
+        raise BitallocError(f"{calib[0]} would be ignored: nothing here calibrates (scorer(s) "
+                            f"{', '.join(_scorers_of(args))} are data-free and the quantizer is RTN).")
+    if getattr(args, "over", None) and getattr(args, "bytes", None) is not None:
+        raise BitallocError("--over would be ignored: a --bytes budget always counts the whole model.")
+    if args.min_bits and args.max_bits and args.min_bits > args.max_bits:
+        raise BitallocError(f"--min-bits {args.min_bits} is above --max-bits {args.max_bits}; no option fits.")
+
+
+def fill_defaults(args) -> None:
+    from bitalloc.cli import DEFAULTS
+
+    for key, value in DEFAULTS.items():
+        if hasattr(args, key) and getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def check_model_source(model: str | None, lengths: dict[str, int], *, quantized: str | None = None) -> None:
+    """The model's files can be read, and window lengths fit its position
+    limit (from its config or GGUF header): all without loading it."""
+    from bitalloc.loading import ModelSource, check_source, position_limit, resolve_source
+
+    source = ModelSource("dir", quantized) if quantized else resolve_source(model)
+    if not quantized:
+        check_source(source)
+    limit = position_limit(source)
+    for flag, n in lengths.items():
+        if limit is not None and n is not None and n > limit:
+            raise BitallocError(f"{flag} {n} is longer than the model's position limit of {limit} tokens "
+                                f"({source.label}); use at most {limit}.")
+
+
+def read_texts(args) -> None:
+    """Read --text and --calib-text once now, so that a missing or
+    undecodable file fails before the model loads."""
+    from bitalloc.text import WIKITEXT2, read_text_file
+
+    for path in (getattr(args, "text", None), getattr(args, "calib_text", None)):
+        if path and path != WIKITEXT2:
+            read_text_file(path, args.encoding)
+
+
+def plan_settings(args, budget_value: float | None):
+    from bitalloc.api import MenuSettings, PlanSettings
+    from bitalloc.calib import CalibSettings
+    from bitalloc.problem import Budget, Constraints
+    from bitalloc.scorers import ScorerSettings
+
+    if args.bytes is not None:
+        budget = Budget(args.bytes, "bytes", "model")
+    elif budget_value is None:
+        raise BitallocError("Give a budget: --bpw (e.g. --bpw 3.5) or --bytes.")
+    else:
+        budget = Budget(float(budget_value), "bpw", args.over)
+    menu = MenuSettings(bits=args.bits, group_sizes=args.group_sizes, schemes=args.schemes,
+                        allow_ragged=args.allow_ragged_groups)
+    constraints = Constraints(tuple(args.allow), args.min_bits, args.max_bits,
+                              tuple(t.strip() for t in args.tie.split(",") if t.strip()))
+    return PlanSettings(
+        budget, _scorers_of(args)[0], args.solver, menu, constraints, args.keep_bits,
+        quantizer=args.quantizer[0], act_order=args.act_order, sequential=args.gptq_sequential,
+        calib_text=args.calib_text, text_encoding=args.encoding,
+        calib=CalibSettings(args.calib_windows, args.calib_seq_len),
+        scorer_settings=ScorerSettings(alpha_gamma=args.alpha_gamma, alpha_fit=args.alpha_fit, alpha_farms=args.farms,
+                                       probe_windows=args.probe_windows, probe_seq_len=args.probe_seq_len),
+    )
+
+
+def write_report(path: str | None, data: dict) -> None:
+    if path:
+        from bitalloc.fileio import write_json
+
+        write_json(path, {"format": "bitalloc.report", **data})
+        print(f"wrote {path}")
+
+
+def check_report_path(args) -> None:
+    from bitalloc.fileio import check_output_file
+
+    check_output_file(getattr(args, "json", None), "bitalloc.report", flag="--json", overwrite=args.overwrite)
+
+
+def notices(items) -> None:
+    for n in items:
+        print(f"notice: {n}", file=sys.stderr)
+
+
+def _calib_lengths(args) -> dict[str, int]:
+    out = {}
+    if "gptq" in args.quantizer or any(s in _CALIBRATED for s in _scorers_of(args)):
+        out["--calib-seq-len"] = args.calib_seq_len
+    if _uses(args, "kl", "linearity"):
+        out["--probe-seq-len"] = args.probe_seq_len
+    return out
+
+
+def prepare_planning(args) -> None:
+    """Everything a planning command checks before it loads the model."""
+    refuse_ignored(args)
+    fill_defaults(args)
+    check_report_path(args)
+    lengths = _calib_lengths(args)
+    if hasattr(args, "seq_len"):
+        lengths["--seq-len"] = args.seq_len
+    check_model_source(args.model, lengths)
+    read_texts(args)
+
+
+def cmd_plan(args) -> None:
+    from bitalloc import api
+    from bitalloc.fileio import check_output_file
+    from bitalloc.report import table
+
+    if args.dry_run and (args.out or args.table or args.save_table):
+        raise BitallocError("--dry-run writes nothing; --out, --table and --save-table would be ignored. Drop them "
+                            "or drop --dry-run.")
+    if not args.dry_run and not args.out:
+        raise BitallocError("`bitalloc plan` needs --out FILE (or --dry-run to only print sizes).")
+    table_file = None
+    if args.table:
+        from bitalloc.scoring import ErrorTable
+
+        menu_flags = [f for f, a in (("--bits", "bits"), ("--group-sizes", "group_sizes"), ("--schemes", "schemes"),
+                                     ("--allow-ragged-groups", "allow_ragged_groups")) if _given(args, a)]
+        if menu_flags:
+            raise BitallocError(f"{menu_flags[0]} would be ignored: --table fixes the menu to the options it was "
+                                "scored with. Drop it, or score again without --table.")
+        scoring_flags = [f for f, a in (("--calib-text", "calib_text"), ("--calib-windows", "calib_windows"),
+                                        ("--probe-windows", "probe_windows"), ("--alpha-gamma", "alpha_gamma"))
+                         if _given(args, a) and "gptq" not in (args.quantizer or ())]
+        if scoring_flags:
+            raise BitallocError(f"{scoring_flags[0]} would be ignored: --table reuses measurements made earlier. "
+                                "Drop it, or score again without --table.")
+        table_file = ErrorTable.load(args.table)
+    prepare_planning(args)
+    check_output_file(args.out, "bitalloc.plan", flag="--out", overwrite=args.overwrite)
+    check_output_file(args.save_table, "bitalloc.error-table", flag="--save-table", overwrite=args.overwrite)
+    settings = plan_settings(args, args.bpw)
+    loaded = api.load(args.model)
+    notices(loaded.inventory.notices)
+    if args.dry_run:
+        return _dry_run(loaded, settings, args)
+    result = api.plan(settings=settings, table=table_file, save_table=args.save_table, out=args.out,
+                      progress=not args.quiet, loaded=loaded)
+    sizes = result.sizes(loaded.inventory)
+    counts: dict[str, int] = {}
+    for opt in result.assignment.values():
+        counts[opt.name] = counts.get(opt.name, 0) + 1
+    print(table(["option", "units"], sorted(counts.items())))
+    print(f"budget: {settings.budget.describe()}; realized {sizes.quantized_bpw:.4f} bpw over the quantized units "
+          f"(codes {sizes.code_bpw:.4f} + scales/zeros), {sizes.model_bpw:.4f} bpw over the whole model, "
+          f"{sizes.model_bytes / 1e6:.3f} MB; objective ({result.scorer}) {result.objective:.6g}")
+    print(f"wrote {args.out}")
+    write_report(args.json, result.to_dict(loaded.inventory))
+
+
+def _dry_run(loaded, settings, args) -> None:
+    from bitalloc.api import resolve_menu
+    from bitalloc.problem import feasible_range, sizes_of
+    from bitalloc.report import table
+
+    inv = loaded.inventory
+    options, menu_notices = resolve_menu(inv, settings.menu)
+    notices(menu_notices)
+    rows = []
+    for opt in options:
+        s = sizes_of(inv, {u.name: opt for u in inv.units}, keep_bits=settings.keep_bits,
+                     allow_ragged=settings.menu.allow_ragged)
+        rows.append([opt.name, s.quantized_bpw, s.model_bpw, s.model_bytes / 1e6])
+    print(f"model: {loaded.source.label} ({inv.arch}); {len(inv.units)} units, {inv.quantized_numel / 1e6:.2f} M "
+          f"weights quantized, {inv.kept_numel / 1e6:.2f} M kept at {settings.keep_bits} bits")
+    print(table(["uniform option", "bpw (quantized)", "bpw (model)", "MB"], rows))
+    lo, hi = feasible_range(inv, options, settings.budget, keep_bits=settings.keep_bits,
+                            allow_ragged=settings.menu.allow_ragged)
+    unit = "bytes" if settings.budget.kind == "bytes" else f"bpw over the {settings.budget.over} weights"
+    ok = lo <= settings.budget.value <= hi
+    print(f"budget {settings.budget.describe()}: feasible range {lo:.4f} .. {hi:.4f} {unit} -> "
+          f"{'feasible' if ok else 'INFEASIBLE'} (before --allow/--min-bits/--max-bits/--tie constraints)")
+    write_report(args.json, {"options": [dict(zip(["option", "bpw", "model_bpw", "mb"], r)) for r in rows],
+                             "feasible": [lo, hi], "budget": settings.budget.to_dict()})
+
+
+def cmd_quantize(args) -> None:
+    from bitalloc import api
+    from bitalloc.calib import CalibSettings
+    from bitalloc.fileio import check_output_dir
+    from bitalloc.plan import Plan
+    from bitalloc.quantize import MANIFEST, SAVED_FORMAT
+
+    plan = Plan.load(args.plan)
+    calib = [f for f, a in (("--calib-text", "calib_text"), ("--calib-windows", "calib_windows"),
+                            ("--calib-seq-len", "calib_seq_len")) if _given(args, a)]
+    if calib and plan.quantizer != "gptq":
+        raise BitallocError(f"{calib[0]} would be ignored: the plan {args.plan!r} quantizes by RTN, which uses no "
+                            "calibration text.")
+    fill_defaults(args)
+    check_output_dir(args.out, MANIFEST, SAVED_FORMAT, flag="--out", overwrite=args.overwrite)
+    check_model_source(args.model, {"--calib-seq-len": args.calib_seq_len} if plan.quantizer == "gptq" else {})
+    read_texts(args)
+    settings = api.PlanSettings(plan.budget, calib_text=args.calib_text, text_encoding=args.encoding,
+                                calib=CalibSettings(args.calib_windows, args.calib_seq_len))
+    loaded = api.load(args.model)
+    notices(loaded.inventory.notices)
+    info = api.quantize(plan_path=args.plan, out=args.out, progress=not args.quiet, settings=settings, loaded=loaded)
+    notices(info["notices"])
+    s = info["sizes"]
+    print(f"wrote {info['out']}: model.safetensors {info['file_bytes'] / 1e6:.3f} MB on disk; plan realizes "
+          f"{s['quantized_bpw']:.4f} bpw over the quantized units, {s['model_bpw']:.4f} over the whole model")
+
+
+def eval_settings(args):
+    from bitalloc.evaluate import EvalSettings
+
+    return EvalSettings(args.seq_len, args.windows, getattr(args, "bos", "auto"))
+
+
+def cmd_eval(args) -> None:
+    from bitalloc import api
+
+    fill_defaults(args)
+    check_report_path(args)
+    reference = None if args.reference is None else ("" if args.reference == "default" else args.reference)
+    if args.quantized:
+        from bitalloc.quantize import read_manifest
+
+        read_manifest(args.quantized)  # damaged or incomplete folders fail here, before any loading
+    check_model_source(args.model, {"--seq-len": args.seq_len}, quantized=args.quantized)
+    if reference is not None:
+        check_model_source(reference or None, {"--seq-len": args.seq_len})
+    read_texts(args)
+    out = api.evaluate(args.model, quantized=args.quantized, reference_model=reference, text_path=args.text,
+                       encoding=args.encoding, settings=eval_settings(args), progress=not args.quiet)
+    r = out["result"]
+    extra = "" if r["kl"] is None else f"  KL {r['kl']:.5f} nats/token  top-1 {r['top1']:.4f}"
+    print(f"{out['model']}: perplexity {r['ppl']:.4f} over {r['tokens']} tokens{extra}")
+    write_report(args.json, out)
+
+
+def check_plans_dir(args, values, scorers) -> None:
+    from bitalloc.fileio import check_output_file
+
+    if getattr(args, "plans_dir", None):
+        for scorer in scorers:
+            for value in values:
+                check_output_file(Path(args.plans_dir) / f"plan-{scorer}-{value:g}.json", "bitalloc.plan",
+                                  flag="--plans-dir file", overwrite=args.overwrite)
+
+
+def cmd_run(args, *, budgets=None, scorers=None) -> dict:
+    from bitalloc import api
+    from bitalloc.report import run_report
+
+    values = list(budgets or args.bpw or [None])
+    scorers = list(scorers or _scorers_of(args))
+    prepare_planning(args)
+    check_plans_dir(args, [args.bytes] if args.bytes is not None else values, scorers)
+    settings = plan_settings(args, values[0] if args.bytes is None else None)
+    if args.bytes is not None:
+        values = [args.bytes]
+    report = api.run(settings=settings, model=args.model, scorers=scorers, budgets=values, text_path=args.text,
+                     encoding=args.encoding, eval_settings=eval_settings(args), progress=not args.quiet,
+                     plans_dir=getattr(args, "plans_dir", None))
+    print(run_report(report))
+    write_report(args.json, report)
+    return report
+
+
+def cmd_compare(args) -> None:
+    from bitalloc import api
+    from bitalloc.compare import CompareSettings, compare, markdown, write_outputs
+    from bitalloc.fileio import check_output_dir
+
+    if args.quantizer is None:
+        args.quantizer = ("rtn", "gptq")
+    prepare_planning(args)
+    check_output_dir(args.out, "compare.json", "bitalloc.report", flag="--out", overwrite=args.overwrite,
+                     own=frozenset({"compare.md", "compare.png"}))
+    settings = CompareSettings(tuple(args.budgets), _scorers_of(args), tuple(args.quantizer), eval_settings(args))
+    loaded = api.load(args.model)
+    report = compare(loaded, settings, plan_settings(args, args.budgets[0]), progress=not args.quiet)
+    print(markdown(report))
+    for path in write_outputs({"format": "bitalloc.report", **report}, args.out):
+        print(f"wrote {path}")
+
+
+def cmd_demo(args) -> None:
+    from bitalloc.cli import DEMO_BUDGETS, DEMO_SCORERS, build_parser
+
+    ns = build_parser().parse_args(["run"])
+    ns.windows, ns.seq_len, ns.json, ns.quiet, ns.overwrite = args.windows, args.seq_len, args.json, args.quiet, \
+        args.overwrite
+    ns.scorer = DEMO_SCORERS
+    cmd_run(ns, budgets=list(DEMO_BUDGETS))
+
+
+COMMANDS = {"plan": cmd_plan, "quantize": cmd_quantize, "eval": cmd_eval, "run": cmd_run, "compare": cmd_compare,
+            "demo": cmd_demo}

@@ -1,0 +1,356 @@
+"""Bad and hostile inputs to every command, each with the one-line refusal a
+user must see. ``tests/test_bad_inputs.py`` runs them; running this file
+regenerates the table in ``docs/bad-inputs.md`` from the same cases:
+
+    .venv/bin/python tests/bad_inputs.py
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "bad-inputs.md"
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    argv: tuple[str, ...]  # {name} fields are workspace paths
+    expect: str  # regex the message must match
+    loads: bool = False  # True: refused after the model is loaded (it depends on the model)
+    code: int = 2
+
+
+def C(id, argv, expect, **kw) -> Case:
+    words = argv.split()
+    if words[:1] == ["--model"]:  # M + " plan ...": the command first, as a user types it
+        words = [words[2], *words[:2], *words[3:]]
+    return Case(id, tuple(words), expect, **kw)
+
+
+M = "--model {tiny}"
+CASES = (
+    # ---- usage ------------------------------------------------------------
+    C("no-command", "", "required: command"),
+    C("unknown-command", "frobnicate", "invalid choice: 'frobnicate'"),
+    C("unknown-option", "plan --bpw 3 --frob", "unrecognized arguments: --frob"),
+    # ---- budgets ----------------------------------------------------------
+    C("bpw-inf", "plan --bpw inf --out {new}", "finite number of bits per weight"),
+    C("bpw-nan", "plan --bpw nan --out {new}", "finite number of bits per weight"),
+    C("bpw-negative", "plan --bpw -1 --out {new}", "above 0 and at most 32"),
+    C("bpw-zero", "plan --bpw 0 --out {new}", "above 0 and at most 32"),
+    C("bpw-100", "plan --bpw 100 --out {new}", "above 0 and at most 32"),
+    C("bpw-text", "plan --bpw abc --out {new}", "got 'abc'"),
+    C("bpw-and-bytes", "plan --bpw 3 --bytes 1e6 --out {new}", "not allowed with argument --bpw"),
+    C("bytes-negative", "plan --bytes -5 --out {new}", "whole number of bytes"),
+    C("bytes-fraction", "plan --bytes 1.5 --out {new}", "whole number of bytes"),
+    C("bytes-with-over", "plan --bytes 1e6 --over model --out {new}", "--over would be ignored"),
+    C("no-budget", "plan --out {new}", "Give a budget"),
+    C("run-bpw-list-negative", "run --bpw 3.5,-1", "got '-1'"),
+    C("run-bpw-list-text", "run --bpw 3.5,abc", "got 'abc'"),
+    C("run-bpw-list-empty-item", "run --bpw 3.5,", "one or more budgets"),
+    C("run-bpw-duplicate", "run --bpw 3.5,3.5", "distinct budgets"),
+    C("compare-budgets-text", "compare --budgets 3,x", "got 'x'"),
+    C("bpw-infeasible-low", M + " plan --bpw 1 --out {new}", r"infeasible.*feasible budgets run from", loads=True),
+    C("bpw-above-max", M + " plan --bpw 20 --out {new}", "above the largest allowed assignment", loads=True),
+    C("bytes-too-small", M + " plan --bytes 1000 --out {new}", "infeasible", loads=True),
+    C("bpw-max-bits-too-low", M + " plan --bpw 6 --max-bits 4 --out {new}", "above the largest allowed",
+      loads=True),
+    # ---- the option menu ----------------------------------------------------
+    C("bits-1", "plan --bpw 3 --bits 1 --out {new}", r"one of \[2, 3, 4, 5, 6, 7, 8\]; got '1'"),
+    C("bits-9", "plan --bpw 3 --bits 9 --out {new}", "got '9'"),
+    C("bits-text", "plan --bpw 3 --bits 4,x --out {new}", "got 'x'"),
+    C("bits-duplicate", "plan --bpw 3 --bits 4,4 --out {new}", "distinct bit-widths"),
+    C("group-7", "plan --bpw 3 --group-sizes 7 --out {new}", "multiples of 16"),
+    C("group-0", "plan --bpw 3 --group-sizes 0 --out {new}", "got '0'"),
+    C("group-duplicate", "plan --bpw 3 --group-sizes 32,32 --out {new}", "distinct group sizes"),
+    C("group-not-dividing", M + " plan --bpw 4 --group-sizes 48 --out {new}", "does not divide the 64 input columns",
+      loads=True),
+    C("schemes-nf4", "plan --bpw 3 --schemes nf4 --out {new}", "asym, sym or asym,sym"),
+    C("min-bits-1", "plan --bpw 3 --min-bits 1 --out {new}", "got '1'"),
+    C("min-above-max", "plan --bpw 3 --min-bits 6 --max-bits 4 --out {new}", "above --max-bits"),
+    C("scorer-unknown", "plan --bpw 3 --scorer magic --out {new}", "unknown scorer 'magic'"),
+    C("solver-unknown", "plan --bpw 3 --solver magic --out {new}", "invalid choice: 'magic'"),
+    C("keep-bits-8", "plan --bpw 3 --keep-bits 8 --out {new}", "invalid choice: 8"),
+    C("allow-without-equals", "plan --bpw 3 --allow novalue --out {new}", "UNIT_PATTERN=OPTION_PATTERN"),
+    C("allow-empty-pattern", "plan --bpw 3 --allow =int4* --out {new}", "needs a unit pattern"),
+    C("allow-matches-no-unit", M + " plan --bpw 4 --allow *.nomatch=int4* --out {new}", "matches no unit",
+      loads=True),
+    C("allow-matches-no-option", M + " plan --bpw 4 --allow *.q_proj=fp8* --out {new}", "match no option",
+      loads=True),
+    C("tie-unknown", M + " plan --bpw 4 --tie nonsense --out {new}", r"Unknown tie group\(s\) \['nonsense'\]",
+      loads=True),
+    # ---- options that would be ignored ------------------------------------
+    C("alpha-gamma-without-alpha", "plan --bpw 3 --alpha-gamma 2 --out {new}", "--alpha-gamma would be ignored"),
+    C("probe-windows-without-probes", "plan --bpw 3 --probe-windows 4 --out {new}", "--probe-windows would be ignored"),
+    C("act-order-with-rtn", "plan --bpw 3 --act-order --out {new}", "--act-order would be ignored"),
+    C("calib-windows-data-free", "plan --bpw 3 --calib-windows 4 --out {new}", "--calib-windows would be ignored"),
+    C("table-with-bits", "plan --bpw 3 --table {table} --bits 4 --out {new}", "--bits would be ignored"),
+    C("table-with-calib-text", "plan --bpw 3 --table {table} --calib-text {text} --out {new}",
+      "--calib-text would be ignored"),
+    C("dry-run-with-out", "plan --bpw 3 --dry-run --out {new}", "--dry-run writes nothing"),
+    C("plan-without-out", "plan --bpw 3", "needs --out FILE"),
+    C("quantize-rtn-plan-with-calib", "quantize --plan {plan} --out {newdir} --calib-windows 4",
+      "--calib-windows would be ignored: the plan .* quantizes by RTN"),
+    # ---- counts and lengths -------------------------------------------------
+    C("calib-windows-0", "plan --bpw 3 --scorer hessian --calib-windows 0 --out {new}", "from 1 to"),
+    C("alpha-gamma-inf", "plan --bpw 3 --scorer alpha --alpha-gamma inf --out {new}", "a finite number"),
+    C("windows-0", "eval --windows 0", "from 1 to"),
+    C("windows-negative", "eval --windows -3", "got '-3'"),
+    C("seq-len-1", "eval --seq-len 1", "from 2 to"),
+    C("seq-len-past-positions", M + " eval --seq-len 100000", "longer than the model's position limit of 256"),
+    C("seq-len-just-past-positions", M + " eval --seq-len 257", "position limit of 256"),
+    C("calib-seq-len-past-positions", M + " plan --bpw 4 --scorer hessian --calib-seq-len 300 --out {new}",
+      "--calib-seq-len 300 is longer than the model's position limit"),
+    C("windows-past-the-text", M + " eval --windows 5000 --seq-len 64 --text {text}", "enough for", loads=True),
+    C("run-windows-past-the-text", M + " run --bpw 4 --windows 5000 --seq-len 64 --text {text}", "enough for",
+      loads=True),
+    C("calib-text-too-short", M + " plan --bpw 4 --scorer hessian --calib-text {short} --calib-seq-len 64 --out {new}",
+      "Use fewer --windows", loads=True),
+    C("bos-maybe", "eval --bos maybe", "invalid choice: 'maybe'"),
+    # ---- text -----------------------------------------------------------------
+    C("text-missing", "eval --text {missing}", "does not exist"),
+    C("text-folder", "eval --text {folder}", "is a folder"),
+    C("text-random-bytes", "eval --text {random}", "is not valid utf-8"),
+    C("text-empty", "eval --text {empty}", "is empty"),
+    C("text-nul", "eval --text {nul}", "holds NUL characters"),
+    C("encoding-unknown", "eval --encoding klingon", "not a text encoding Python knows"),
+    C("calib-text-random-bytes", "plan --bpw 3 --scorer hessian --calib-text {random} --out {new}",
+      "is not valid utf-8"),
+    # ---- models -----------------------------------------------------------------
+    C("model-missing", "plan --bpw 3 --model {missing} --out {new}", "does not exist"),
+    C("model-not-gguf", "plan --bpw 3 --model {text} --out {new}", "not a .gguf file"),
+    C("model-folder-without-config", "plan --bpw 3 --model {folder} --out {new}", "has no config.json"),
+    C("model-empty-gguf", "plan --bpw 3 --model {empty_gguf} --out {new}", "is empty"),
+    C("model-random-gguf", "plan --bpw 3 --model {random_gguf} --out {new}", "does not start with the GGUF magic"),
+    C("model-truncated-gguf", "plan --bpw 3 --model {truncated_gguf} --out {new}", "damaged or truncated"),
+    C("model-corrupt-safetensors", "plan --bpw 3 --model {corrupt_st} --out {new}", "damaged or truncated"),
+    C("model-truncated-safetensors", "plan --bpw 3 --model {truncated_st} --out {new}", "damaged or truncated"),
+    C("model-without-weights", "plan --bpw 3 --model {no_weights} --out {new}", "has a config.json but no weights file"),
+    # ---- plan files ---------------------------------------------------------------
+    C("plan-missing", "quantize --plan {missing} --out {newdir}", "does not exist"),
+    C("plan-not-json", "quantize --plan {text} --out {newdir}", "is not valid JSON"),
+    C("plan-empty-object", "quantize --plan {plan_empty} --out {newdir}", "is not a bitalloc plan"),
+    C("plan-without-model", "quantize --plan {plan_no_model} --out {newdir}", "lacks the field 'model'"),
+    C("plan-units-list", "quantize --plan {plan_units_list} --out {newdir}", "field 'units' must be an object"),
+    C("plan-option-number", "quantize --plan {plan_option_number} --out {newdir}", r"units\[.*\] must be a string"),
+    C("plan-option-unknown", "quantize --plan {plan_option_unknown} --out {newdir}", "Unknown option name 'int4'"),
+    C("plan-budget-inf", "quantize --plan {plan_budget_inf} --out {newdir}", "'value' must be a finite number"),
+    C("plan-version-99", "quantize --plan {plan_version} --out {newdir}", "version 99"),
+    C("plan-other-model", M + " quantize --plan {plan_other} --out {newdir}", "made for another model", loads=True),
+    C("quantize-without-plan", "quantize --out {newdir}", "required: --plan"),
+    # ---- error tables --------------------------------------------------------------
+    C("table-missing", "plan --bpw 3 --table {missing} --out {new}", "does not exist"),
+    C("table-not-json", "plan --bpw 3 --table {text} --out {new}", "is not valid JSON"),
+    C("table-is-a-plan", "plan --bpw 3 --table {plan} --out {new}", "is not a bitalloc error table"),
+    C("table-units-list", "plan --bpw 3 --table {table_units_list} --out {new}", "field 'units' must be an object"),
+    C("table-short-row", "plan --bpw 3 --table {table_short_row} --out {new}", "entries; expected"),
+    C("table-other-model", M + " plan --bpw 4 --table {table_other} --out {new}", "another model or checkpoint",
+      loads=True),
+    # ---- outputs -----------------------------------------------------------------
+    C("plan-out-user-file", "plan --bpw 3 --out {user_file}", "was not written by bitalloc as a plan"),
+    C("plan-out-folder", "plan --bpw 3 --out {folder}", "is a folder; give a file path"),
+    C("plan-out-under-a-file", "plan --bpw 3 --out {user_file}/plan.json", "is a file, not a folder"),
+    C("plan-json-user-file", "plan --bpw 3 --out {new} --json {user_file}", "--json .* was not written by bitalloc"),
+    C("save-table-user-file", "plan --bpw 3 --out {new} --save-table {user_file}", "--save-table .* was not written by bitalloc"),
+    C("quantize-out-user-folder", "quantize --plan {plan} --out {folder}", "holds files bitalloc did not write"),
+    C("quantize-out-user-file", "quantize --plan {plan} --out {user_file}", "is an existing file"),
+    C("quantize-out-under-a-file", "quantize --plan {plan} --out {user_file}/q", "is a file, not a folder"),
+    C("eval-json-user-file", "eval --json {user_file}", "--json .* was not written by bitalloc"),
+    C("run-plans-dir-user-file", "run --bpw 3.5 --plans-dir {plans_dir}", "--plans-dir file .* was not written by bitalloc"),
+    C("compare-out-user-file", "compare --out {user_file}", "is an existing file"),
+    C("compare-out-user-folder", "compare --out {folder}", "holds files bitalloc did not write"),
+    C("demo-json-user-file", "demo --json {user_file}", "--json .* was not written by bitalloc"),
+    C("demo-windows-0", "demo --windows 0", "from 1 to"),
+    # ---- quantized folders ------------------------------------------------------------
+    C("quantized-missing", "eval --quantized {missing}", "is not a folder"),
+    C("quantized-without-manifest", "eval --quantized {folder}", "no bitalloc.json"),
+    C("quantized-flipped-byte", "eval --quantized {q_flipped}", "does not match the sha256"),
+    C("quantized-missing-weights", "eval --quantized {q_no_weights}", "lacks model.safetensors"),
+    C("quantized-bad-manifest", "eval --quantized {q_bad_manifest}", "is not valid JSON"),
+    C("model-and-quantized", "eval --model {tiny} --quantized {q}", "not allowed with argument --model"),
+)
+
+
+# ---- the workspace the cases run in ---------------------------------------
+
+def _write(path: Path, data) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, bytes):
+        path.write_bytes(data)
+    elif isinstance(data, str):
+        path.write_text(data)
+    else:
+        path.write_text(json.dumps(data))
+    return str(path)
+
+
+def _tiny_gguf(path: Path) -> None:
+    import numpy as np
+    from gguf import GGUFWriter
+
+    w = GGUFWriter(str(path), "llama")
+    w.add_context_length(64)
+    w.add_tensor("token_embd.weight", np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def build_workspace(root: Path) -> dict[str, str]:
+    """Models, texts, plans, tables and folders (good and damaged) under ``root``."""
+    import numpy as np
+
+    from bitalloc import api
+    from bitalloc.problem import Budget
+    from conftest import char_tokenizer, tiny_llama
+
+    rng = np.random.default_rng(0)
+    ws: dict[str, str] = {"new": str(root / "new-plan.json"), "newdir": str(root / "new-folder"),
+                          "missing": str(root / "missing")}
+    for name, model in (("tiny", tiny_llama()), ("other", tiny_llama(intermediate_size=96))):
+        model.save_pretrained(root / name)
+        char_tokenizer().save_pretrained(root / name)
+        ws[name] = str(root / name)
+    from bitalloc.text import wiki_text
+
+    ws["text"] = _write(root / "text.txt", wiki_text("eval")[:6000])
+    ws["short"] = _write(root / "short.txt", "Too short to calibrate on.")
+    ws["random"] = _write(root / "random.bin", rng.integers(128, 256, 4096, dtype=np.uint8).tobytes())
+    ws["empty"] = _write(root / "empty.txt", "   \n")
+    ws["nul"] = _write(root / "nul.txt", "text\x00with a NUL")
+    ws["folder"] = _write(root / "folder" / "notes.txt", "a user's notes").rsplit("/", 1)[0]
+    ws["user_file"] = _write(root / "user-file.txt", "precious")
+    ws["plans_dir"] = _write(root / "plans" / "plan-rtn-mse-3.5.json", "not a plan").rsplit("/", 1)[0]
+    ws["empty_gguf"] = _write(root / "empty.gguf", b"")
+    ws["random_gguf"] = _write(root / "random.gguf", rng.bytes(4096))
+    _tiny_gguf(root / "whole.gguf")
+    ws["truncated_gguf"] = _write(root / "truncated.gguf", (root / "whole.gguf").read_bytes()[:2000])
+    (root / "whole.gguf").unlink()
+    for name, cut in (("corrupt_st", lambda b: b"\xff" * 64 + b[64:]), ("truncated_st", lambda b: b[: len(b) // 2]),
+                      ("no_weights", lambda b: None)):
+        folder = root / name
+        folder.mkdir()
+        (folder / "config.json").write_text((root / "tiny" / "config.json").read_text())
+        data = cut((root / "tiny" / "model.safetensors").read_bytes())
+        if data is not None:
+            (folder / "model.safetensors").write_bytes(data)
+        ws[name] = str(folder)
+
+    tiny, other = api.load(ws["tiny"]), api.load(ws["other"])
+    settings = api.PlanSettings(Budget(4.0))
+    ws["plan"], ws["table"] = str(root / "plan.json"), str(root / "table.json")
+    api.plan(settings=settings, loaded=tiny, out=ws["plan"], save_table=ws["table"], progress=False)
+    ws["plan_other"], ws["table_other"] = str(root / "plan-other.json"), str(root / "table-other.json")
+    api.plan(settings=settings, loaded=other, out=ws["plan_other"], save_table=ws["table_other"], progress=False)
+    plan, table = json.loads(Path(ws["plan"]).read_text()), json.loads(Path(ws["table"]).read_text())
+    unit = next(iter(plan["units"]))
+    variants = {
+        "plan_empty": {},
+        "plan_no_model": {k: v for k, v in plan.items() if k != "model"},
+        "plan_units_list": {**plan, "units": list(plan["units"])},
+        "plan_option_number": {**plan, "units": {**plan["units"], unit: 4}},
+        "plan_option_unknown": {**plan, "units": {**plan["units"], unit: "int4"}},
+        "plan_version": {**plan, "version": 99},
+        "table_units_list": {**table, "units": list(table["units"])},
+        "table_short_row": {**table, "units": {**table["units"], unit: {**table["units"][unit], "distortion": [1.0]}}},
+    }
+    for name, data in variants.items():
+        ws[name] = _write(root / f"{name}.json", data)
+    ws["plan_budget_inf"] = _write(root / "plan_budget_inf.json",
+                                   Path(ws["plan"]).read_text().replace('"value": 4.0', '"value": Infinity'))
+    ws["q"] = str(root / "q")
+    api.quantize(plan_path=ws["plan"], out=ws["q"], loaded=tiny, progress=False)
+    for name, damage in (("q_flipped", "flip"), ("q_no_weights", "drop"), ("q_bad_manifest", "manifest")):
+        import shutil
+
+        shutil.copytree(ws["q"], root / name)
+        st, manifest = root / name / "model.safetensors", root / name / "bitalloc.json"
+        if damage == "flip":
+            data = bytearray(st.read_bytes())
+            data[len(data) // 2] ^= 0x01
+            st.write_bytes(bytes(data))
+        elif damage == "drop":
+            st.unlink()
+        else:
+            manifest.write_text(manifest.read_text()[:-40])
+        ws[name] = str(root / name)
+    return ws
+
+
+# ---- running one case ------------------------------------------------------
+
+@dataclass(frozen=True)
+class Outcome:
+    code: int
+    stderr: str
+    stdout: str
+
+
+def run_case(case: Case, ws: dict[str, str]) -> Outcome:
+    from bitalloc.cli import main
+
+    argv = ["--quiet"] + [a.format(**ws) for a in case.argv]
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        code = main(argv)
+    return Outcome(code, err.getvalue(), out.getvalue())
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*"))}
+
+
+def normalise(text: str, ws: dict[str, str], root: Path) -> str:
+    text = text.replace(str(root.resolve()), "<tmp>").replace(str(root), "<tmp>")
+    text = re.sub(r"\(see `bitalloc[^`]*`\)", "", text).strip()
+    return text
+
+
+def command_text(case: Case) -> str:
+    return "bitalloc " + " ".join(a.replace("{", "<").replace("}", ">") for a in case.argv)
+
+
+def render(rows: list[tuple[Case, str]]) -> str:
+    lines = [
+        "# Bad inputs and what bitalloc says",
+        "",
+        "Generated from `tests/bad_inputs.py` by `.venv/bin/python tests/bad_inputs.py`; `tests/test_bad_inputs.py`",
+        "runs every case and fails when this table is out of date. Each command exits with status 2, prints the one",
+        "line shown on stderr (no traceback) and leaves no new file or folder. Cases marked *after load* depend on",
+        "the model and are refused after it is loaded, before any scoring; every other case is refused before the",
+        "model is loaded. `<tiny>` is a small Llama folder, `<tmp>` the test's folder.",
+        "",
+        "| case | command | message | when |",
+        "|---|---|---|---|",
+    ]
+    for case, message in rows:
+        msg = message.replace("|", "\\|")
+        lines.append(f"| `{case.id}` | `{command_text(case)}` | {msg} | {'after load' if case.loads else 'before load'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        ws = build_workspace(root)
+        rows = [(case, normalise(run_case(case, ws).stderr, ws, root)) for case in CASES]
+    DOC.parent.mkdir(exist_ok=True)
+    DOC.write_text(render(rows))
+    print(f"wrote {DOC} ({len(rows)} cases)")
+
+
+if __name__ == "__main__":
+    main()
