@@ -16,7 +16,9 @@ from bitalloc.errors import BitallocError
 from bitalloc.evaluate import EvalSettings
 from bitalloc.fileio import write_atomic, write_json
 from bitalloc.options import QuantOption
+from bitalloc.report import versus, with_ci
 from bitalloc.scorers import SCORERS, score
+from bitalloc.stats import method_note
 
 BASELINES = ("uniform", "llama-rule")
 
@@ -91,13 +93,20 @@ def compare(loaded: api.Loaded, settings: CompareSettings, plan_settings: api.Pl
 
 def markdown(report: dict) -> str:
     ref = report["reference"]
-    lines = [f"Reference perplexity {ref['ppl']:.3f} ({report['model']}; {report['model_note']}).", "",
-             "| quantizer | budget | method | ppl | KL | top-1 | bpw | code bpw | model MB | s (quantize + eval) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"Reference perplexity {with_ci(ref, 'ppl', 4)} ({report['model']}; {report['model_note']}).", "",
+             "| quantizer | budget | method | ppl | KL | top-1 | vs uniform | bpw | code bpw | model MB | "
+             "s (quantize + eval) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    uniform = {(r["quantizer"], r["budget"]): r for r in report["rows"] if r["method"] == "uniform"}
     for r in report["rows"]:
         name = r["method"] if r["method"] not in BASELINES else f"{r['method']} ({r['detail'].split(':', 1)[-1]})"
-        lines.append(f"| {r['quantizer']} | {r['budget']:g} | {name} | {r['ppl']:.2f} | {r['kl']:.4f} | "
-                     f"{r['top1']:.3f} | {r['bpw']:.4f} | {r['code_bpw']:.4f} | {r['model_mb']:.2f} | {r['seconds']:.1f} |")
+        base = uniform.get((r["quantizer"], r["budget"]))
+        verdict = "" if base is None or base is r else versus(r, base)
+        metrics = f"{with_ci(r, 'ppl', 4)} | {with_ci(r, 'kl')} | {with_ci(r, 'top1', fixed=True)}"
+        lines.append(f"| {r['quantizer']} | {r['budget']:g} | {name} | {metrics} | {verdict} | {r['bpw']:.4f} | "
+                     f"{r['code_bpw']:.4f} | {r['model_mb']:.2f} | {r['seconds']:.1f} |")
+    lines += ["", method_note(report["eval"]["windows"], ref["tokens"],
+                                 baseline="the uniform row of the same quantizer and budget")]
     if report.get("spearman_vs_kl"):
         lines += ["", f"Spearman correlation of per-unit sensitivity at {report['sensitivity_option']} with the measured "
                   "`kl` sensitivity:", "", "| scorer | Spearman rho |", "|---|---|"]

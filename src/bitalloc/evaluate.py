@@ -1,5 +1,6 @@
 """Perplexity over non-overlapping windows, and KL divergence / top-1
-agreement against a reference model's next-token distribution."""
+agreement against a reference model's next-token distribution, each with
+its spread over the windows (see bitalloc.stats)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from bitalloc.errors import BitallocError
+from bitalloc.stats import CONFIDENCE, RESAMPLES, SEED, WindowSums, intervals
 
 BOS_MODES = ("auto", "yes", "no")
 
@@ -40,9 +42,31 @@ class EvalResult:
     tokens: int  # predicted tokens
     kl: float | None = None  # mean KL(reference || model), nats per token
     top1: float | None = None  # share of positions where both argmax agree
+    window_sums: WindowSums | None = None  # the per-window sums behind the totals
+
+    @classmethod
+    def from_windows(cls, w: WindowSums) -> EvalResult:
+        count = sum(w.tokens)
+        mean = sum(w.nll_sum) / count
+        return cls(ppl=math.exp(mean), nll=mean, tokens=count,
+                   kl=None if w.kl_sum is None else sum(w.kl_sum) / count,
+                   top1=None if w.top1_agree is None else sum(w.top1_agree) / count, window_sums=w)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The totals; with window sums also, for ppl, kl and top1, ``<name>_ci``
+        ([lo, hi], 95 % bootstrap over windows) and ``<name>_se`` (standard
+        error; None with one window), the sums themselves, and how the
+        intervals were drawn."""
+        out = {k: getattr(self, k) for k in ("ppl", "nll", "tokens", "kl", "top1")}
+        if self.window_sums is None:
+            return out
+        for name, iv in intervals(self.window_sums).items():
+            out[f"{name}_ci"] = None if iv is None else [iv.lo, iv.hi]
+            out[f"{name}_se"] = None if iv is None else iv.se
+        out["window_sums"] = self.window_sums.to_dict()
+        out["ci_method"] = {"kind": "percentile bootstrap over windows", "confidence": CONFIDENCE,
+                            "resamples": RESAMPLES, "seed": SEED}
+        return out
 
 
 def _adds_bos(tokenizer) -> bool:
@@ -84,34 +108,30 @@ def reference_logprobs(model, windows: torch.Tensor, *, progress: Callable | Non
 
 
 def reference_result(windows: torch.Tensor, reference: list[torch.Tensor]) -> EvalResult:
-    """Perplexity of the reference itself, from its stored log-probs (no second pass)."""
-    nll = sum(float(-ref.gather(1, row[1:, None]).sum()) for row, ref in zip(windows, reference))
-    count = sum(row.numel() - 1 for row in windows)
-    return EvalResult(ppl=math.exp(nll / count), nll=nll / count, tokens=count, kl=0.0, top1=1.0)
+    """Perplexity of the reference itself, from its stored log-probs (no second
+    pass); KL is 0 and top-1 agreement 1 exactly, in every window."""
+    nll = [float(-ref.gather(1, row[1:, None]).sum()) for row, ref in zip(windows, reference)]
+    tokens = [row.numel() - 1 for row in windows]
+    return EvalResult.from_windows(WindowSums(tuple(tokens), tuple(nll), (0.0,) * len(tokens), tuple(tokens)))
 
 
 @torch.no_grad()
 def evaluate(model, windows: torch.Tensor, reference: list[torch.Tensor] | None = None, *,
              progress: Callable | None = None, desc: str = "evaluating") -> EvalResult:
     """Perplexity of ``model`` on ``windows``; with ``reference`` (log-probs of
-    the reference model on the same windows) also KL and top-1 agreement."""
-    nll = kl = agree = 0.0
-    count = 0
+    the reference model on the same windows) also KL and top-1 agreement.
+    The result keeps the sums of every window for intervals and paired comparisons."""
+    nll, kl, agree, tokens = [], [], [], []
     rows = progress(list(enumerate(windows)), desc=desc, unit="window") if progress else enumerate(windows)
     for i, row in rows:
         logp = window_logprobs(model, row)  # (L-1, V)
-        targets = row[1:]
-        nll += float(-logp.gather(1, targets[:, None]).sum())
-        count += targets.numel()
+        targets = row[1:]  # (L-1,)
+        nll.append(float(-logp.gather(1, targets[:, None]).sum()))
+        tokens.append(targets.numel())
         if reference is not None:
-            ref = reference[i]
-            kl += float((ref.exp() * (ref - logp)).sum())
-            agree += float((ref.argmax(-1) == logp.argmax(-1)).sum())
-    mean = nll / count
-    return EvalResult(
-        ppl=math.exp(mean),
-        nll=mean,
-        tokens=count,
-        kl=None if reference is None else kl / count,
-        top1=None if reference is None else agree / count,
-    )
+            ref = reference[i]  # (L-1, V)
+            kl.append(float((ref.exp() * (ref - logp)).sum()))
+            agree.append(int((ref.argmax(-1) == logp.argmax(-1)).sum()))
+    with_ref = reference is not None
+    return EvalResult.from_windows(WindowSums(tuple(tokens), tuple(nll), tuple(kl) if with_ref else None,
+                                              tuple(agree) if with_ref else None))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from bitalloc.stats import WindowSums, compare_windows, method_note, verdict_label
+
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     cells = [[_fmt(c) for c in r] for r in rows]
@@ -22,6 +24,34 @@ def _fmt(v: object) -> str:
     return str(v)
 
 
+def num(v: float | None, digits: int = 3, *, fixed: bool = False) -> str:
+    """A short number: ``digits`` significant digits (decimals with ``fixed``),
+    whole numbers once the integer part alone has that many digits."""
+    if v is None:
+        return "-"
+    if fixed:
+        return f"{v:.{digits}f}"
+    if abs(v) >= 10 ** digits:
+        return f"{v:,.0f}"
+    return "0" if v == 0 else f"{v:#.{digits}g}".rstrip(".")
+
+
+def with_ci(row: dict, name: str, digits: int = 3, *, fixed: bool = False) -> str:
+    """``81.12 [76.03, 86.91]``: the value and its interval, when the row has one."""
+    ci = row.get(f"{name}_ci")
+    point = num(row.get(name), digits, fixed=fixed)
+    return point if not ci else f"{point} [{num(ci[0], digits, fixed=fixed)}, {num(ci[1], digits, fixed=fixed)}]"
+
+
+def versus(row: dict, baseline: dict) -> str:
+    """Paired verdict of ``row`` against ``baseline`` on ppl, KL and top-1;
+    "n/a" when either lacks per-window sums (a report from an older version)."""
+    if not row.get("window_sums") or not baseline.get("window_sums"):
+        return "n/a"
+    return verdict_label(compare_windows(WindowSums.from_dict(row["window_sums"]),
+                                         WindowSums.from_dict(baseline["window_sums"])))
+
+
 def run_report(report: dict) -> str:
     ev = report["eval"]
     ref = report["reference"]
@@ -31,7 +61,7 @@ def run_report(report: dict) -> str:
         f"units: {report['units']} linear weights, {report['quantized_numel'] / 1e6:.2f} M weights quantized; "
         f"{report['kept_numel'] / 1e6:.2f} M kept at fp16 (embeddings, norms; tied once)",
         f"text: {report['text']}; {ev['windows']} windows x {ev['seq_len']} tokens = {ref['tokens']} predicted tokens",
-        f"reference perplexity: {ref['ppl']:.3f}   size at fp16: {ref['model_mb']:.1f} MB",
+        f"reference perplexity: {with_ci(ref, 'ppl', 4)}   size at fp16: {ref['model_mb']:.1f} MB",
         "",
     ]
     headers = ["budget", "method", "options", "bpw", "code bpw", "model bpw", "MB", "ppl", "KL", "top-1", "vs uniform"]
@@ -41,14 +71,18 @@ def run_report(report: dict) -> str:
         label = f"{b['value']:g} bpw" if b["kind"] == "bpw" else f"{b['value'] / 1e6:.2f} MB"
         uni = entry["uniform"]
         rows.append([label, "uniform", uni["option"], uni["bpw"], uni["code_bpw"], uni["model_bpw"], uni["model_mb"],
-                     uni["ppl"], uni["kl"], uni["top1"], ""])
+                     *_metrics(uni), ""])
         for scorer, r in entry["allocated"].items():
-            verdict = "better" if r["ppl"] < uni["ppl"] else "worse"
             rows.append(["", f"alloc {scorer}", f"{len(r['options_used'])} kinds", r["bpw"], r["code_bpw"],
-                         r["model_bpw"], r["model_mb"], r["ppl"], r["kl"], r["top1"], verdict])
+                         r["model_bpw"], r["model_mb"], *_metrics(r), versus(r, uni)])
     out.append(table(headers, rows))
     out += ["", f"{report['bpw_note']}.", "KL: mean KL(reference || quantized) per token, nats; top-1: share of "
-            "positions where the quantized model's most likely next token equals the reference's."]
+            "positions where the quantized model's most likely next token equals the reference's.",
+            method_note(ev["windows"], ref["tokens"])]
     for n in report.get("notices", []):
         out.append(f"notice: {n}")
     return "\n".join(out)
+
+
+def _metrics(row: dict) -> list[str]:
+    return [with_ci(row, "ppl", 4), with_ci(row, "kl"), with_ci(row, "top1", fixed=True)]
