@@ -5,7 +5,6 @@ the model) no model loaded. The table in docs/bad-inputs.md must match."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 

@@ -17,7 +17,10 @@ from bitalloc.evaluate import EvalSettings, evaluate as evaluate_windows, refere
 from bitalloc.loading import ModelSource, load_model, resolve_source
 from bitalloc.options import DEFAULT_BITS, DEFAULT_GROUP_SIZES, QuantOption, build_menu, group_count
 from bitalloc.plan import QUANTIZERS, Plan
-from bitalloc.problem import Budget, Constraints, budget_bits, build_problem, cost_matrix, sizes_of
+from bitalloc.problem import Budget, Constraints, build_problem
+from bitalloc.baselines import llama_rule_plan, uniform_plan  # noqa: F401  (public API)
+from bitalloc.refine import RefineSettings, finish_plan, make_probe
+from bitalloc.text import calibration_text
 from bitalloc.scorers import ScorerSettings, ScoringContext, check_scorer, score
 from bitalloc.scoring import ErrorTable
 from bitalloc.solvers import solve
@@ -42,6 +45,7 @@ class MenuSettings:
     group_sizes: tuple[int, ...] | None = None
     schemes: tuple[str, ...] = ("asym", "sym")
     allow_ragged: bool = False
+    fine: bool = False  # automatic group sizes: every multiple of 16 in [32, 512] dividing every unit
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,8 @@ class PlanSettings:
     calib: CalibSettings = field(default_factory=CalibSettings)
     scorer_settings: ScorerSettings = field(default_factory=ScorerSettings)
     text_encoding: str = "utf-8"  # of calib_text (and, in run, of the evaluation text)
+    refine: RefineSettings = field(default_factory=lambda: RefineSettings(rounds=0))  # rounds=0: no refinement
+    guard: bool = True  # keep the uniform plan of the same size when the allocation measures worse
 
     def __post_init__(self) -> None:
         check_scorer(self.scorer)
@@ -84,7 +90,9 @@ def resolve_menu(inventory: Inventory, menu: MenuSettings) -> tuple[tuple[QuantO
     """The option menu for this model, and notices about what was dropped."""
     notices = []
     groups = menu.group_sizes
-    if groups is None:
+    if groups is None and menu.fine:
+        groups = fine_group_sizes(inventory)
+    elif groups is None:
         cols = {u.shape[1] for u in inventory.units}
         groups = tuple(g for g in DEFAULT_GROUP_SIZES if g == 0 or all(c % g == 0 for c in cols))
         dropped = sorted(set(DEFAULT_GROUP_SIZES) - set(groups))
@@ -97,12 +105,15 @@ def resolve_menu(inventory: Inventory, menu: MenuSettings) -> tuple[tuple[QuantO
     return build_menu(menu.bits, groups, menu.schemes), notices
 
 
-def calibration_text(path: str | None, encoding: str = "utf-8") -> str:
-    from bitalloc.text import WIKITEXT2, wikitext2
+FINE_GROUPS = tuple(range(32, 513, 16))  # candidate group sizes of --fine-groups
 
-    if path == WIKITEXT2:
-        return wikitext2("train")  # disjoint from the 'test' split used for evaluation
-    return read_text_file(path, encoding) if path else wiki_text("calib")
+
+def fine_group_sizes(inventory: Inventory) -> tuple[int, ...]:
+    """Every multiple of 16 from 32 to 512 that divides every unit's input
+    size, plus per-channel: more sizes between the standard ones (SmolLM2:
+    32, 48, 64, 96, 192)."""
+    cols = {u.shape[1] for u in inventory.units}
+    return tuple(g for g in FINE_GROUPS if all(c % g == 0 for c in cols)) + (0,)
 
 
 def preflight(loaded: Loaded, settings: PlanSettings, budgets: Sequence[float] = (),
@@ -162,66 +173,6 @@ def solve_plan(inventory: Inventory, table: ErrorTable, settings: PlanSettings, 
                 column_bits=column_bits, model_content=inventory.content_id)
 
 
-def _baseline_plan(inventory: Inventory, assignments: list[dict[str, QuantOption]], names: list[str],
-                   settings: PlanSettings, model_label: str, table: ErrorTable | None, kind: str) -> Plan:
-    """The largest candidate assignment within the budget; ties by table error."""
-    cap = budget_bits(settings.budget, inventory, keep_bits=settings.keep_bits)
-    sizes = []
-    for a in assignments:
-        try:
-            sizes.append(sizes_of(inventory, a, keep_bits=settings.keep_bits, allow_ragged=settings.menu.allow_ragged).quantized_bits)
-        except BitallocError:
-            sizes.append(np.iinfo(np.int64).max)
-    ok = [i for i, s in enumerate(sizes) if s <= cap]
-    if not ok:
-        raise BitallocError(f"No {kind} assignment of the menu fits {settings.budget.describe()}; it needs a larger budget.")
-    best = max(sizes[i] for i in ok)
-    candidates = [i for i in ok if sizes[i] == best]
-
-    def objective(i: int) -> float | None:
-        if table is None:
-            return None
-        col = {o: j for j, o in enumerate(table.options)}
-        return float(sum(table.errors[k, col[assignments[i][u.name]]] for k, u in enumerate(inventory.units)))
-
-    if table is not None:
-        candidates.sort(key=objective)
-    i = candidates[0]
-    return Plan(assignments[i], inventory.identity, model_label, settings.budget, f"{kind}:{names[i]}", kind,
-                objective(i), settings.keep_bits, settings.menu.allow_ragged, Constraints(),
-                quantizer=settings.quantizer, act_order=settings.act_order, sequential=settings.sequential,
-                model_content=inventory.content_id)
-
-
-def uniform_plan(inventory: Inventory, options: Sequence[QuantOption], settings: PlanSettings, model_label: str,
-                 table: ErrorTable | None = None) -> Plan:
-    """The single option with the largest size not above the budget; among
-    options of equal size, the one with the least total error in ``table``."""
-    fitting = [o for o in options if (cost_matrix(inventory, [o], allow_ragged=settings.menu.allow_ragged) >= 0).all()]
-    return _baseline_plan(inventory, [{u.name: o for u in inventory.units} for o in fitting],
-                          [o.name for o in fitting], settings, model_label, table, "uniform")
-
-
-def llama_rule_plan(inventory: Inventory, options: Sequence[QuantOption], settings: PlanSettings, model_label: str,
-                    table: ErrorTable | None = None) -> Plan:
-    """llama.cpp's Q4_K_M rule at this budget: the units the rule promotes
-    (attn_v, ffn_down in the first and last eighth of layers and every third
-    layer between) get the option two bits up (same group and scheme, the
-    next size in the menu if that is missing), the rest a base option; the
-    largest such mix within the budget."""
-    promoted = set(inventory.more_bits)
-    if not promoted:
-        raise BitallocError(f"The llama.cpp rule has no promoted tensors for family {inventory.arch!r}.")
-    assignments, names = [], []
-    for base in options:
-        ups = [o for o in options if o.group_size == base.group_size and o.symmetric == base.symmetric
-               and o.bits >= base.bits + 2]
-        up = min(ups, key=lambda o: o.bits) if ups else base
-        assignments.append({u.name: up if u.name in promoted else base for u in inventory.units})
-        names.append(f"{base.name}+{up.bits}b")
-    return _baseline_plan(inventory, assignments, names, settings, model_label, table, "llama-rule")
-
-
 def plan(model: str | None = None, *, settings: PlanSettings, table_path: str | None = None,
          table: ErrorTable | None = None, save_table: str | None = None, out: str | None = None,
          progress: bool = True, loaded: Loaded | None = None) -> Plan:
@@ -235,13 +186,17 @@ def plan(model: str | None = None, *, settings: PlanSettings, table_path: str | 
         if table.scorer != settings.scorer:
             table = table.rescored(settings.scorer)
         preflight(loaded, settings, options=table.options)
+        ctx = scoring_context(loaded, settings, table.options, progress=progress)
     else:
         options, _ = preflight(loaded, settings)
         check_calibration_text(loaded, settings, [settings.scorer])
-        table = score(scoring_context(loaded, settings, options, progress=progress), [settings.scorer])[settings.scorer]
+        ctx = scoring_context(loaded, settings, options, progress=progress)
+        table = score(ctx, [settings.scorer])[settings.scorer]
     if save_table:
         table.save(save_table)
-    result = solve_plan(loaded.inventory, table, settings, loaded.source.label)
+    hessians = ctx.hessians if settings.quantizer == "gptq" and (settings.guard or settings.refine.rounds) else None
+    result = finish_plan(loaded, solve_plan(loaded.inventory, table, settings, loaded.source.label), table, settings,
+                         hessians=hessians, progress=_tqdm(progress))
     if out:
         result.save(out, loaded.inventory)
     return result
@@ -337,6 +292,7 @@ def plan_row(loaded: Loaded, the_plan: Plan, bench: EvalBench, progress: bool, d
     sizes = the_plan.sizes(loaded.inventory)
     return {
         **result.to_dict(),
+        **({"provenance": the_plan.provenance} if the_plan.provenance else {}),
         "bpw": sizes.quantized_bpw,
         "code_bpw": sizes.code_bpw,
         "model_bpw": sizes.model_bpw,
@@ -401,6 +357,7 @@ def run(model: str | None = None, *, settings: PlanSettings, scorers: Sequence[s
     inv = loaded.inventory
     report.update(menu=[o.name for o in options], notices=list(inv.notices) + notices, quantizer=settings.quantizer,
                   budgets=[])
+    probe = None
     for value in budgets:
         s = replace(settings, budget=replace(settings.budget, value=value))
         uni = uniform_plan(inv, options, s, loaded.source.label, table=tables[scorers[0]])
@@ -410,6 +367,9 @@ def run(model: str | None = None, *, settings: PlanSettings, scorers: Sequence[s
                  "allocated": {}}
         for scorer in scorers:
             p = solve_plan(inv, tables[scorer], replace(s, scorer=scorer), loaded.source.label)
+            probe = probe or (make_probe(loaded, settings, ctx.hessians if settings.quantizer == "gptq" else None)
+                              if settings.guard or settings.refine.rounds else None)
+            p = finish_plan(loaded, p, tables[scorer], replace(s, scorer=scorer), probe=probe, progress=_tqdm(progress))
             if plans_dir:
                 p.save(f"{plans_dir}/plan-{scorer}-{value:g}.json", inv)
             entry["allocated"][scorer] = plan_row(loaded, p, bench, progress, f"{scorer} {value:g}")

@@ -57,22 +57,34 @@ class GramAccumulator:
     def __init__(self, model: nn.Module, module_names: list[str]):
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (input seen, its X^T X)
         self.handles = [model.get_submodule(n).register_forward_hook(self._hook(n)) for n in module_names]
+
+    def _gram(self, x: torch.Tensor) -> torch.Tensor:
+        """X^T X of one input; modules fed the very same tensor (q/k/v,
+        gate/up) share one product instead of computing it again."""
+        if self._last is not None and self._last[0] is x:
+            return self._last[1]
+        X = x.detach().reshape(-1, x.shape[-1]).double()  # (tokens, in)
+        gram = X.T @ X  # (in, in)
+        self._last = (x, gram)
+        return gram
 
     def _hook(self, name: str):
         def hook(_module, inputs, _output):
-            X = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()  # (tokens, in)
+            gram = self._gram(inputs[0])
             if name in self.sums:
-                self.sums[name] += X.T @ X
+                self.sums[name] += gram
             else:
-                self.sums[name] = X.T @ X
-            self.counts[name] = self.counts.get(name, 0) + X.shape[0]
+                self.sums[name] = gram.clone()
+            self.counts[name] = self.counts.get(name, 0) + inputs[0].numel() // inputs[0].shape[-1]
 
         return hook
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+        self._last = None
 
     def hessians(self) -> dict[str, torch.Tensor]:
         return {n: (2.0 * s / self.counts[n]).float() for n, s in self.sums.items()}

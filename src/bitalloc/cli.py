@@ -25,9 +25,10 @@ QUANTIZER_NAMES = ("rtn", "gptq")
 # (e.g. --bits with --table would be ignored, so it is refused): the parser
 # leaves them None and ``fill_defaults`` sets these values afterwards.
 DEFAULTS = {
-    "bits": (2, 3, 4, 5, 6, 8), "schemes": ("asym", "sym"), "over": "quantized", "scorer": ("rtn-mse",),
+    "bits": (2, 3, 4, 5, 6, 8), "schemes": ("asym", "sym"), "over": "quantized", "scorer": ("rtn-mse-rel",),
     "quantizer": ("rtn",), "calib_windows": 16, "calib_seq_len": 512, "alpha_gamma": 1.0, "alpha_fit": "hill",
-    "probe_windows": 2, "probe_seq_len": 128, "encoding": "utf-8",
+    "probe_windows": 2, "probe_seq_len": 128, "encoding": "utf-8", "refine_rounds": 0, "refine_windows": 4,
+    "refine_seq_len": 128, "refine_candidates": 48, "refine_objective": "kl",
 }
 
 
@@ -51,12 +52,15 @@ def _menu_args(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("scoring, options and solver")
     g.add_argument("--scorer", type=_scorer_list,
-                   help=f"error table: {', '.join(_scorer_names())} (default rtn-mse; a comma list for run)")
+                   help=f"error table: {', '.join(_scorer_names())} (default rtn-mse-rel; a comma list for run)")
     g.add_argument("--solver", choices=SOLVERS, default="ilp", help="ilp: exact (HiGHS); lagrangian: fast")
     g.add_argument("--bits", type=A.bits_list, help="bit-widths in the menu, from 2..8 (default: 2,3,4,5,6,8)")
     g.add_argument("--group-sizes", type=A.group_sizes,
                    help="group sizes, comma separated: multiples of 16, or 'channel' for one group per output "
                         "channel (default: those of 32,64,128,channel that divide every unit)")
+    g.add_argument("--fine-groups", action="store_true",
+                   help="automatic group sizes: every multiple of 16 from 32 to 512 that divides every unit (more "
+                        "sizes between 3 and 4 bpw), instead of 32/64/128/channel")
     g.add_argument("--schemes", type=A.schemes, help="asym (scale+zero) and/or sym (scale only) (default both)")
     g.add_argument("--allow-ragged-groups", action="store_true",
                    help="let a group size that does not divide a tensor leave a shorter last group (scale and zero "
@@ -71,6 +75,7 @@ def _menu_args(p: argparse.ArgumentParser) -> None:
     _quantizer_args(p)
     _calib_args(p)
     _scorer_args(p)
+    _refine_args(p)
 
 
 def _quantizer_args(p: argparse.ArgumentParser) -> None:
@@ -101,6 +106,33 @@ def _scorer_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--probe-windows", type=A.positive_int(), help="kl/linearity: calibration windows probed (default 2)")
     g.add_argument("--probe-seq-len", type=A.positive_int(1 << 20, 2), help="kl/linearity: tokens per probe window "
                                                                              "(default 128)")
+
+
+RECIPES = {
+    # fast: data-free table, no refinement; the guard keeps uniform if the allocation measures worse
+    "fast": {"scorer": ("rtn-mse-rel",), "quantizer": ("rtn",), "refine_rounds": 0},
+    # quality: measured KL table, refined in closed loop, sequential GPTQ
+    "quality": {"scorer": ("kl",), "quantizer": ("gptq",), "gptq_sequential": True, "refine_rounds": 3},
+}
+
+
+def _refine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("refinement and the guard (measured on calibration windows)")
+    g.add_argument("--recipe", choices=sorted(RECIPES),
+                   help="a named configuration: fast (default: rtn-mse-rel table, RTN) or quality (kl table, closed-"
+                        "loop refinement, sequential GPTQ); options you give explicitly must not contradict it")
+    g.add_argument("--refine-rounds", type=A.positive_int(100, 0),
+                   help="rounds of closed-loop refinement: measure every one-option move with the rest of the plan "
+                        "in place, re-solve, keep it if the calibration KL drops (default 0)")
+    g.add_argument("--refine-windows", type=A.positive_int(), help="calibration windows for refinement and the guard "
+                                                                  "(default 4)")
+    g.add_argument("--refine-seq-len", type=A.positive_int(1 << 20, 2), help="tokens per such window (default 128)")
+    g.add_argument("--refine-candidates", type=A.positive_int(100_000, 0),
+                   help="groups probed per direction per round, chosen by the table (default 48; 0: all)")
+    g.add_argument("--refine-objective", choices=("kl", "nll"), help="what refinement and the guard minimise "
+                                                                      "(default kl)")
+    g.add_argument("--no-guard", action="store_true",
+                   help="return the allocation even if it measures worse than the uniform plan of the same size")
 
 
 def _eval_args(p: argparse.ArgumentParser, *, windows: int = 8) -> None:

@@ -33,7 +33,7 @@ def _scorers_of(args) -> tuple[str, ...]:
     scorers = getattr(args, "scorers", None)
     if scorers is not None:
         return tuple(SCORERS) if scorers == "all" else scorers
-    return args.scorer or ("rtn-mse",)
+    return args.scorer or ("rtn-mse-rel",)
 
 
 def _given(args, attr: str) -> bool:
@@ -58,6 +58,21 @@ def refuse_ignored(args) -> None:
         raise BitallocError("--over would be ignored: a --bytes budget always counts the whole model.")
     if args.min_bits and args.max_bits and args.min_bits > args.max_bits:
         raise BitallocError(f"--min-bits {args.min_bits} is above --max-bits {args.max_bits}; no option fits.")
+
+
+def apply_recipe(args) -> None:
+    """--recipe NAME sets its options; one given explicitly that contradicts it is an error."""
+    from bitalloc.cli import RECIPES
+
+    name = getattr(args, "recipe", None)
+    if not name:
+        return
+    for key, value in RECIPES[name].items():
+        given = getattr(args, key, None)
+        if given not in (None, False) and given != value:
+            flag = "--" + key.replace("_", "-")
+            raise BitallocError(f"{flag} {given!r} contradicts --recipe {name}, which sets {value!r}. Drop one of them.")
+        setattr(args, key, value)
 
 
 def fill_defaults(args) -> None:
@@ -97,6 +112,7 @@ def plan_settings(args, budget_value: float | None):
     from bitalloc.api import MenuSettings, PlanSettings
     from bitalloc.calib import CalibSettings
     from bitalloc.problem import Budget, Constraints
+    from bitalloc.refine import RefineSettings
     from bitalloc.scorers import ScorerSettings
 
     if args.bytes is not None:
@@ -105,8 +121,10 @@ def plan_settings(args, budget_value: float | None):
         raise BitallocError("Give a budget: --bpw (e.g. --bpw 3.5) or --bytes.")
     else:
         budget = Budget(float(budget_value), "bpw", args.over)
+    if args.fine_groups and args.group_sizes:
+        raise BitallocError("--fine-groups would be ignored: --group-sizes names the group sizes. Drop one of them.")
     menu = MenuSettings(bits=args.bits, group_sizes=args.group_sizes, schemes=args.schemes,
-                        allow_ragged=args.allow_ragged_groups)
+                        allow_ragged=args.allow_ragged_groups, fine=args.fine_groups)
     constraints = Constraints(tuple(args.allow), args.min_bits, args.max_bits,
                               tuple(t.strip() for t in args.tie.split(",") if t.strip()))
     return PlanSettings(
@@ -116,6 +134,9 @@ def plan_settings(args, budget_value: float | None):
         calib=CalibSettings(args.calib_windows, args.calib_seq_len),
         scorer_settings=ScorerSettings(alpha_gamma=args.alpha_gamma, alpha_fit=args.alpha_fit, alpha_farms=args.farms,
                                        probe_windows=args.probe_windows, probe_seq_len=args.probe_seq_len),
+        refine=RefineSettings(args.refine_rounds, args.refine_windows, args.refine_seq_len, args.refine_candidates,
+                              args.refine_objective),
+        guard=not args.no_guard,
     )
 
 
@@ -142,6 +163,8 @@ def _calib_lengths(args) -> dict[str, int]:
     out = {}
     if "gptq" in args.quantizer or any(s in _CALIBRATED for s in _scorers_of(args)):
         out["--calib-seq-len"] = args.calib_seq_len
+    if args.refine_rounds or not args.no_guard:
+        out["--refine-seq-len"] = args.refine_seq_len
     if _uses(args, "kl", "linearity"):
         out["--probe-seq-len"] = args.probe_seq_len
     return out
@@ -149,6 +172,7 @@ def _calib_lengths(args) -> dict[str, int]:
 
 def prepare_planning(args) -> None:
     """Everything a planning command checks before it loads the model."""
+    apply_recipe(args)
     refuse_ignored(args)
     fill_defaults(args)
     check_report_path(args)
@@ -174,7 +198,8 @@ def cmd_plan(args) -> None:
         from bitalloc.scoring import ErrorTable
 
         menu_flags = [f for f, a in (("--bits", "bits"), ("--group-sizes", "group_sizes"), ("--schemes", "schemes"),
-                                     ("--allow-ragged-groups", "allow_ragged_groups")) if _given(args, a)]
+                                     ("--allow-ragged-groups", "allow_ragged_groups"), ("--fine-groups", "fine_groups"))
+                      if _given(args, a)]
         if menu_flags:
             raise BitallocError(f"{menu_flags[0]} would be ignored: --table fixes the menu to the options it was "
                                 "scored with. Drop it, or score again without --table.")

@@ -36,6 +36,7 @@ class Plan:
     sequential: bool = False  # GPTQ only: each layer's Hessians after earlier layers are quantized
     column_bits: dict[str, tuple[int, ...]] = field(default_factory=dict)  # units with a mixed option
     model_content: str = ""  # content hash of the checkpoint the plan was made on (Inventory.content_id)
+    provenance: dict = field(default_factory=dict)  # how it was made beyond the table: refinement rounds, guard
 
     def __post_init__(self) -> None:
         if self.quantizer not in QUANTIZERS:
@@ -82,6 +83,8 @@ class Plan:
                 "quantized_bpw: stored bits (codes + fp16 scales + fp16 zeros) of the quantized units / their "
                 "weights; code_bpw: codes only; model_bpw: whole model with kept tensors at keep_bits, tied once"
             )
+        if self.provenance:
+            data["provenance"] = self.provenance
         data["units"] = units
         if self.column_bits:
             data["column_bits"] = {name: list(bits) for name, bits in self.column_bits.items()}
@@ -128,6 +131,7 @@ class Plan:
             sequential=need(data, "sequential", "bool", where, optional=True, default=False),
             column_bits={name: tuple(b) for name, b in column_bits.items()},
             model_content=need(model, "content", "string", f"{where}: model", optional=True, default=""),
+            provenance=need(data, "provenance", "object", where, optional=True, default={}),
         )
 
     def save(self, path: str, inventory: Inventory | None = None) -> None:

@@ -44,7 +44,12 @@ def quantize_model(model, inventory: Inventory, plan: Plan, *, hessians: dict[st
     if plan.quantizer == "gptq" and plan.sequential:
         if calib_windows is None:
             raise BitallocError("Sequential GPTQ needs calibration windows; quantize through bitalloc.api.")
-        stored = _quantize_sequential(model, inventory, plan, calib_windows, progress)
+        from bitalloc.quantizers.sequential import LayerCaptureError, quantize_sequential
+
+        try:  # one pass over the calibration text, block by block
+            stored = quantize_sequential(model, inventory, plan, calib_windows, _quantize_unit, progress)
+        except LayerCaptureError:  # blocks that cannot be chained (e.g. sliding-window layers): one pass per block
+            stored = _quantize_sequential(model, inventory, plan, calib_windows, progress)
     else:
         if plan.quantizer == "gptq" and hessians is None:
             raise BitallocError("A GPTQ plan needs calibration Hessians; quantize through bitalloc.api, which computes them.")

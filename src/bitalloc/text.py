@@ -138,3 +138,9 @@ def read_text_file(path: str, encoding: str = "utf-8") -> str:
     if not text.strip():
         raise BitallocError(f"Text file {path!r} is empty.")
     return text
+
+
+def calibration_text(path: str | None, encoding: str = "utf-8") -> str:
+    if path == WIKITEXT2:
+        return wikitext2("train")  # disjoint from the 'test' split used for evaluation
+    return read_text_file(path, encoding) if path else wiki_text("calib")

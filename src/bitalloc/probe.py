@@ -1,0 +1,180 @@
+"""Calibration probes: the model quantized per a plan, in memory, measured on
+a few windows of *calibration* text against the reference's distribution.
+
+``CalibrationProbe`` answers "what is the KL (and NLL) of this assignment?"
+and "what does it become when this unit alone moves to that option, the rest
+of the plan in place?". The second question is asked hundreds of times by the
+refinement, so it is made cheap:
+
+- all windows run as one batch;
+- the hidden states entering every decoder block are kept from the last full
+  forward, so a probe of a unit in block L runs blocks L.. only (the blocks
+  before L are unchanged). The block list is swapped for its tail for the
+  duration of the call and block L's input replaced by the kept one; this is
+  checked once against a full forward and switched off, with the full
+  forward used instead, when it does not reproduce it (models whose blocks
+  need their absolute index, e.g. sliding-window layer types).
+- quantized weights are kept per (unit, option), computed once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bitalloc.evaluate import EvalSettings, token_windows
+from bitalloc.options import QuantOption
+from bitalloc.units import Inventory, Unit, get_weight, layer_index, set_weight
+
+# (unit, its original (out, in) weight, option) -> dequantized (out, in) weight
+QuantizeWeight = Callable[[Unit, torch.Tensor, QuantOption], torch.Tensor]
+CHECK_TOLERANCE = 1e-4  # relative difference of KL allowed between tail-only and full forwards
+
+
+@dataclass(frozen=True)
+class Measure:
+    kl: float  # mean KL(reference || model) per predicted token, nats
+    nll: float  # mean negative log-likelihood per predicted token, nats
+
+    def value(self, objective: str) -> float:
+        return self.kl if objective == "kl" else self.nll
+
+
+class CalibrationProbe:
+    def __init__(self, model: nn.Module, tokenizer, inventory: Inventory, text: str, *, windows: int,
+                 seq_len: int, quantize_weight: QuantizeWeight):
+        self.model, self.inventory, self.quantize_weight = model, inventory, quantize_weight
+        self.windows = token_windows(tokenizer, text, EvalSettings(seq_len, windows, "auto"))  # (B, T)
+        self.original = {u.name: get_weight(model, u) for u in inventory.units}  # (out, in) each
+        self._cache: dict[tuple[str, str], torch.Tensor] = {}
+        self.current: dict[str, QuantOption | None] = {u.name: None for u in inventory.units}
+        self.ref_logp = self._logprobs()  # (B, T-1, V) of the model as loaded
+        self.stack = _block_stack(model, inventory)
+        self._inputs: dict[int, torch.Tensor] = {}
+        self.tail_ok = False
+
+    # ---- weights -----------------------------------------------------------
+    def weight(self, unit: Unit, option: QuantOption | None) -> torch.Tensor:
+        if option is None:
+            return self.original[unit.name]
+        key = (unit.name, option.name)
+        if key not in self._cache:
+            self._cache[key] = self.quantize_weight(unit, self.original[unit.name], option)
+        return self._cache[key]
+
+    def apply(self, assignment: dict[str, QuantOption | None]) -> None:
+        """Put every unit at its option (None: the original weight)."""
+        for u in self.inventory.units:
+            opt = assignment.get(u.name)
+            if self.current[u.name] != opt:
+                set_weight(self.model, u, self.weight(u, opt))
+                self.current[u.name] = opt
+        self._inputs = {}
+
+    def restore(self) -> None:
+        self.apply({})
+
+    # ---- measuring -----------------------------------------------------------
+    @torch.no_grad()
+    def _logprobs(self) -> torch.Tensor:
+        logits = self.model(self.windows).logits[:, :-1].float()  # (B, T-1, V)
+        return F.log_softmax(logits, dim=-1)
+
+    def _score(self, logp: torch.Tensor) -> Measure:
+        n = logp.shape[0] * logp.shape[1]
+        kl = float((self.ref_logp.exp() * (self.ref_logp - logp)).sum()) / n
+        nll = float(-logp.gather(-1, self.windows[:, 1:, None]).sum()) / n
+        return Measure(kl, nll)
+
+    @torch.no_grad()
+    def measure(self) -> Measure:
+        """The current assignment, by a full forward that also keeps every
+        block's input for later tail-only probes."""
+        with self._keep_inputs():
+            logp = self._logprobs()
+        return self._score(logp)
+
+    @torch.no_grad()
+    def measure_moved(self, units: list[Unit], option: QuantOption) -> Measure:
+        """The current assignment with ``units`` moved to ``option``, then put back."""
+        first = min((layer_index(u.name) for u in units), key=lambda i: -1 if i is None else i)
+        saved = {u.name: self.current[u.name] for u in units}
+        for u in units:
+            set_weight(self.model, u, self.weight(u, option))
+        try:
+            if self.tail_ok and first is not None and first in self._inputs:
+                return self._score(self._tail_logprobs(first))
+            return self._score(self._logprobs())
+        finally:
+            for u in units:
+                set_weight(self.model, u, self.weight(u, saved[u.name]))
+
+    def enable_tail(self) -> bool:
+        """Switch on tail-only probes if they reproduce a full forward here."""
+        if self.stack is None or len(self.stack[1]) < 2:
+            return False
+        full = self.measure()
+        middle = len(self.stack[1]) // 2
+        tail = self._score(self._tail_logprobs(middle))
+        self.tail_ok = abs(tail.kl - full.kl) <= CHECK_TOLERANCE * max(full.kl, 1e-6) + 1e-7
+        return self.tail_ok
+
+    # ---- block bookkeeping -------------------------------------------------
+    @contextlib.contextmanager
+    def _keep_inputs(self) -> Iterator[None]:
+        self._inputs = {}
+        if self.stack is None:
+            yield
+            return
+        hooks = [block.register_forward_pre_hook(self._keeper(i), with_kwargs=True)
+                 for i, block in enumerate(self.stack[1])]
+        try:
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def _keeper(self, index: int):
+        def hook(_module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self._inputs[index] = hidden.detach()
+        return hook
+
+    def _tail_logprobs(self, first: int) -> torch.Tensor:
+        parent, blocks, attr = self.stack
+        kept = self._inputs[first]
+
+        def replace_input(_module, args, kwargs):
+            if args:
+                return (kept, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": kept}
+
+        handle = blocks[first].register_forward_pre_hook(replace_input, with_kwargs=True)
+        setattr(parent, attr, nn.ModuleList(list(blocks)[first:]))
+        try:
+            return self._logprobs()
+        finally:
+            setattr(parent, attr, blocks)
+            handle.remove()
+
+
+def _block_stack(model: nn.Module, inventory: Inventory) -> tuple[nn.Module, nn.ModuleList, str] | None:
+    """(parent module, its ModuleList of decoder blocks, attribute name), from
+    the unit names ``<stack>.<i>.<rest>``; None when there is no one stack."""
+    stacks = set()
+    for u in inventory.units:
+        i = layer_index(u.name)
+        if i is not None:
+            stacks.add(u.name.split(f".{i}.")[0])
+    if len(stacks) != 1:
+        return None
+    name = stacks.pop()
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    blocks = getattr(parent, attr, None)
+    return (parent, blocks, attr) if isinstance(blocks, nn.ModuleList) else None

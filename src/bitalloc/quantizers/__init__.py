@@ -1,0 +1,1 @@
+"""Quantizers: how stored codes are chosen (RTN, GPTQ one-shot and sequential)."""

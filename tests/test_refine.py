@@ -1,0 +1,138 @@
+"""Closed-loop refinement and the guard: frontier moves by hand, the local
+knapsack against brute force, tail-only probes against full forwards, a
+refined plan never worse on its own calibration measure than its start, and
+the guard keeping uniform when an allocation measures worse."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from bitalloc import api
+from bitalloc.cli import main
+from bitalloc.options import QuantOption
+from bitalloc.problem import Budget, Problem, build_problem
+from bitalloc.refine import RefineSettings, assignment_choice, frontier_neighbours, guard, local_choice, make_probe, refine
+
+
+def test_frontier_neighbours_by_hand():
+    cost = np.array([10, 20, 20, 30, 40])
+    error = np.array([5.0, 3.0, 4.0, 3.5, 1.0])  # option 2 is dominated by 1, option 3 by 1
+    allowed = np.array([True, True, True, True, True])
+    assert frontier_neighbours(cost, error, allowed, 1) == (0, 4)
+    assert frontier_neighbours(cost, error, allowed, 0) == (None, 1)
+    assert frontier_neighbours(cost, error, allowed, 4) == (1, None)
+    assert frontier_neighbours(cost, error, allowed, 3) == (1, 4)  # off the frontier: nearest frontier options
+    allowed[4] = False
+    assert frontier_neighbours(cost, error, allowed, 1) == (0, None)
+
+
+def test_local_choice_equals_brute_force():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        groups, options = 6, 4
+        cost = np.sort(rng.integers(10, 100, (groups, options)), axis=1)
+        problem = Problem(tuple((g,) for g in range(groups)), cost, np.zeros((groups, options)),
+                          np.ones((groups, options), bool), int(cost[:, 1].sum() + rng.integers(0, 20)),
+                          tuple(QuantOption(b, 32) for b in (2, 3, 4, 5)))
+        choice = np.ones(groups, dtype=np.int64)
+        deltas = {}
+        for g in range(groups):
+            deltas[(g, 0)] = float(rng.uniform(0, 1))  # down: costs error
+            deltas[(g, 2)] = float(-rng.uniform(0, 1))  # up: saves error
+        got = local_choice(deltas, problem, choice)
+        best = None
+        for pick in itertools.product((0, 1, 2), repeat=groups):
+            c = sum(cost[g, o] for g, o in enumerate(pick))
+            if c <= problem.budget_bits:
+                e = sum(0.0 if o == 1 else deltas[(g, o)] for g, o in enumerate(pick))
+                best = e if best is None or e < best else best
+        e_got = sum(0.0 if o == 1 else deltas[(g, int(o))] for g, o in enumerate(got))
+        assert sum(cost[g, o] for g, o in enumerate(got)) <= problem.budget_bits
+        assert e_got == pytest.approx(best, abs=1e-9)
+
+
+@pytest.fixture
+def loaded(tiny_dir):
+    return api.load(tiny_dir)
+
+
+def _settings(bpw=3.25, **kw):
+    return api.PlanSettings(Budget(bpw), refine=RefineSettings(rounds=2, windows=2, seq_len=64), **kw)
+
+
+def test_tail_only_probes_equal_full_forwards(loaded):
+    probe = make_probe(loaded, _settings())
+    opt = QuantOption(2, 32)
+    probe.apply({u.name: QuantOption(4, 32) for u in loaded.inventory.units})
+    probe.measure()
+    units = [loaded.inventory.unit("model.layers.1.mlp.down_proj")]
+    full = probe.measure_moved(units, opt)
+    assert probe.enable_tail()
+    probe.apply({u.name: QuantOption(4, 32) for u in loaded.inventory.units})
+    probe.measure()
+    tail = probe.measure_moved(units, opt)
+    assert tail.kl == pytest.approx(full.kl, rel=1e-5) and tail.nll == pytest.approx(full.nll, rel=1e-6)
+    assert full.kl > 0
+    probe.restore()
+
+
+@pytest.mark.parametrize("objective", ["kl", "nll"])
+def test_refinement_never_ends_worse_than_it_started(loaded, objective):
+    settings = replace(_settings(), refine=RefineSettings(rounds=3, windows=2, seq_len=64, objective=objective),
+                       guard=False)
+    table = api.score(api.scoring_context(loaded, settings, progress=False), ["rtn-mse"])["rtn-mse"]
+    start = api.solve_plan(loaded.inventory, table, settings, "tiny")
+    inv = loaded.inventory
+    problem = build_problem(inv, table.options, table.errors, settings.budget)
+    probe = make_probe(loaded, settings)
+    probe.apply(dict(start.assignment))
+    before = probe.measure().value(objective)
+    choice, rounds = refine(probe, problem, list(inv.units), assignment_choice(problem, list(inv.units), start),
+                            settings.refine)
+    probe.apply({inv.units[i].name: problem.options[int(choice[g])] for g, m in enumerate(problem.groups) for i in m})
+    after = probe.measure().value(objective)
+    assert after <= before + 1e-12
+    assert rounds and rounds[0].before == pytest.approx(before)
+    for r in rounds:
+        assert (r.after < r.before) == r.accepted
+    size = sum(problem.cost[g, choice[g]] for g in range(len(choice)))
+    assert size <= problem.budget_bits
+    probe.restore()
+
+
+def test_guard_keeps_uniform_when_the_allocation_is_worse(loaded):
+    settings = _settings(4.25)
+    options = api.resolve_menu(loaded.inventory, settings.menu)[0]
+    uniform = api.uniform_plan(loaded.inventory, options, settings, "tiny")
+    # the same size, spent badly: every unit at 2 bits except a few at 8
+    worse = replace(uniform, assignment={u.name: QuantOption(2, 32) for u in loaded.inventory.units},
+                    scorer="deliberately bad")
+    probe = make_probe(loaded, settings)
+    kept, record = guard(probe, worse, uniform)
+    assert kept.assignment == uniform.assignment and record["kept"] == "uniform"
+    assert record["allocated"]["kl"] > record["uniform"]["kl"]
+    kept, record = guard(probe, uniform, worse)
+    assert kept.assignment == uniform.assignment and record["kept"] == "allocated"
+
+
+def test_plans_come_back_guarded_and_refined_through_the_api(loaded, tmp_path):
+    p = api.plan(settings=_settings(3.25), loaded=loaded, out=str(tmp_path / "plan.json"), progress=False)
+    assert p.sizes(loaded.inventory).quantized_bpw <= 3.25
+    assert "refinement" in p.provenance and "guard" in p.provenance
+    from bitalloc.plan import Plan
+
+    assert Plan.load(str(tmp_path / "plan.json")) == p
+
+
+def test_cli_run_with_refinement_and_recipe_conflicts(tiny_dir, text_file, tmp_path, capsys):
+    out = str(tmp_path / "run.json")
+    assert main(["--quiet", "run", "--model", tiny_dir, "--bpw", "3.5", "--text", text_file, "--windows", "2",
+                 "--seq-len", "32", "--refine-rounds", "1", "--refine-windows", "2", "--refine-seq-len", "64",
+                 "--json", out]) == 0
+    assert main(["--quiet", "run", "--model", tiny_dir, "--bpw", "3.5", "--recipe", "quality", "--scorer",
+                 "rtn-mse"]) == 2
+    assert "contradicts --recipe quality" in capsys.readouterr().err
