@@ -229,7 +229,7 @@ def build_workspace(root: Path) -> dict[str, str]:
     ws["nul"] = _write(root / "nul.txt", "text\x00with a NUL")
     ws["folder"] = _write(root / "folder" / "notes.txt", "a user's notes").rsplit("/", 1)[0]
     ws["user_file"] = _write(root / "user-file.txt", "precious")
-    ws["plans_dir"] = _write(root / "plans" / "plan-rtn-mse-3.5.json", "not a plan").rsplit("/", 1)[0]
+    ws["plans_dir"] = _write(root / "plans" / "plan-rtn-mse-rel-3.5.json", "not a plan").rsplit("/", 1)[0]
     ws["empty_gguf"] = _write(root / "empty.gguf", b"")
     ws["random_gguf"] = _write(root / "random.gguf", rng.bytes(4096))
     _tiny_gguf(root / "whole.gguf")
