@@ -1,0 +1,60 @@
+"""Scorers, one module per family: each fills an error table (importance x distortion per unit and
+option) from a shared, lazily computed ``ScoringContext``.
+
+| scorer | importance | distortion (RTN error dW = W - Q(W)) |
+|---|---|---|
+| rtn-mse | 1 | sum dW^2 |
+| rtn-mse-rel | 1 / ||W||^2 | sum dW^2 |
+| alpha | AlphaQ (median a / a)^gamma | Var(W) 2^(-2b), as in the paper |
+| alpha-rel | AlphaQ (median a / a)^gamma | sum dW^2 / ||W||^2 |
+| hessian | 1 | BAQ/OBS: 1/2 sum_ij dW_ij^2 / [chol(H^-1)]_jj^2 |
+| output | 1 | tr(dW H dW^T) |
+| taylor | 1 | sum |g * dW|, g the calibration-loss gradient |
+| linearity | slope of KL vs injected relative noise | sum dW^2 / ||W||^2 |
+| kl | 1 | measured end-to-end KL, unit quantized alone |
+| salience | 1 | OBS loss; adds SliM-LLM variants (column groups at b-1/b/b+1 by salience) |
+| baq | 1 | OBS loss; adds BAQ variants (column-group bits by equal-loss water-filling) |
+
+The weight-error pass computes every requested reduction of dW in one sweep
+over units and options. Probe measurements (linearity, kl) run on a few
+windows of *calibration* text and are cached on disk, resumably.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from bitalloc.errors import BitallocError
+from bitalloc.scorers.calibrated import score_mixed, score_reduction
+from bitalloc.scorers.context import ScorerSettings, ScoringContext
+from bitalloc.scorers.probes import score_kl, score_linearity
+from bitalloc.scorers.weights import score_alpha, score_weight_error
+from bitalloc.scoring import ErrorTable
+
+__all__ = ["SCORERS", "ScorerSettings", "ScoringContext", "check_scorer", "score"]
+
+
+SCORERS: dict[str, tuple[str, Callable[[ScoringContext, str], ErrorTable]]] = {
+    "rtn-mse": ("data-free", score_weight_error),
+    "rtn-mse-rel": ("data-free", score_weight_error),
+    "alpha": ("data-free", score_alpha),
+    "alpha-rel": ("data-free", score_alpha),
+    "hessian": ("calibration", score_reduction),
+    "output": ("calibration", score_reduction),
+    "taylor": ("calibration", score_reduction),
+    "linearity": ("probe", score_linearity),
+    "kl": ("probe", score_kl),
+    "salience": ("calibration", score_mixed),
+    "baq": ("calibration", score_mixed),
+}
+
+
+def check_scorer(name: str) -> None:
+    if name not in SCORERS:
+        raise BitallocError(f"The 'scorer' parameter must be one of {sorted(SCORERS)}. Got {name!r} instead.")
+
+
+def score(ctx: ScoringContext, names: Sequence[str]) -> dict[str, ErrorTable]:
+    for n in names:
+        check_scorer(n)
+    return {n: SCORERS[n][1](ctx, n) for n in names}
