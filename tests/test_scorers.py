@@ -65,13 +65,31 @@ def test_output_and_hessian_match_direct_formulas(tables, ctx):
     assert tables["hessian"].distortion[4, j] == pytest.approx(obs, rel=1e-5)
 
 
-def test_kl_scorer_measures_the_unit_alone(tables, ctx):
-    unit = ctx.inventory.units[2]
-    opt = QuantOption(3, 64)
+def _direct_kl(ctx, unit, W_new) -> float:
+    """KL of the model with one weight replaced, computed from scratch: the
+    reference's log-probs from the untouched model, full forwards."""
+    from bitalloc.evaluate import evaluate, reference_logprobs, token_windows
+    from bitalloc.units import set_weight
+
+    s = ctx.settings
+    windows = token_windows(ctx.tokenizer, ctx.calib_text, EvalSettings(s.probe_seq_len, s.probe_windows))
     W = get_weight(ctx.model, unit)
-    measured = ctx.with_weight(2, fake_quantize(W, opt))
-    assert tables["kl"].distortion[2, ctx.options.index(opt)] == pytest.approx(measured, rel=1e-6)
-    assert torch.equal(get_weight(ctx.model, unit), W)  # restored
+    ref = reference_logprobs(ctx.model, windows)
+    set_weight(ctx.model, unit, W_new)
+    try:
+        return evaluate(ctx.model, windows, ref).kl
+    finally:
+        set_weight(ctx.model, unit, W)
+
+
+def test_kl_scorer_measures_the_unit_alone(tables, ctx):
+    for i, bits in ((0, 2), (2, 3), (len(ctx.inventory.units) - 1, 4)):  # the first unit probed, too
+        unit = ctx.inventory.units[i]
+        opt = QuantOption(bits, 64)
+        W = get_weight(ctx.model, unit)
+        expected = _direct_kl(ctx, unit, fake_quantize(W, opt))
+        assert tables["kl"].distortion[i, ctx.options.index(opt)] == pytest.approx(expected, rel=1e-4)
+        assert torch.equal(get_weight(ctx.model, unit), W)  # restored
 
 
 def test_taylor_matches_autograd(tables, ctx):
@@ -115,3 +133,22 @@ def test_compare_writes_table_plot_and_correlations(ctx, tmp_path):
     paths = write_outputs(report, str(tmp_path))
     png = open(paths[2], "rb").read(8)
     assert png.startswith(b"\x89PNG")
+
+
+def test_kl_probes_quantize_as_the_plans_quantizer(ctx):
+    """With GPTQ the kl table describes GPTQ's error: its probe entries equal
+    the KL of the unit stored by GPTQ with its own Hessian, not by RTN."""
+    from bitalloc.gptq import gptq_quantize
+    from bitalloc.quant import dequantize
+    from bitalloc.scorers import ScoringContext
+
+    g = ScoringContext(ctx.model, ctx.tokenizer, ctx.inventory, ctx.options, calib_text=ctx.calib_text,
+                       calib=ctx.calib, settings=ctx.settings, quantizer="gptq")
+    table = score(g, ["kl"])["kl"]
+    unit, opt = ctx.inventory.units[2], QuantOption(3, 64)
+    W = get_weight(ctx.model, unit)
+    Q = dequantize(gptq_quantize(W, g.hessians[unit.name], opt, damp=ctx.settings.damp, allow_ragged=True)[0])
+    expected = _direct_kl(ctx, unit, Q)
+    rtn = _direct_kl(ctx, unit, fake_quantize(W, opt))
+    assert table.distortion[2, ctx.options.index(opt)] == pytest.approx(expected, rel=1e-6)
+    assert expected != pytest.approx(rtn, rel=1e-3)

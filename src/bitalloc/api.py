@@ -152,7 +152,8 @@ def scoring_context(loaded: Loaded, settings: PlanSettings, options: Sequence[Qu
     text = calibration_text(settings.calib_text, settings.text_encoding) if loaded.tokenizer is not None else None
     return ScoringContext(loaded.model, loaded.tokenizer, loaded.inventory, options, calib_text=text,
                           calib=settings.calib, settings=settings.scorer_settings,
-                          allow_ragged=settings.menu.allow_ragged, progress=_tqdm(progress))
+                          allow_ragged=settings.menu.allow_ragged, progress=_tqdm(progress),
+                          quantizer=settings.quantizer)
 
 
 def solve_plan(inventory: Inventory, table: ErrorTable, settings: PlanSettings, model_label: str) -> Plan:

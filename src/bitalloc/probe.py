@@ -114,6 +114,19 @@ class CalibrationProbe:
             for u in units:
                 set_weight(self.model, u, self.weight(u, saved[u.name]))
 
+    @torch.no_grad()
+    def measure_weight(self, unit: Unit, W_new: torch.Tensor) -> Measure:
+        """The current assignment with one unit's weight replaced by ``W_new``
+        (out, in), then put back."""
+        index = layer_index(unit.name)
+        set_weight(self.model, unit, W_new)
+        try:
+            if self.tail_ok and index is not None and index in self._inputs:
+                return self._score(self._tail_logprobs(index))
+            return self._score(self._logprobs())
+        finally:
+            set_weight(self.model, unit, self.weight(unit, self.current[unit.name]))
+
     def enable_tail(self) -> bool:
         """Switch on tail-only probes if they reproduce a full forward here."""
         if self.stack is None or len(self.stack[1]) < 2:
@@ -121,7 +134,8 @@ class CalibrationProbe:
         full = self.measure()
         middle = len(self.stack[1]) // 2
         tail = self._score(self._tail_logprobs(middle))
-        self.tail_ok = abs(tail.kl - full.kl) <= CHECK_TOLERANCE * max(full.kl, 1e-6) + 1e-7
+        self.tail_ok = (abs(tail.kl - full.kl) <= CHECK_TOLERANCE * max(full.kl, 1e-6) + 1e-7
+                        and abs(tail.nll - full.nll) <= CHECK_TOLERANCE * full.nll)
         return self.tail_ok
 
     # ---- block bookkeeping -------------------------------------------------

@@ -16,16 +16,15 @@ import torch
 
 from bitalloc.calib import CalibSettings, cached_hessians, calibration_windows
 from bitalloc.errors import BitallocError, GroupSizeError
-from bitalloc.evaluate import EvalSettings, evaluate, reference_logprobs, token_windows
 from bitalloc.fileio import write_json
 from bitalloc.gptq import inverse_hessian_factor
 from bitalloc.options import QuantOption, group_count
 from bitalloc.quant import fake_quantize
 from bitalloc.scoring import ErrorTable
 from bitalloc.text import cache_dir
-from bitalloc.units import check_finite, get_weight, set_weight
+from bitalloc.units import check_finite, get_weight
 
-PROBE_FORMAT_VERSION = 1
+PROBE_FORMAT_VERSION = 2  # 2: the reference is taken before any weight changes (v1 was not)
 
 
 @dataclass(frozen=True)
@@ -52,10 +51,22 @@ class ScorerSettings:
 class ScoringContext:
     """Everything scorers share, computed once on first use."""
 
+    def probe_weight(self, unit, W: torch.Tensor, option: QuantOption) -> torch.Tensor:
+        """W as the plan's quantizer would store it at ``option`` (a ragged
+        last group allowed, as the probes need options of any group size)."""
+        if self.quantizer == "gptq":
+            from bitalloc.gptq import gptq_quantize
+            from bitalloc.quant import dequantize
+
+            H = self.hessians[unit.name]
+            return dequantize(gptq_quantize(W, H, option, damp=self.settings.damp, allow_ragged=True)[0])
+        return fake_quantize(W, option, allow_ragged=True)
+
     def __init__(self, model, tokenizer, inventory, options: Sequence[QuantOption], *, calib_text: str | None = None,
                  calib: CalibSettings = CalibSettings(), settings: ScorerSettings = ScorerSettings(),
-                 allow_ragged: bool = False, progress: Callable | None = None):
+                 allow_ragged: bool = False, progress: Callable | None = None, quantizer: str = "rtn"):
         self.model, self.tokenizer, self.inventory = model, tokenizer, inventory
+        self.quantizer = quantizer  # the kl probes quantize as the plan will: RTN, or GPTQ with the unit's Hessian
         self.options = tuple(options)
         self.calib_text, self.calib, self.settings = calib_text, calib, settings
         self.allow_ragged, self.progress = allow_ragged, progress
@@ -108,18 +119,17 @@ class ScoringContext:
         return out
 
     @cached_property
-    def probe(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(windows, reference log-probs) of the probe set (calibration text)."""
-        text = self._need_text()
-        # the first windows of the calibration text: never evaluation text
-        windows = token_windows(self.tokenizer, text, EvalSettings(self.settings.probe_seq_len,
-                                                                   self.settings.probe_windows, "auto"))
-        return windows, reference_logprobs(self.model, windows)
+    def probe(self):
+        """The probe set: the first windows of the calibration text (never
+        evaluation text), the reference's log-probs on them taken *before*
+        any weight is changed, and tail-only forwards from a unit's block."""
+        from bitalloc.probe import CalibrationProbe
 
-    def probe_kl(self) -> float:
-        """Mean KL(reference || current model) on the probe set, nats/token."""
-        windows, ref = self.probe
-        return evaluate(self.model, windows, ref).kl
+        probe = CalibrationProbe(self.model, self.tokenizer, self.inventory, self._need_text(),
+                                 windows=self.settings.probe_windows, seq_len=self.settings.probe_seq_len,
+                                 quantize_weight=lambda unit, W, option: self.probe_weight(unit, W, option))
+        probe.enable_tail()
+        return probe
 
     # ---- one sweep of RTN errors, several reductions ---------------------
     def reductions(self, kinds: Sequence[str]) -> dict[str, np.ndarray]:
@@ -180,16 +190,10 @@ class ScoringContext:
                 write_json(path, {"version": PROBE_FORMAT_VERSION, "units": done})
         return done
 
-    @torch.no_grad()
     def with_weight(self, unit_index: int, W_new: torch.Tensor) -> float:
-        """Probe KL with one unit's weight replaced, then restore it."""
-        unit = self.inventory.units[unit_index]
-        W = get_weight(self.model, unit)
-        set_weight(self.model, unit, W_new)
-        try:
-            return self.probe_kl()
-        finally:
-            set_weight(self.model, unit, W)
+        """Probe KL (mean per token, nats) with one unit's weight replaced, the
+        rest of the model as loaded; the weight is put back."""
+        return self.probe.measure_weight(self.inventory.units[unit_index], W_new).kl
 
 
 def _cached_measurements(path: Path, names: set[str], width: int) -> dict[str, list[float]]:

@@ -43,8 +43,9 @@ def _relative_error(ctx: ScoringContext, option: QuantOption) -> np.ndarray:
 
 def score_kl(ctx: ScoringContext, name: str) -> ErrorTable:
     """exllamav3-style measured KL, each unit quantized alone at a few probe
-    options; other options interpolated by a power law in the unit's relative
-    RTN error, KL = c * rel^p, fitted in log-log through the probes."""
+    options by the plan's quantizer (RTN, or GPTQ with the unit's Hessian);
+    other options interpolated by a power law in the unit's relative RTN
+    error, KL = c * rel^p, fitted in log-log through the probes."""
     probes = [QuantOption.parse(o) for o in ctx.settings.kl_probe_options]
 
     def measure(i: int) -> list[float]:
@@ -53,12 +54,12 @@ def score_kl(ctx: ScoringContext, name: str) -> ErrorTable:
         out = []
         for opt in probes:
             try:
-                out.append(ctx.with_weight(i, fake_quantize(W, opt, allow_ragged=True)))
+                out.append(ctx.with_weight(i, ctx.probe_weight(unit, W, opt)))
             except GroupSizeError:
                 out.append(float("nan"))
         return out
 
-    kls = ctx.measure_per_unit("kl", measure, len(probes))
+    kls = ctx.measure_per_unit("kl" if ctx.quantizer == "rtn" else f"kl-{ctx.quantizer}", measure, len(probes))
     rel = ctx.reductions(["mse"])["mse"] / ctx.norms[:, None]  # (units, options)
     def probe_column(o: QuantOption) -> np.ndarray:
         if o in ctx.options and np.isfinite(col := rel[:, ctx.options.index(o)]).all():
