@@ -136,3 +136,26 @@ def test_cli_run_with_refinement_and_recipe_conflicts(tiny_dir, text_file, tmp_p
     assert main(["--quiet", "run", "--model", tiny_dir, "--bpw", "3.5", "--recipe", "quality", "--scorer",
                  "rtn-mse"]) == 2
     assert "contradicts --recipe quality" in capsys.readouterr().err
+
+
+def test_default_plans_are_never_worse_than_uniform_on_calibration_kl(loaded):
+    """`bitalloc plan --bpw B` with no other option, B from 2.5 to 4.5: the
+    plan returned measures no worse than the uniform plan of the same size on
+    the guard's calibration windows (measured here again, independently)."""
+    from bitalloc.probe import CalibrationProbe
+    from bitalloc.quant import fake_quantize
+    from bitalloc.text import calibration_text
+
+    check = CalibrationProbe(loaded.model, loaded.tokenizer, loaded.inventory, calibration_text(None), windows=4,
+                             seq_len=128, quantize_weight=lambda u, W, o: fake_quantize(W, o))
+    for bpw in (2.5, 2.75, 3.0, 3.25, 3.5, 3.75, 4.0, 4.25, 4.5):
+        settings = api.PlanSettings(Budget(bpw))
+        p = api.plan(settings=settings, loaded=loaded, progress=False)
+        options = api.resolve_menu(loaded.inventory, settings.menu)[0]
+        uniform = api.uniform_plan(loaded.inventory, options, settings, "tiny")
+        check.apply(dict(p.assignment))
+        got = check.measure().kl
+        check.apply(dict(uniform.assignment))
+        assert got <= check.measure().kl + 1e-12, bpw
+        check.restore()  # the model goes back to its own weights before the next plan measures it
+        assert p.provenance["guard"]["kept"] in ("allocated", "uniform")

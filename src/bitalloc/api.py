@@ -51,7 +51,7 @@ class MenuSettings:
 @dataclass(frozen=True)
 class PlanSettings:
     budget: Budget
-    scorer: str = "rtn-mse"
+    scorer: str = "rtn-mse-rel"
     solver: str = "ilp"
     menu: MenuSettings = field(default_factory=MenuSettings)
     constraints: Constraints = field(default_factory=Constraints)

@@ -46,6 +46,10 @@ class Measure:
 
 
 class CalibrationProbe:
+    """Owns the model's unit weights between ``apply`` and ``restore``: it
+    tracks which option each unit holds, so nothing else may change them in
+    between (``restore`` puts the original weights back)."""
+
     def __init__(self, model: nn.Module, tokenizer, inventory: Inventory, text: str, *, windows: int,
                  seq_len: int, quantize_weight: QuantizeWeight):
         self.model, self.inventory, self.quantize_weight = model, inventory, quantize_weight
