@@ -176,6 +176,10 @@ CASES = (
     C("quantized-missing-weights", "eval --quantized {q_no_weights}", "lacks model.safetensors"),
     C("quantized-bad-manifest", "eval --quantized {q_bad_manifest}", "is not valid JSON"),
     C("model-and-quantized", "eval --model {tiny} --quantized {q}", "not allowed with argument --model"),
+    C("gguf-not-gguf", "eval --gguf {text}", "is not a .gguf file"),
+    C("gguf-missing", "eval --gguf {missing}.gguf", "does not exist"),
+    C("gguf-random-bytes", "eval --gguf {random_gguf}", "does not start with the GGUF magic"),
+    C("gguf-and-quantized", "eval --gguf {random_gguf} --quantized {q}", "not allowed with argument --quantized"),
 )
 
 

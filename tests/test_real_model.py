@@ -76,3 +76,21 @@ def test_gptq_beats_rtn_on_real_layers(smol):
         for opt in (QuantOption(3, 64), QuantOption(4, 32, True)):
             out_err = lambda Q: float(torch.trace((W - Q).double() @ h @ (W - Q).double().T))  # noqa: E731
             assert out_err(dequantize(gptq_quantize(W, H[unit.name], opt)[0])) < out_err(dequantize(quantize_rtn(W, opt)))
+
+
+def test_eval_in_llamacpp_on_the_embedded_gguf(tmp_path):
+    """The embedded GGUF run by llama.cpp against itself: KL 0 and top-1 1 on
+    the same windows, a perplexity close to transformers' on those windows."""
+    import json
+
+    from bitalloc.loading import embedded_source
+
+    src = embedded_source()
+    path = f"{src.path}/{src.gguf_file}"
+    out = tmp_path / "e.json"
+    assert main(["--quiet", "eval", "--gguf", path, "--reference", path, "--windows", "2", "--seq-len", "48",
+                 "--json", str(out)]) == 0
+    r = json.loads(out.read_text())["result"]
+    assert r["kl"] == pytest.approx(0.0, abs=1e-9) and r["top1"] == 1.0
+    hf = api.evaluate(None, settings=EvalSettings(seq_len=48, windows=2), progress=False)["result"]
+    assert abs(r["ppl"] / hf["ppl"] - 1) < 0.05  # llama.cpp's own kernels vs float32 transformers

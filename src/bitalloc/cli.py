@@ -214,8 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     src = se.add_mutually_exclusive_group()
     src.add_argument("--model", help=MODEL_HELP)
     src.add_argument("--quantized", help="a folder written by `bitalloc quantize` (its files are verified)")
+    src.add_argument("--gguf", help="a .gguf file, run by llama.cpp itself (llama-cpp-python) on the same windows")
     se.add_argument("--reference", help="the model to compare against, for KL and top-1 (default: none; "
-                                        "'default' means the embedded model)")
+                                        "'default' means the embedded model; with --gguf a .gguf reference runs "
+                                        "in llama.cpp too)")
     _eval_args(se)
     se.add_argument("--json", help="write the result as JSON here")
     _overwrite_arg(se)

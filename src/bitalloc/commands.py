@@ -302,12 +302,18 @@ def cmd_eval(args) -> None:
         from bitalloc.quantize import read_manifest
 
         read_manifest(args.quantized)  # damaged or incomplete folders fail here, before any loading
-    check_model_source(args.model, {"--seq-len": args.seq_len}, quantized=args.quantized)
+    if args.gguf and not str(args.gguf).endswith(".gguf"):
+        raise BitallocError(f"--gguf {args.gguf!r} is not a .gguf file. Pass a GGUF model file.")
+    check_model_source(args.gguf or args.model, {"--seq-len": args.seq_len}, quantized=args.quantized)
     if reference is not None:
         check_model_source(reference or None, {"--seq-len": args.seq_len})
     read_texts(args)
-    out = api.evaluate(args.model, quantized=args.quantized, reference_model=reference, text_path=args.text,
-                       encoding=args.encoding, settings=eval_settings(args), progress=not args.quiet)
+    if args.gguf:
+        out = api.evaluate_in_llamacpp(args.gguf, reference_model=reference, text_path=args.text,
+                                       encoding=args.encoding, settings=eval_settings(args), progress=not args.quiet)
+    else:
+        out = api.evaluate(args.model, quantized=args.quantized, reference_model=reference, text_path=args.text,
+                           encoding=args.encoding, settings=eval_settings(args), progress=not args.quiet)
     r = out["result"]
     extra = "" if r["kl"] is None else f"  KL {r['kl']:.5f} nats/token  top-1 {r['top1']:.4f}"
     print(f"{out['model']}: perplexity {r['ppl']:.4f} over {r['tokens']} tokens{extra}")
