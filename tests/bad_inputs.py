@@ -179,7 +179,7 @@ CASES = (
     C("gguf-not-gguf", "eval --gguf {text}", "is not a .gguf file"),
     C("gguf-missing", "eval --gguf {missing}.gguf", "does not exist"),
     C("gguf-random-bytes", "eval --gguf {random_gguf}", "does not start with the GGUF magic"),
-    C("gguf-and-quantized", "eval --gguf {random_gguf} --quantized {q}", "not allowed with argument --quantized"),
+    C("gguf-and-quantized", "eval --gguf {random_gguf} --quantized {q}", "not allowed with argument --gguf"),
 )
 
 
