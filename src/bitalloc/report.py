@@ -73,12 +73,18 @@ def run_report(report: dict) -> str:
         rows.append([label, "uniform", uni["option"], uni["bpw"], uni["code_bpw"], uni["model_bpw"], uni["model_mb"],
                      *_metrics(uni), ""])
         for scorer, r in entry["allocated"].items():
-            rows.append(["", f"alloc {scorer}", f"{len(r['options_used'])} kinds", r["bpw"], r["code_bpw"],
+            guarded = r.get("provenance", {}).get("guard", {}).get("kept") == "uniform"
+            kinds = "uniform (guard)" if guarded else f"{len(r['options_used'])} kinds"
+            rows.append(["", f"alloc {scorer}", kinds, r["bpw"], r["code_bpw"],
                          r["model_bpw"], r["model_mb"], *_metrics(r), versus(r, uni)])
     out.append(table(headers, rows))
     out += ["", f"{report['bpw_note']}.", "KL: mean KL(reference || quantized) per token, nats; top-1: share of "
             "positions where the quantized model's most likely next token equals the reference's.",
             method_note(ev["windows"], ref["tokens"])]
+    if any(r.get("provenance", {}).get("guard", {}).get("kept") == "uniform"
+           for e in report["budgets"] for r in e["allocated"].values()):
+        out.append("uniform (guard): the allocation measured worse than the uniform plan on calibration KL, so the "
+                   "uniform plan was kept (--no-guard returns the allocation).")
     for n in report.get("notices", []):
         out.append(f"notice: {n}")
     return "\n".join(out)
