@@ -20,6 +20,7 @@ from bitalloc.plan import QUANTIZERS, Plan
 from bitalloc.problem import Budget, Constraints, build_problem
 from bitalloc.baselines import llama_rule_plan, uniform_plan  # noqa: F401  (public API)
 from bitalloc.refine import RefineSettings, finish_plan, make_probe
+from bitalloc.evaluate.llamacpp import evaluate_in_llamacpp  # noqa: F401  (public API)
 from bitalloc.text import calibration_text
 from bitalloc.scorers import ScorerSettings, ScoringContext, check_scorer, score
 from bitalloc.scoring import ErrorTable
@@ -267,35 +268,6 @@ def evaluate(model: str | None = None, *, quantized: str | None = None, referenc
         reference = reference_logprobs(ref.model, windows, progress=_tqdm(progress))
     result = evaluate_windows(m, windows, reference, progress=_tqdm(progress))
     return {"model": name, "text": label, "settings": settings.to_dict(), "result": result.to_dict()}
-
-
-def evaluate_in_llamacpp(gguf: str, *, reference_model: str | None = None, text_path: str | None = None,
-                         settings: EvalSettings = EvalSettings(), progress: bool = True,
-                         encoding: str = "utf-8") -> dict:
-    """Perplexity of a GGUF file run by llama.cpp itself; with
-    ``reference_model``, KL and top-1 against it: a .gguf reference runs in
-    llama.cpp too (same runtime on both sides), anything else in transformers."""
-    from bitalloc.evaluate.llamacpp import evaluate_gguf, llamacpp_logprobs
-    from bitalloc.loading import load_tokenizer
-
-    text, label = eval_text(text_path, encoding)
-    source = resolve_source(gguf)
-    tok = load_tokenizer(source)
-    if tok is None:
-        raise BitallocError(f"{gguf} holds no tokenizer that transformers can read; it cannot be evaluated on text.")
-    windows = token_windows(tok, text, settings)
-    reference, ref_label = None, None
-    if reference_model is not None:
-        ref_source = resolve_source(reference_model or None)
-        if ref_source.gguf_file:
-            ref_path = f"{ref_source.path}/{ref_source.gguf_file}"
-            reference, ref_label = llamacpp_logprobs(ref_path, windows, progress=_tqdm(progress)), "llama.cpp"
-        else:
-            ref = load(reference_model)
-            reference, ref_label = reference_logprobs(ref.model, windows, progress=_tqdm(progress)), "transformers"
-    result = evaluate_gguf(source.label, windows, reference, progress=_tqdm(progress))
-    return {"model": source.label, "runtime": "llama.cpp", "reference_runtime": ref_label, "text": label,
-            "settings": settings.to_dict(), "result": result.to_dict()}
 
 
 @dataclass

@@ -188,7 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Pipeline: load -> units -> error table -> plan -> quantize -> eval."))
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = p.add_subparsers(dest="command", required=True)
+    for add in (_plan_parser, _quantize_parser, _eval_parser, _run_parser, _compare_parser, _demo_parser):
+        _overwrite_arg(add(sub))
+    return p
 
+
+def _plan_parser(sub) -> argparse.ArgumentParser:
     sp = sub.add_parser("plan", help="score units and solve for a budget; write plan.json")
     sp.add_argument("--model", help=MODEL_HELP)
     _budget_args(sp, many=False)
@@ -199,8 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="where to write the plan (JSON)")
     sp.add_argument("--dry-run", action="store_true", help="print sizes and the feasible range; write nothing")
     sp.add_argument("--json", help="also write the summary as JSON here")
-    _overwrite_arg(sp)
+    return sp
 
+
+def _quantize_parser(sub) -> argparse.ArgumentParser:
     sq = sub.add_parser("quantize", help="quantize a model per a plan and save it (safetensors + plan)")
     sq.add_argument("--model", help=MODEL_HELP)
     sq.add_argument("--plan", required=True, help="plan.json from `bitalloc plan` (it names the quantizer)")
@@ -208,8 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "atomically)")
     _calib_args(sq)
     sq.add_argument("--encoding", type=A.encoding, help="encoding of a --calib-text file (default utf-8)")
-    _overwrite_arg(sq)
+    return sq
 
+
+def _eval_parser(sub) -> argparse.ArgumentParser:
     se = sub.add_parser("eval", help="perplexity (and KL to a reference) of a model or a quantized folder")
     src = se.add_mutually_exclusive_group()
     src.add_argument("--model", help=MODEL_HELP)
@@ -220,8 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
                                         "in llama.cpp too)")
     _eval_args(se)
     se.add_argument("--json", help="write the result as JSON here")
-    _overwrite_arg(se)
+    return se
 
+
+def _run_parser(sub) -> argparse.ArgumentParser:
     sr = sub.add_parser("run", help="all stages plus the uniform baseline at the same budget")
     sr.add_argument("--model", help=MODEL_HELP)
     _budget_args(sr, many=True)
@@ -229,8 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_args(sr)
     sr.add_argument("--plans-dir", help="also write each plan here")
     sr.add_argument("--json", help="write the report as JSON here")
-    _overwrite_arg(sr)
+    return sr
 
+
+def _compare_parser(sub) -> argparse.ArgumentParser:
     sc = sub.add_parser("compare", help="every scorer x quantizer x budget on one model: table, plot, correlations")
     sc.add_argument("--model", help=MODEL_HELP)
     sc.add_argument("--budgets", type=A.bpw_list, default=(2.5, 3.0, 3.5, 4.0),
@@ -241,16 +254,17 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_args(sc, windows=4)
     sc.set_defaults(bytes=None, over=None)
     sc.add_argument("--out", default="out/compare", help="folder for compare.json, compare.md, compare.png")
-    _overwrite_arg(sc)
+    return sc
 
+
+def _demo_parser(sub) -> argparse.ArgumentParser:
     sd = sub.add_parser("demo", help="the main job on the embedded SmolLM2-135M: reference, uniform and allocated RTN "
                                      f"at budgets {', '.join(map(str, DEMO_BUDGETS))} bpw, error tables "
                                      f"{', '.join(DEMO_SCORERS)}")
     sd.add_argument("--windows", type=A.positive_int(), default=8)
     sd.add_argument("--seq-len", type=A.positive_int(1 << 20, 2), default=512)
     sd.add_argument("--json", default="out/demo.json", help="where to write the report (default out/demo.json)")
-    _overwrite_arg(sd)
-    return p
+    return sd
 
 
 def _quiet_libraries() -> None:

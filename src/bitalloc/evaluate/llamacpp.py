@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from bitalloc.errors import BitallocError
-from bitalloc.evaluate import EvalResult
+from bitalloc.evaluate import EvalResult, EvalSettings
 from bitalloc.loading import check_gguf
 from bitalloc.stats import WindowSums
 
@@ -107,3 +107,35 @@ def evaluate_gguf(gguf_path: str | os.PathLike, windows: torch.Tensor,
     with_ref = reference_logprobs is not None
     return EvalResult.from_windows(WindowSums(tuple(tokens), tuple(nll), tuple(kl) if with_ref else None,
                                               tuple(agree) if with_ref else None))
+
+
+def evaluate_in_llamacpp(gguf: str, *, reference_model: str | None = None, text_path: str | None = None,
+                         settings: EvalSettings | None = None, progress: bool = True,
+                         encoding: str = "utf-8") -> dict:
+    """Perplexity of a GGUF file run by llama.cpp itself; with
+    ``reference_model``, KL and top-1 against it: a .gguf reference runs in
+    llama.cpp too (same runtime on both sides), anything else in transformers."""
+    from bitalloc.api import _tqdm, eval_text, load
+    from bitalloc.evaluate import token_windows
+    from bitalloc.evaluate import reference_logprobs as transformers_logprobs
+    from bitalloc.loading import load_tokenizer, resolve_source
+
+    settings = settings or EvalSettings()
+    text, label = eval_text(text_path, encoding)
+    source = resolve_source(gguf)
+    tok = load_tokenizer(source)
+    if tok is None:
+        raise BitallocError(f"{gguf} holds no tokenizer that transformers can read; it cannot be evaluated on text.")
+    windows = token_windows(tok, text, settings)
+    reference, ref_label = None, None
+    if reference_model is not None:
+        ref_source = resolve_source(reference_model or None)
+        if ref_source.gguf_file:
+            ref_path = f"{ref_source.path}/{ref_source.gguf_file}"
+            reference, ref_label = llamacpp_logprobs(ref_path, windows, progress=_tqdm(progress)), "llama.cpp"
+        else:
+            ref = load(reference_model)
+            reference, ref_label = transformers_logprobs(ref.model, windows, progress=_tqdm(progress)), "transformers"
+    result = evaluate_gguf(source.label, windows, reference, progress=_tqdm(progress))
+    return {"model": source.label, "runtime": "llama.cpp", "reference_runtime": ref_label, "text": label,
+            "settings": settings.to_dict(), "result": result.to_dict()}
