@@ -42,7 +42,7 @@ def timed_run(model, quantize, eval_row: torch.Tensor) -> tuple[float, tuple[dic
 
 def differences(a: tuple[dict, torch.Tensor], b: tuple[dict, torch.Tensor]) -> dict:
     """How two runs' (stored form per unit, logits) differ."""
-    from bitalloc.quant import dequantize
+    from bitalloc.formats.affine_rtn import dequantize
 
     (old, old_logits), (new, new_logits) = a, b
     weight_diff = max(float((dequantize(old[n]) - dequantize(new[n])).abs().max()) for n in old)
@@ -60,7 +60,7 @@ def run(windows: int, seq_len: int, option: str) -> dict:
     from bitalloc import api
     from bitalloc.calib import CalibSettings, calibration_windows
     from bitalloc.evaluate import EvalSettings, token_windows
-    from bitalloc.options import QuantOption
+    from bitalloc.formats.affine import QuantOption
     from bitalloc.problem import Budget
     from bitalloc.quantize import _quantize_sequential, _quantize_unit
     from bitalloc.quantizers.sequential import quantize_sequential

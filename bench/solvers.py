@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from bitalloc.options import build_menu, storage_bits
+from bitalloc.formats.affine import build_menu, storage_bits
 from bitalloc.solvers import solve_ilp, solve_lagrangian
 
 

@@ -4,8 +4,8 @@ import torch
 
 from bitalloc.calib import GramAccumulator
 from bitalloc.gptq import gptq_quantize
-from bitalloc.options import QuantOption
-from bitalloc.quant import dequantize, quantize_rtn
+from bitalloc.formats.affine import QuantOption
+from bitalloc.formats.affine_rtn import dequantize, quantize_rtn
 
 OPTIONS = [QuantOption(b, g, s) for b in (2, 3, 4) for g in (32, 0) for s in (False, True)]
 
@@ -54,7 +54,7 @@ def test_gram_accumulation_equals_one_shot():
 
 @pytest.mark.parametrize("sym", [False, True])
 def test_mixed_column_bits_gptq_diag_equals_rtn_and_round_trips(sym):
-    from bitalloc.quant import pack_weight_codes, unpack_weight_codes
+    from bitalloc.formats.affine_rtn import pack_weight_codes, unpack_weight_codes
 
     torch.manual_seed(4)
     W = torch.randn(16, 128)

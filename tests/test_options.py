@@ -1,7 +1,7 @@
 import pytest
 
 from bitalloc.errors import BitallocError, GroupSizeError
-from bitalloc.options import QuantOption, build_menu, storage_bits
+from bitalloc.formats.affine import QuantOption, build_menu, storage_bits
 
 
 @pytest.mark.parametrize(

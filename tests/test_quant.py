@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from bitalloc.options import QuantOption
-from bitalloc.quant import dequantize, fake_quantize, pack_bits, quantize_rtn, unpack_bits
+from bitalloc.formats.affine import QuantOption
+from bitalloc.formats.affine_rtn import dequantize, fake_quantize, pack_bits, quantize_rtn, unpack_bits
 
 OPTIONS = [QuantOption(b, g, s) for b in (2, 3, 4, 8) for g in (16, 0) for s in (False, True)]
 

@@ -61,8 +61,8 @@ def test_gptq_beats_rtn_on_real_layers(smol):
     own layers, with H from a little calibration text."""
     from bitalloc.calib import CalibSettings, accumulate_hessians, calibration_windows
     from bitalloc.gptq import gptq_quantize
-    from bitalloc.options import QuantOption
-    from bitalloc.quant import dequantize, quantize_rtn
+    from bitalloc.formats.affine import QuantOption
+    from bitalloc.formats.affine_rtn import dequantize, quantize_rtn
     from bitalloc.text import wiki_text
     from bitalloc.units import Inventory, get_weight
 

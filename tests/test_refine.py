@@ -13,7 +13,7 @@ import pytest
 
 from bitalloc import api
 from bitalloc.cli import main
-from bitalloc.options import QuantOption
+from bitalloc.formats.affine import QuantOption
 from bitalloc.problem import Budget, Problem, build_problem
 from bitalloc.refine import RefineSettings, assignment_choice, frontier_neighbours, guard, local_choice, make_probe, refine
 
@@ -143,7 +143,7 @@ def test_default_plans_are_never_worse_than_uniform_on_calibration_kl(loaded):
     plan returned measures no worse than the uniform plan of the same size on
     the guard's calibration windows (measured here again, independently)."""
     from bitalloc.probe import CalibrationProbe
-    from bitalloc.quant import fake_quantize
+    from bitalloc.formats.affine_rtn import fake_quantize
     from bitalloc.text import calibration_text
 
     check = CalibrationProbe(loaded.model, loaded.tokenizer, loaded.inventory, calibration_text(None), windows=4,

@@ -8,9 +8,9 @@ from bitalloc import api
 from bitalloc.calib import CalibSettings
 from bitalloc.compare import CompareSettings, compare, correlations, write_outputs
 from bitalloc.evaluate import EvalSettings
-from bitalloc.options import QuantOption
+from bitalloc.formats.affine import QuantOption
 from bitalloc.problem import Budget
-from bitalloc.quant import fake_quantize
+from bitalloc.formats.affine_rtn import fake_quantize
 from bitalloc.scorers import SCORERS, ScorerSettings, score
 from bitalloc.units import get_weight
 
@@ -139,7 +139,7 @@ def test_kl_probes_quantize_as_the_plans_quantizer(ctx):
     """With GPTQ the kl table describes GPTQ's error: its probe entries equal
     the KL of the unit stored by GPTQ with its own Hessian, not by RTN."""
     from bitalloc.gptq import gptq_quantize
-    from bitalloc.quant import dequantize
+    from bitalloc.formats.affine_rtn import dequantize
     from bitalloc.scorers import ScoringContext
 
     g = ScoringContext(ctx.model, ctx.tokenizer, ctx.inventory, ctx.options, calib_text=ctx.calib_text,

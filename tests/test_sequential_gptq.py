@@ -9,9 +9,9 @@ import torch
 
 from bitalloc import api
 from bitalloc.calib import CalibSettings, calibration_windows
-from bitalloc.options import QuantOption
+from bitalloc.formats.affine import QuantOption
 from bitalloc.problem import Budget
-from bitalloc.quant import dequantize
+from bitalloc.formats.affine_rtn import dequantize
 from bitalloc.quantize import _quantize_sequential, _quantize_unit, restored
 from bitalloc.quantizers.sequential import LayerCaptureError, quantize_sequential
 from bitalloc.scorers import score

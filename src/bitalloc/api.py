@@ -15,7 +15,7 @@ from bitalloc.calib import CalibSettings
 from bitalloc.errors import BitallocError
 from bitalloc.evaluate import EvalSettings, evaluate as evaluate_windows, reference_logprobs, reference_result, token_windows
 from bitalloc.loading import ModelSource, load_model, resolve_source
-from bitalloc.options import DEFAULT_BITS, DEFAULT_GROUP_SIZES, QuantOption, build_menu, group_count
+from bitalloc.formats.affine import DEFAULT_BITS, DEFAULT_GROUP_SIZES, QuantOption, build_menu, group_count
 from bitalloc.plan import QUANTIZERS, Plan
 from bitalloc.problem import Budget, Constraints, build_problem
 from bitalloc.baselines import llama_rule_plan, uniform_plan  # noqa: F401  (public API)

@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from bitalloc.errors import BitallocError
-from bitalloc.options import QuantOption
+from bitalloc.formats.affine import QuantOption
 from bitalloc.plan import Plan
 from bitalloc.problem import Constraints, budget_bits, cost_matrix, sizes_of
 from bitalloc.scoring import ErrorTable

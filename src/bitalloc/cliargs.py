@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from bitalloc.options import SUPPORTED_BITS
+from bitalloc.formats.affine import SUPPORTED_BITS
 
 MAX_BPW = 32.0  # no stored format spends more than fp32
 MIN_GROUP, MAX_GROUP, GROUP_STEP = 16, 8192, 16  # group sizes: multiples of 16 (or 'channel')

@@ -15,7 +15,7 @@ from bitalloc import api
 from bitalloc.errors import BitallocError
 from bitalloc.evaluate import EvalSettings
 from bitalloc.fileio import write_atomic, write_json
-from bitalloc.options import QuantOption
+from bitalloc.formats.affine import QuantOption
 from bitalloc.report import versus, with_ci
 from bitalloc.scorers import SCORERS, score
 from bitalloc.stats import method_note

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from bitalloc.options import QuantOption, group_count
-from bitalloc.quant import QuantizedWeight, choose_qparams, group_bits_of, group_size_of, grouped, pack_weight, quantize_codes
+from bitalloc.formats.affine import QuantOption, group_count
+from bitalloc.formats.affine_rtn import QuantizedWeight, choose_qparams, group_bits_of, group_size_of, grouped, pack_weight, quantize_codes
 
 BLOCK = 128  # columns per lazy-update block; a multiple of every group size <= 128
 

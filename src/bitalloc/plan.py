@@ -9,7 +9,7 @@ from pathlib import Path
 
 from bitalloc.errors import BitallocError, PlanMismatchError
 from bitalloc.fileio import read_json, write_json
-from bitalloc.options import QuantOption
+from bitalloc.formats.affine import QuantOption
 from bitalloc.problem import Budget, Constraints, Sizes, sizes_of
 from bitalloc.schema import check_header, need, string_map
 from bitalloc.units import Inventory

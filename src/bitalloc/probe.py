@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitalloc.evaluate import EvalSettings, token_windows
-from bitalloc.options import QuantOption
+from bitalloc.formats.affine import QuantOption
 from bitalloc.units import Inventory, Unit, get_weight, layer_index, set_weight
 
 # (unit, its original (out, in) weight, option) -> dequantized (out, in) weight

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from bitalloc.errors import BitallocError, InfeasibleBudgetError
-from bitalloc.options import QuantOption, storage_bits
+from bitalloc.formats.affine import QuantOption, storage_bits
 from bitalloc.units import Inventory
 
 BUDGET_KINDS = ("bpw", "bytes")

@@ -15,10 +15,10 @@ import torch
 
 from bitalloc.errors import BitallocError
 from bitalloc.fileio import dumps_json, file_digest, read_json, replace_dir_atomic
-from bitalloc.options import QuantOption
+from bitalloc.formats.affine import QuantOption
 from bitalloc.plan import Plan
 from bitalloc.schema import check_header, need
-from bitalloc.quant import QuantizedWeight, dequantize, pack_weight_codes, quantize_rtn, unpack_weight_codes
+from bitalloc.formats.affine_rtn import QuantizedWeight, dequantize, pack_weight_codes, quantize_rtn, unpack_weight_codes
 from bitalloc.units import Inventory, Unit, check_finite, get_weight, set_weight
 
 SAVED_FORMAT = "bitalloc.quantized"

@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 
 from bitalloc.errors import BitallocError
-from bitalloc.options import QuantOption
+from bitalloc.formats.affine import QuantOption
 from bitalloc.plan import Plan
 from bitalloc.probe import CalibrationProbe, Measure
 from bitalloc.problem import Problem
@@ -185,7 +185,7 @@ def assignment_choice(problem: Problem, units: list, plan: Plan) -> np.ndarray:
 
 
 def rtn_weight(unit, W, option: QuantOption, *, allow_ragged: bool = False):
-    from bitalloc.quant import fake_quantize
+    from bitalloc.formats.affine_rtn import fake_quantize
 
     return fake_quantize(W, option, allow_ragged=allow_ragged)
 
@@ -200,7 +200,7 @@ def make_probe(loaded, settings, hessians: dict | None = None) -> CalibrationPro
 
     def gptq_weight(unit, W, option):
         from bitalloc.gptq import gptq_quantize
-        from bitalloc.quant import dequantize
+        from bitalloc.formats.affine_rtn import dequantize
 
         return dequantize(gptq_quantize(W, hessians[unit.name], option, allow_ragged=settings.menu.allow_ragged)[0])
 

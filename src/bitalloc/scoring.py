@@ -12,7 +12,7 @@ import numpy as np
 
 from bitalloc.errors import BitallocError, PlanMismatchError
 from bitalloc.fileio import read_json, write_json
-from bitalloc.options import QuantOption
+from bitalloc.formats.affine import QuantOption
 from bitalloc.schema import check_header, need, number_list
 from bitalloc.units import Inventory
 

@@ -12,7 +12,8 @@ A format is a small object with
   mean squared activation of each input column);
 - ``dequantize(stored) -> W``: float32 ``(out, in)``.
 
-Families live in submodules (``gguf_types``: llama.cpp's own types, quantized
+Families live in submodules (``affine`` + ``affine_rtn``: integer affine codes
+with fp16 scales and zeros; ``gguf_types``: llama.cpp's own types, quantized
 by ggml itself through ``ggml``). This package imports nothing heavy; a format
 loads its backend the first time it is used.
 """

@@ -37,7 +37,7 @@ from torch import nn
 from bitalloc.calib import GramAccumulator, unit_modules
 from bitalloc.errors import BitallocError
 from bitalloc.plan import Plan
-from bitalloc.quant import QuantizedWeight, dequantize
+from bitalloc.formats.affine_rtn import QuantizedWeight, dequantize
 from bitalloc.units import Inventory, Unit, layer_index, set_weight
 
 # (model, unit, plan, H (in, in)) -> stored weight; bitalloc.quantize._quantize_unit

@@ -18,8 +18,8 @@ from bitalloc.calib import CalibSettings, cached_hessians, calibration_windows
 from bitalloc.errors import BitallocError, GroupSizeError
 from bitalloc.fileio import write_json
 from bitalloc.gptq import inverse_hessian_factor
-from bitalloc.options import QuantOption, group_count
-from bitalloc.quant import fake_quantize
+from bitalloc.formats.affine import QuantOption, group_count
+from bitalloc.formats.affine_rtn import fake_quantize
 from bitalloc.scoring import ErrorTable
 from bitalloc.text import cache_dir
 from bitalloc.units import check_finite, get_weight
@@ -56,7 +56,7 @@ class ScoringContext:
         last group allowed, as the probes need options of any group size)."""
         if self.quantizer == "gptq":
             from bitalloc.gptq import gptq_quantize
-            from bitalloc.quant import dequantize
+            from bitalloc.formats.affine_rtn import dequantize
 
             H = self.hessians[unit.name]
             return dequantize(gptq_quantize(W, H, option, damp=self.settings.damp, allow_ragged=True)[0])

@@ -7,8 +7,8 @@ import numpy as np
 import torch
 
 from bitalloc.errors import GroupSizeError
-from bitalloc.options import QuantOption
-from bitalloc.quant import fake_quantize
+from bitalloc.formats.affine import QuantOption
+from bitalloc.formats.affine_rtn import fake_quantize
 from bitalloc.scorers.context import ScoringContext, make_table
 from bitalloc.scoring import ErrorTable
 from bitalloc.units import get_weight

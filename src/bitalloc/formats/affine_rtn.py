@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from bitalloc.errors import BitallocError
-from bitalloc.options import QuantOption, group_count
+from bitalloc.formats.affine import QuantOption, group_count
 
 FP16_TINY = 2.0**-24  # smallest positive fp16 (subnormal)
 FP16_MAX = 65504.0
