@@ -180,6 +180,31 @@ CASES = (
     C("gguf-missing", "eval --gguf {missing}.gguf", "does not exist"),
     C("gguf-random-bytes", "eval --gguf {random_gguf}", "does not start with the GGUF magic"),
     C("gguf-and-quantized", "eval --gguf {random_gguf} --quantized {q}", "not allowed with argument --gguf"),
+    # ---- GGUF types as options, export, compare with llama.cpp presets --------------------
+    C("gguf-with-bits", "plan --format gguf --bits 4 --bpw 5 --out {new}", "--bits would be ignored"),
+    C("gguf-fine-groups", "plan --format gguf --fine-groups --bpw 5 --out {new}", "--fine-groups would be ignored"),
+    C("gguf-type-unknown", "plan --format gguf --types Q4_K,Q9_K --bpw 5 --out {new}", "Unknown or unsupported GGUF type"),
+    C("types-without-gguf", "plan --types Q4_K --bpw 5 --out {new}", "add --format gguf"),
+    C("gguf-with-gptq", "plan --format gguf --quantizer gptq --bpw 5 --out {new}", "not by GPTQ"),
+    C("gguf-with-salience", "plan --format gguf --scorer salience --bpw 5 --out {new}", "cannot store"),
+    C("no-imatrix-int-menu", "plan --no-imatrix --bpw 4 --out {new}", "--no-imatrix would be ignored"),
+    C("keep-type-without-embeddings", "plan --keep-type int8-pc-sym --bpw 4 --out {new}", "only with --embeddings"),
+    C("keep-type-not-gguf-menu", "plan --format gguf --keep-type Q4_K --types Q8_0,F16 --bpw 9 --out {new}",
+      "is not in the menu"),
+    C("keep-type-not-int-menu", M + " plan --embeddings --keep-type int4-g128-sym --bpw 4 --out {new}",
+      "is not in the menu", loads=True),
+    C("export-missing-plan", "export {missing} --out {new}.gguf", "does not exist"),
+    C("export-int-plan", "export {plan} --out {new}.gguf", "assigns integer options"),
+    C("export-hf-source", M + " export {gguf_plan} --out {new}.gguf", "is not one. Convert it"),
+    C("export-out-exists", "export {gguf_plan} --out {user_file}", "already exists; bitalloc replaces it only"),
+    C("export-out-folder", "export {gguf_plan} --out {folder}", "is a folder"),
+    C("export-same-files", "export {gguf_plan} --out {new}.gguf --tensor-types {new}.gguf", "three different files"),
+    C("export-imatrix-without", "export {gguf_plan} --out {new}.gguf --imatrix {new}.imatrix", "--imatrix would be ignored"),
+    C("export-to-other", "export {gguf_plan} --to safetensors --out {new}.gguf", "invalid choice: 'safetensors'"),
+    C("compare-gguf-budgets", "compare --format gguf --budgets 3.5", "--budgets would be ignored"),
+    C("compare-presets-int", "compare --presets Q4_K_M", "--presets would be ignored"),
+    C("compare-gguf-preset-unknown", "compare --format gguf --presets Q4_K_X --out {newdir}", "Unknown llama.cpp preset"),
+    C("compare-gguf-hf-source", M + " compare --format gguf --out {newdir}", "is not one. Convert it"),
 )
 
 
@@ -269,6 +294,10 @@ def build_workspace(root: Path) -> dict[str, str]:
     }
     for name, data in variants.items():
         ws[name] = _write(root / f"{name}.json", data)
+    ws["gguf_plan"] = str(root / "gguf-plan.json")
+    gguf_settings = api.PlanSettings(Budget(6.0), keep_bits=32, guard=False,
+                                     menu=api.MenuSettings(format="gguf", embeddings=True, imatrix=False))
+    api.plan(settings=gguf_settings, loaded=api.load(ws["tiny"], embeddings=True), out=ws["gguf_plan"], progress=False)
     ws["plan_budget_inf"] = _write(root / "plan_budget_inf.json",
                                    Path(ws["plan"]).read_text().replace('"value": 4.0', '"value": Infinity'))
     ws["q"] = str(root / "q")

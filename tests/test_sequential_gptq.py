@@ -62,7 +62,7 @@ def uniform(inventory, option: str):
 def both_drivers(model, inventory, plan, windows):
     """(stored, logits on window 0) of the per-layer driver, then of the one-pass one."""
     results = []
-    for run in (lambda: _quantize_sequential(model, inventory, plan, windows, None),
+    for run in (lambda: _quantize_sequential(model, inventory, plan, windows, _quantize_unit, None),
                 lambda: quantize_sequential(model, inventory, plan, windows, _quantize_unit)):
         with restored(model), torch.no_grad():
             stored = run()

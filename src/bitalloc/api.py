@@ -10,13 +10,15 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
 
 from bitalloc.calib import CalibSettings
 from bitalloc.errors import BitallocError
 from bitalloc.evaluate import EvalSettings, evaluate as evaluate_windows, reference_logprobs, reference_result, token_windows
 from bitalloc.loading import ModelSource, load_model, resolve_source
+from bitalloc.formats import is_gguf
 from bitalloc.formats.affine import QuantOption
-from bitalloc.formats.menu import FINE_GROUPS, MenuSettings, fine_group_sizes, resolve_menu  # noqa: F401  (public API)
+from bitalloc.formats.menu import MenuSettings, keep_type_rules, resolve_menu
 from bitalloc.plan import QUANTIZERS, Plan
 from bitalloc.problem import Budget, Constraints, build_problem
 from bitalloc.baselines import llama_rule_plan, uniform_plan  # noqa: F401  (public API)
@@ -58,6 +60,12 @@ class PlanSettings:
 
     def __post_init__(self) -> None:
         check_scorer(self.scorer)
+        if self.menu.format == "gguf" and self.quantizer != "rtn":
+            raise BitallocError("GGUF types are quantized by ggml's own quantizers (with the importance matrix), "
+                                "not by GPTQ; drop --quantizer gptq or use the integer menu.")
+        if self.menu.format == "gguf" and self.scorer in ("salience", "baq"):
+            raise BitallocError(f"The {self.scorer} scorer mixes bit-widths inside a tensor, which GGUF types cannot "
+                                "store; choose another scorer with --format gguf.")
         if self.quantizer not in QUANTIZERS:
             raise BitallocError(f"The 'quantizer' parameter must be one of {list(QUANTIZERS)}. Got {self.quantizer!r} instead.")
 
@@ -68,12 +76,44 @@ class Loaded:
     tokenizer: object
     source: ModelSource
     inventory: Inventory
+    importance: dict | None = None  # unit -> (in,) mean squared input (llama.cpp's imatrix), for GGUF types
 
 
-def load(model: str | None = None) -> Loaded:
+def load(model: str | None = None, *, embeddings: bool = False) -> Loaded:
     source = resolve_source(model)
     m, tok = load_model(source)
-    return Loaded(m, tok, source, find_units(m))
+    return Loaded(m, tok, source, find_units(m, embeddings=embeddings))
+
+
+def prepare(loaded: Loaded, settings: PlanSettings, progress: bool = True) -> tuple[Loaded, PlanSettings]:
+    """What the menu needs before anything is measured: the embedding and
+    output units (``menu.embeddings``), ``--keep-type`` as allow rules, and
+    for GGUF types the importance matrix from the calibration text, taken
+    from the model as loaded."""
+    if settings.menu.embeddings and not loaded.inventory.embedding_units:
+        loaded = replace(loaded, inventory=find_units(loaded.model, embeddings=True), importance=None)
+    if settings.menu.keep_type:
+        options, _ = resolve_menu(loaded.inventory, settings.menu)
+        rules = keep_type_rules(loaded.inventory, settings.menu, options)
+        constraints = replace(settings.constraints, allow=tuple(settings.constraints.allow) + rules)
+        settings = replace(settings, constraints=constraints)
+    if settings.menu.format == "gguf" and settings.menu.imatrix:
+        ensure_importance(loaded, settings, progress)
+    return loaded, settings
+
+
+def ensure_importance(loaded: Loaded, settings: PlanSettings, progress: bool = True) -> dict:
+    """llama.cpp's importance vectors E[x_j^2] per unit (the diagonal of the
+    calibration Gram matrices H = 2 X^T X / n, halved); none for a token
+    embedding read by lookup."""
+    if loaded.importance is None:
+        from bitalloc.calib import cached_hessians
+
+        text = calibration_text(settings.calib_text, settings.text_encoding)
+        H = cached_hessians(loaded.model, loaded.inventory, loaded.tokenizer, text, settings.calib,
+                            progress=_tqdm(progress))
+        loaded.importance = {name: torch.diagonal(h).float() / 2 for name, h in H.items()}
+    return loaded.importance
 
 
 def preflight(loaded: Loaded, settings: PlanSettings, budgets: Sequence[float] = (),
@@ -113,7 +153,7 @@ def scoring_context(loaded: Loaded, settings: PlanSettings, options: Sequence[Qu
     return ScoringContext(loaded.model, loaded.tokenizer, loaded.inventory, options, calib_text=text,
                           calib=settings.calib, settings=settings.scorer_settings,
                           allow_ragged=settings.menu.allow_ragged, progress=_tqdm(progress),
-                          quantizer=settings.quantizer)
+                          quantizer=settings.quantizer, importance=loaded.importance)
 
 
 def solve_plan(inventory: Inventory, table: ErrorTable, settings: PlanSettings, model_label: str) -> Plan:
@@ -131,7 +171,14 @@ def solve_plan(inventory: Inventory, table: ErrorTable, settings: PlanSettings, 
     return Plan(assignment, inventory.identity, model_label, settings.budget, table.scorer, settings.solver,
                 solution.objective, settings.keep_bits, settings.menu.allow_ragged, settings.constraints,
                 quantizer=settings.quantizer, act_order=settings.act_order, sequential=settings.sequential,
-                column_bits=column_bits, model_content=inventory.content_id)
+                column_bits=column_bits, model_content=inventory.content_id, provenance=importance_record(settings))
+
+
+def importance_record(settings: PlanSettings) -> dict:
+    """Where a GGUF plan's importance matrix comes from (export recomputes it from the same text)."""
+    if settings.menu.format != "gguf" or not settings.menu.imatrix:
+        return {}
+    return {"importance": {"calib": settings.calib.to_dict(), "text": settings.calib_text or "default calibration half"}}
 
 
 def plan(model: str | None = None, *, settings: PlanSettings, table_path: str | None = None,
@@ -139,7 +186,7 @@ def plan(model: str | None = None, *, settings: PlanSettings, table_path: str | 
          progress: bool = True, loaded: Loaded | None = None) -> Plan:
     """Score (or reuse a saved error table), solve, and write the plan file.
     Everything that can fail without scoring is checked before scoring."""
-    loaded = loaded or load(model)
+    loaded, settings = prepare(loaded or load(model, embeddings=settings.menu.embeddings), settings, progress)
     if table_path:
         table = ErrorTable.load(table_path)
     if table is not None:
@@ -184,6 +231,10 @@ def quantize(model: str | None = None, *, plan_path: str, out: str, progress: bo
 
     loaded = loaded or load(model)
     the_plan = Plan.load(plan_path)
+    if any(is_gguf(o) for o in the_plan.assignment.values()):
+        raise BitallocError(f"The plan {plan_path!r} assigns GGUF types; write it as a llama.cpp file with "
+                            f"`bitalloc export {plan_path} --to gguf --out FILE.gguf`.")
+    loaded = with_plan_units(loaded, the_plan)
     the_plan.check_model(loaded.inventory)
     notices = []
     if the_plan.model_content and the_plan.model_content != loaded.inventory.content_id:
@@ -195,6 +246,13 @@ def quantize(model: str | None = None, *, plan_path: str, out: str, progress: bo
     sizes = the_plan.sizes(loaded.inventory)
     return {"out": str(folder), "file_bytes": (folder / "model.safetensors").stat().st_size, "sizes": sizes.to_dict(),
             "notices": notices}
+
+
+def with_plan_units(loaded: Loaded, the_plan: Plan) -> Loaded:
+    """The inventory a plan was made on: with the embedding units if it plans them."""
+    if set(the_plan.assignment) - {u.name for u in loaded.inventory.units} and not loaded.inventory.embedding_units:
+        return replace(loaded, inventory=find_units(loaded.model, embeddings=True), importance=None)
+    return loaded
 
 
 def eval_text(text_path: str | None, encoding: str = "utf-8") -> tuple[str, str]:
@@ -247,7 +305,8 @@ def plan_row(loaded: Loaded, the_plan: Plan, bench: EvalBench, progress: bool, d
     t0 = time.perf_counter()
     with restored(loaded.model):
         quantize_model(loaded.model, loaded.inventory, the_plan, hessians=bench.hessians, cache=bench.gptq_cache,
-                       calib_windows=bench.calib_windows, progress=_tqdm(progress and the_plan.sequential))
+                       calib_windows=bench.calib_windows, progress=_tqdm(progress and the_plan.sequential),
+                       importance=loaded.importance)
         t_quant = time.perf_counter() - t0
         result = evaluate_windows(loaded.model, bench.windows, bench.reference, progress=_tqdm(progress), desc=desc)
     sizes = the_plan.sizes(loaded.inventory)
@@ -299,7 +358,7 @@ def run(model: str | None = None, *, settings: PlanSettings, scorers: Sequence[s
     each budget (and scorer), evaluated on the same windows. One measurement
     serves every scorer and budget. What can fail without scoring (budgets,
     menu, ties, too little text) fails before scoring."""
-    loaded = loaded or load(model)
+    loaded, settings = prepare(loaded or load(model, embeddings=settings.menu.embeddings), settings, progress)
     scorers = list(scorers or [settings.scorer])
     for name in scorers:
         check_scorer(name)

@@ -39,9 +39,12 @@ def calibration_windows(tokenizer, text: str, settings: CalibSettings) -> torch.
 
 
 def unit_modules(inventory: Inventory) -> list[str]:
-    """Module names whose input Gram matrix the units need (one per linear)."""
+    """Module names whose input Gram matrix the units need (one per linear;
+    none for a token embedding read by lookup)."""
     names = []
     for u in inventory.units:
+        if u.lookup:  # a token embedding: its input is token ids, no Gram matrix
+            continue
         if u.index is not None:
             raise BitallocError(
                 f"Calibrated scorers and GPTQ do not yet support fused expert slices such as {u.name}; "
@@ -92,10 +95,10 @@ class GramAccumulator:
 
 def _valid_hessians(H: dict[str, torch.Tensor], inventory: Inventory) -> bool:
     """One finite (in, in) matrix per unit, nothing else."""
-    if set(H) != {u.name for u in inventory.units}:
+    units = [u for u in inventory.units if not u.lookup]
+    if set(H) != {u.name for u in units}:
         return False
-    return all(H[u.name].shape == (u.shape[1], u.shape[1]) and bool(torch.isfinite(H[u.name]).all())
-               for u in inventory.units)
+    return all(H[u.name].shape == (u.shape[1], u.shape[1]) and bool(torch.isfinite(H[u.name]).all()) for u in units)
 
 
 @torch.no_grad()

@@ -70,12 +70,32 @@ def _menu_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-bits", type=A.bits_value)
     g.add_argument("--max-bits", type=A.bits_value)
     g.add_argument("--tie", default="", help="tie groups sharing one option: qkv, gate_up, ... or all")
-    g.add_argument("--keep-bits", type=int, choices=(16, 32), default=16,
-                   help="precision of tensors that are not quantized (embeddings, norms); counted in model size")
+    g.add_argument("--keep-bits", type=int, choices=(16, 32),
+                   help="precision of tensors that are not quantized (embeddings, norms); counted in model size "
+                        "(default 16; 32 with --format gguf, where norms are F32)")
+    _format_args(p)
     _quantizer_args(p)
     _calib_args(p)
     _scorer_args(p)
     _refine_args(p)
+
+
+def _format_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("storage formats")
+    g.add_argument("--format", choices=("int", "gguf"), default="int",
+                   help="int: integer affine options (default); gguf: llama.cpp's own types (Q4_K, IQ4_XS, ...), "
+                        "quantized by ggml with the importance matrix, per unit those whose block fits its rows; "
+                        "the token embedding and output matrix are units too")
+    g.add_argument("--types", type=A.name_list, help="--format gguf: the GGUF types offered (default: every type "
+                                                     "the installed ggml supports)")
+    g.add_argument("--embeddings", action="store_true",
+                   help="plan the token embedding and the output matrix too (a tied pair is one unit); always on "
+                        "with --format gguf")
+    g.add_argument("--keep-type", help="store the embedding/output units at this option instead of planning "
+                                       "them, e.g. Q8_0 or int8-pc-sym (counted in the budget)")
+    g.add_argument("--no-imatrix", action="store_true",
+                   help="--format gguf: quantize without llama.cpp's importance matrix (types that need one are "
+                        "then unavailable)")
 
 
 def _quantizer_args(p: argparse.ArgumentParser) -> None:
@@ -188,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Pipeline: load -> units -> error table -> plan -> quantize -> eval."))
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_plan_parser, _quantize_parser, _eval_parser, _run_parser, _compare_parser, _demo_parser):
+    for add in (_plan_parser, _quantize_parser, _export_parser, _eval_parser, _run_parser, _compare_parser,
+                _demo_parser):
         _overwrite_arg(add(sub))
     return p
 
@@ -216,6 +237,21 @@ def _quantize_parser(sub) -> argparse.ArgumentParser:
     _calib_args(sq)
     sq.add_argument("--encoding", type=A.encoding, help="encoding of a --calib-text file (default utf-8)")
     return sq
+
+
+def _export_parser(sub) -> argparse.ArgumentParser:
+    sx = sub.add_parser("export", help="write a plan of GGUF types as a llama.cpp file (and its recipe and imatrix)")
+    sx.add_argument("plan", help="plan.json from `bitalloc plan --format gguf`")
+    sx.add_argument("--to", choices=("gguf",), default="gguf", help="target format (gguf)")
+    sx.add_argument("--model", help=MODEL_HELP + "; must be a .gguf file (llama.cpp's converter makes one from a "
+                                                 "Hugging Face folder: convert_hf_to_gguf.py --outtype f16)")
+    sx.add_argument("--out", required=True, help="the .gguf file to write (atomically)")
+    sx.add_argument("--tensor-types", help="also write the plan as llama-quantize --tensor-type-file lines here")
+    sx.add_argument("--imatrix", help="also write the importance matrix here (GGUF imatrix, for llama-quantize "
+                                      "--imatrix)")
+    _calib_args(sx)
+    sx.add_argument("--encoding", type=A.encoding, help="encoding of a --calib-text file (default utf-8)")
+    return sx
 
 
 def _eval_parser(sub) -> argparse.ArgumentParser:
@@ -246,10 +282,15 @@ def _run_parser(sub) -> argparse.ArgumentParser:
 def _compare_parser(sub) -> argparse.ArgumentParser:
     sc = sub.add_parser("compare", help="every scorer x quantizer x budget on one model: table, plot, correlations")
     sc.add_argument("--model", help=MODEL_HELP)
-    sc.add_argument("--budgets", type=A.bpw_list, default=(2.5, 3.0, 3.5, 4.0),
-                    help="bpw budgets over the quantized units (default 2.5,3,3.5,4)")
-    sc.add_argument("--scorers", default="all", type=lambda t: "all" if t == "all" else _scorer_list(t),
-                    help="comma list, or 'all'")
+    sc.add_argument("--budgets", type=A.bpw_list,
+                    help="bpw budgets over the quantized units (default 2.5,3,3.5,4; with --format gguf the "
+                         "presets' sizes are the budgets)")
+    sc.add_argument("--scorers", type=lambda t: "all" if t == "all" else _scorer_list(t),
+                    help="comma list, or 'all' (default all; with --format gguf rtn-mse-rel,kl)")
+    sc.add_argument("--presets", type=A.name_list,
+                    help="--format gguf: llama.cpp presets to compare with, at their exact sizes (default Q2_K, "
+                         "Q3_K_S, Q3_K_M, Q3_K_L, IQ4_XS, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K); the model must "
+                         "be a .gguf file")
     _menu_args(sc)
     _eval_args(sc, windows=4)
     sc.set_defaults(bytes=None, over=None)

@@ -129,3 +129,11 @@ def encoding(text: str) -> str:
         return check_encoding(text)
     except BitallocError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def name_list(text: str) -> tuple[str, ...]:
+    """'Q4_K,q5_k, IQ4_XS' -> ('Q4_K', 'Q5_K', 'IQ4_XS'): GGUF type names, checked later against ggml."""
+    names = tuple(t.strip().upper() for t in text.split(",") if t.strip())
+    if not names:
+        raise _bad("a list of GGUF types", text, "e.g. Q4_K,Q5_K,Q8_0")
+    return names

@@ -7,106 +7,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from bitalloc.errors import BitallocError
-
-# (flag, attribute, applies(args), why it would be ignored otherwise)
-_SCORER_ONLY = (
-    ("--alpha-gamma", "alpha_gamma", lambda a: _uses(a, "alpha", "alpha-rel"), "only the alpha scorers use it"),
-    ("--alpha-fit", "alpha_fit", lambda a: _uses(a, "alpha", "alpha-rel"), "only the alpha scorers use it"),
-    ("--farms", "farms", lambda a: _uses(a, "alpha", "alpha-rel"), "only the alpha scorers use it"),
-    ("--probe-windows", "probe_windows", lambda a: _uses(a, "kl", "linearity"), "only kl and linearity probe"),
-    ("--probe-seq-len", "probe_seq_len", lambda a: _uses(a, "kl", "linearity"), "only kl and linearity probe"),
-    ("--act-order", "act_order", lambda a: "gptq" in (a.quantizer or ()), "only GPTQ orders columns"),
-    ("--gptq-sequential", "gptq_sequential", lambda a: "gptq" in (a.quantizer or ()), "it is a GPTQ setting"),
+from bitalloc.checks import (  # noqa: F401  (also used by exporting and compare_gguf)
+    _given, _scorers_of, check_model_source, check_report_path, fill_defaults, prepare_planning, read_texts,
 )
-_CALIBRATED = ("hessian", "output", "taylor", "linearity", "kl", "salience", "baq")
-
-
-def _uses(args, *scorers: str) -> bool:
-    chosen = _scorers_of(args)
-    return any(s in chosen for s in scorers)
-
-
-def _scorers_of(args) -> tuple[str, ...]:
-    from bitalloc.scorers import SCORERS
-
-    scorers = getattr(args, "scorers", None)
-    if scorers is not None:
-        return tuple(SCORERS) if scorers == "all" else scorers
-    return args.scorer or ("rtn-mse-rel",)
-
-
-def _given(args, attr: str) -> bool:
-    value = getattr(args, attr, None)
-    return value is not None and value is not False and value != [] and value != ""
-
-
-def refuse_ignored(args) -> None:
-    """An option that the rest of the command line makes meaningless is an
-    error, never silently dropped."""
-    for flag, attr, applies, why in _SCORER_ONLY:
-        if _given(args, attr) and not applies(args):
-            raise BitallocError(f"{flag} would be ignored: {why}, and this command uses scorer(s) "
-                                f"{', '.join(_scorers_of(args))} with quantizer(s) {', '.join(args.quantizer or ('rtn',))}.")
-    calib = [f for f, a in (("--calib-text", "calib_text"), ("--calib-windows", "calib_windows"),
-                            ("--calib-seq-len", "calib_seq_len")) if _given(args, a)]
-    needs_calib = "gptq" in (args.quantizer or ()) or any(s in _CALIBRATED for s in _scorers_of(args))
-    if calib and not needs_calib:
-        raise BitallocError(f"{calib[0]} would be ignored: nothing here calibrates (scorer(s) "
-                            f"{', '.join(_scorers_of(args))} are data-free and the quantizer is RTN).")
-    if getattr(args, "over", None) and getattr(args, "bytes", None) is not None:
-        raise BitallocError("--over would be ignored: a --bytes budget always counts the whole model.")
-    if args.min_bits and args.max_bits and args.min_bits > args.max_bits:
-        raise BitallocError(f"--min-bits {args.min_bits} is above --max-bits {args.max_bits}; no option fits.")
-
-
-def apply_recipe(args) -> None:
-    """--recipe NAME sets its options; one given explicitly that contradicts it is an error."""
-    from bitalloc.cli import RECIPES
-
-    name = getattr(args, "recipe", None)
-    if not name:
-        return
-    for key, value in RECIPES[name].items():
-        given = getattr(args, key, None)
-        if given not in (None, False) and given != value:
-            flag = "--" + key.replace("_", "-")
-            raise BitallocError(f"{flag} {given!r} contradicts --recipe {name}, which sets {value!r}. Drop one of them.")
-        setattr(args, key, value)
-
-
-def fill_defaults(args) -> None:
-    from bitalloc.cli import DEFAULTS
-
-    for key, value in DEFAULTS.items():
-        if hasattr(args, key) and getattr(args, key) is None:
-            setattr(args, key, value)
-
-
-def check_model_source(model: str | None, lengths: dict[str, int], *, quantized: str | None = None) -> None:
-    """The model's files can be read, and window lengths fit its position
-    limit (from its config or GGUF header): all without loading it."""
-    from bitalloc.loading import ModelSource, check_source, position_limit, resolve_source
-
-    source = ModelSource("dir", quantized) if quantized else resolve_source(model)
-    if not quantized:
-        check_source(source)
-    limit = position_limit(source)
-    for flag, n in lengths.items():
-        if limit is not None and n is not None and n > limit:
-            raise BitallocError(f"{flag} {n} is longer than the model's position limit of {limit} tokens "
-                                f"({source.label}); use at most {limit}.")
-
-
-def read_texts(args) -> None:
-    """Read --text and --calib-text once now, so that a missing or
-    undecodable file fails before the model loads."""
-    from bitalloc.text import WIKITEXT2, read_text_file
-
-    for path in (getattr(args, "text", None), getattr(args, "calib_text", None)):
-        if path and path != WIKITEXT2:
-            read_text_file(path, args.encoding)
-
+from bitalloc.errors import BitallocError
 
 def plan_settings(args, budget_value: float | None):
     from bitalloc.api import MenuSettings, PlanSettings
@@ -123,12 +27,15 @@ def plan_settings(args, budget_value: float | None):
         budget = Budget(float(budget_value), "bpw", args.over)
     if args.fine_groups and args.group_sizes:
         raise BitallocError("--fine-groups would be ignored: --group-sizes names the group sizes. Drop one of them.")
+    gguf = args.format == "gguf"
     menu = MenuSettings(bits=args.bits, group_sizes=args.group_sizes, schemes=args.schemes,
-                        allow_ragged=args.allow_ragged_groups, fine=args.fine_groups)
+                        allow_ragged=args.allow_ragged_groups, fine=args.fine_groups, format=args.format,
+                        types=args.types, embeddings=args.embeddings or gguf, keep_type=args.keep_type,
+                        imatrix=not args.no_imatrix)
     constraints = Constraints(tuple(args.allow), args.min_bits, args.max_bits,
                               tuple(t.strip() for t in args.tie.split(",") if t.strip()))
     return PlanSettings(
-        budget, _scorers_of(args)[0], args.solver, menu, constraints, args.keep_bits,
+        budget, _scorers_of(args)[0], args.solver, menu, constraints, args.keep_bits or (32 if gguf else 16),
         quantizer=args.quantizer[0], act_order=args.act_order, sequential=args.gptq_sequential,
         calib_text=args.calib_text, text_encoding=args.encoding,
         calib=CalibSettings(args.calib_windows, args.calib_seq_len),
@@ -148,39 +55,9 @@ def write_report(path: str | None, data: dict) -> None:
         print(f"wrote {path}")
 
 
-def check_report_path(args) -> None:
-    from bitalloc.fileio import check_output_file
-
-    check_output_file(getattr(args, "json", None), "bitalloc.report", flag="--json", overwrite=args.overwrite)
-
-
 def notices(items) -> None:
     for n in items:
         print(f"notice: {n}", file=sys.stderr)
-
-
-def _calib_lengths(args) -> dict[str, int]:
-    out = {}
-    if "gptq" in args.quantizer or any(s in _CALIBRATED for s in _scorers_of(args)):
-        out["--calib-seq-len"] = args.calib_seq_len
-    if args.refine_rounds or not args.no_guard:
-        out["--refine-seq-len"] = args.refine_seq_len
-    if _uses(args, "kl", "linearity"):
-        out["--probe-seq-len"] = args.probe_seq_len
-    return out
-
-
-def prepare_planning(args) -> None:
-    """Everything a planning command checks before it loads the model."""
-    apply_recipe(args)
-    refuse_ignored(args)
-    fill_defaults(args)
-    check_report_path(args)
-    lengths = _calib_lengths(args)
-    if hasattr(args, "seq_len"):
-        lengths["--seq-len"] = args.seq_len
-    check_model_source(args.model, lengths)
-    read_texts(args)
 
 
 def cmd_plan(args) -> None:
@@ -214,7 +91,7 @@ def cmd_plan(args) -> None:
     check_output_file(args.out, "bitalloc.plan", flag="--out", overwrite=args.overwrite)
     check_output_file(args.save_table, "bitalloc.error-table", flag="--save-table", overwrite=args.overwrite)
     settings = plan_settings(args, args.bpw)
-    loaded = api.load(args.model)
+    loaded = api.load(args.model, embeddings=settings.menu.embeddings)
     notices(loaded.inventory.notices)
     if args.dry_run:
         return _dry_run(loaded, settings, args)
@@ -354,11 +231,30 @@ def cmd_compare(args) -> None:
     from bitalloc.compare import CompareSettings, compare, markdown, write_outputs
     from bitalloc.fileio import check_output_dir
 
+    gguf = args.format == "gguf"
+    if gguf and args.budgets:
+        raise BitallocError("--budgets would be ignored: with --format gguf each llama.cpp preset's exact size is the "
+                            "budget. Choose presets with --presets.")
+    if not gguf and args.presets:
+        raise BitallocError("--presets would be ignored: llama.cpp presets are compared with --format gguf.")
+    if gguf:
+        from bitalloc.compare_gguf import GGUFCompareSettings
+        from bitalloc.exporting import source_gguf
+        from bitalloc.loading import resolve_source
+
+        GGUFCompareSettings(tuple(args.presets or ()))  # known preset names
+        source_gguf(resolve_source(args.model))
+    args.budgets = args.budgets or (2.5, 3.0, 3.5, 4.0)
+    args.scorers = args.scorers or (("rtn-mse-rel", "kl") if gguf else "all")
     if args.quantizer is None:
-        args.quantizer = ("rtn", "gptq")
+        args.quantizer = ("rtn",) if gguf else ("rtn", "gptq")
     prepare_planning(args)
     check_output_dir(args.out, "compare.json", "bitalloc.report", flag="--out", overwrite=args.overwrite,
-                     own=frozenset({"compare.md", "compare.png"}))
+                     own=frozenset({"compare.md", "compare.png", "gguf"}))
+    if gguf:
+        from bitalloc.compare_gguf import cmd_compare_gguf
+
+        return cmd_compare_gguf(args)
     settings = CompareSettings(tuple(args.budgets), _scorers_of(args), tuple(args.quantizer), eval_settings(args))
     loaded = api.load(args.model)
     report = compare(loaded, settings, plan_settings(args, args.budgets[0]), progress=not args.quiet)
@@ -377,5 +273,11 @@ def cmd_demo(args) -> None:
     cmd_run(ns, budgets=list(DEMO_BUDGETS))
 
 
-COMMANDS = {"plan": cmd_plan, "quantize": cmd_quantize, "eval": cmd_eval, "run": cmd_run, "compare": cmd_compare,
-            "demo": cmd_demo}
+def cmd_export(args) -> None:
+    from bitalloc.exporting import cmd_export as run_export
+
+    run_export(args)
+
+
+COMMANDS = {"plan": cmd_plan, "quantize": cmd_quantize, "export": cmd_export, "eval": cmd_eval, "run": cmd_run,
+            "compare": cmd_compare, "demo": cmd_demo}

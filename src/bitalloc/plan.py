@@ -9,6 +9,7 @@ from pathlib import Path
 
 from bitalloc.errors import BitallocError, PlanMismatchError
 from bitalloc.fileio import read_json, write_json
+from bitalloc.formats import parse_option
 from bitalloc.formats.affine import QuantOption
 from bitalloc.problem import Budget, Constraints, Sizes, sizes_of
 from bitalloc.schema import check_header, need, string_map
@@ -100,7 +101,7 @@ class Plan:
         assignment = {}
         for name, opt in units.items():
             try:
-                assignment[name] = QuantOption.parse(opt)
+                assignment[name] = parse_option(opt)
             except BitallocError as e:
                 raise BitallocError(f"{where}: unit {name!r}: {e}") from None
         column_bits = need(data, "column_bits", "object", where, optional=True, default={})

@@ -16,7 +16,8 @@ from typing import Sequence
 import numpy as np
 
 from bitalloc.errors import BitallocError, InfeasibleBudgetError
-from bitalloc.formats.affine import QuantOption, storage_bits
+from bitalloc.formats import storage_bits
+from bitalloc.formats.affine import QuantOption
 from bitalloc.units import Inventory
 
 BUDGET_KINDS = ("bpw", "bytes")

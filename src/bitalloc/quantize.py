@@ -34,22 +34,28 @@ def keep_dtype(bits: int) -> torch.dtype:
 
 def quantize_model(model, inventory: Inventory, plan: Plan, *, hessians: dict[str, torch.Tensor] | None = None,
                    cache: dict | None = None, calib_windows: torch.Tensor | None = None,
-                   progress: Callable | None = None) -> dict[str, QuantizedWeight]:
+                   progress: Callable | None = None, importance: dict[str, torch.Tensor] | None = None) -> dict:
     """Quantize in place per the plan (units by RTN or GPTQ; kept tensors
     rounded to keep_bits) and return the stored form of each unit. ``cache``
     keeps one-shot GPTQ results per (unit, option) for reuse across plans;
     sequential GPTQ measures each layer's Hessians from ``calib_windows``
-    after the layers before it are quantized."""
+    after the layers before it are quantized. A unit planned at a GGUF type
+    is quantized by ggml, weighing errors by ``importance[unit]`` (in,)."""
     plan.check_model(inventory)
+    importance = importance or {}
+
+    def quantize_unit(model, unit: Unit, plan: Plan, H: torch.Tensor | None):
+        return _quantize_unit(model, unit, plan, H, importance.get(unit.name))
+
     if plan.quantizer == "gptq" and plan.sequential:
         if calib_windows is None:
             raise BitallocError("Sequential GPTQ needs calibration windows; quantize through bitalloc.api.")
         from bitalloc.quantizers.sequential import LayerCaptureError, quantize_sequential
 
         try:  # one pass over the calibration text, block by block
-            stored = quantize_sequential(model, inventory, plan, calib_windows, _quantize_unit, progress)
+            stored = quantize_sequential(model, inventory, plan, calib_windows, quantize_unit, progress)
         except LayerCaptureError:  # blocks that cannot be chained (e.g. sliding-window layers): one pass per block
-            stored = _quantize_sequential(model, inventory, plan, calib_windows, progress)
+            stored = _quantize_sequential(model, inventory, plan, calib_windows, quantize_unit, progress)
     else:
         if plan.quantizer == "gptq" and hessians is None:
             raise BitallocError("A GPTQ plan needs calibration Hessians; quantize through bitalloc.api, which computes them.")
@@ -60,10 +66,10 @@ def quantize_model(model, inventory: Inventory, plan: Plan, *, hessians: dict[st
             if plan.quantizer == "gptq" and cache is not None and key in cache:
                 qw = cache[key]
             else:
-                qw = _quantize_unit(model, unit, plan, None if hessians is None else hessians[unit.name])
+                qw = quantize_unit(model, unit, plan, None if hessians is None else hessians.get(unit.name))
                 if plan.quantizer == "gptq" and cache is not None:
                     cache[key] = qw
-            set_weight(model, unit, dequantize(qw))
+            set_weight(model, unit, dequantized(qw))
             stored[unit.name] = qw
     dtype = keep_dtype(plan.keep_bits)
     with torch.no_grad():
@@ -73,13 +79,28 @@ def quantize_model(model, inventory: Inventory, plan: Plan, *, hessians: dict[st
     return stored
 
 
-def _quantize_unit(model, unit: Unit, plan: Plan, H: torch.Tensor | None) -> QuantizedWeight:
+def dequantized(stored) -> torch.Tensor:
+    """Float32 (out, in) weight from any stored form (integer codes or ggml bytes)."""
+    if isinstance(stored, QuantizedWeight):
+        return dequantize(stored)
+    from bitalloc.formats.gguf_types import GGUFType
+
+    return torch.from_numpy(GGUFType(stored.type_name).dequantize(stored))
+
+
+def _quantize_unit(model, unit: Unit, plan: Plan, H: torch.Tensor | None, importance: torch.Tensor | None = None):
+    """The stored form of one unit: integer codes (RTN, or GPTQ given the
+    unit's Hessian; a token embedding read by lookup has none and is rounded
+    to nearest, which is what GPTQ does without input correlation), or ggml's
+    bytes for a GGUF type."""
     from bitalloc.gptq import gptq_quantize
 
     W = get_weight(model, unit)  # (out, in)
     check_finite(W, unit)
     opt, bits = plan.assignment[unit.name], plan.column_bits.get(unit.name)
-    if plan.quantizer == "gptq":
+    if not isinstance(opt, QuantOption):  # a GGUF type: ggml's quantizer
+        return opt.quantize(W, importance if opt.uses_importance else None)
+    if plan.quantizer == "gptq" and H is not None:
         return gptq_quantize(W, H, opt, act_order=plan.act_order, allow_ragged=plan.allow_ragged, column_bits=bits)[0]
     return quantize_rtn(W, opt, allow_ragged=plan.allow_ragged, column_bits=bits)
 
@@ -92,7 +113,7 @@ def _raise_stop(*_args) -> None:
     raise _StopForward
 
 
-def _quantize_sequential(model, inventory: Inventory, plan: Plan, windows: torch.Tensor,
+def _quantize_sequential(model, inventory: Inventory, plan: Plan, windows: torch.Tensor, quantize_unit: Callable,
                          progress: Callable | None) -> dict[str, QuantizedWeight]:
     """Layer by layer: Gram matrices of this layer's inputs from the model with
     every earlier layer already quantized (the forward stops after this
@@ -107,7 +128,7 @@ def _quantize_sequential(model, inventory: Inventory, plan: Plan, windows: torch
     stored: dict[str, QuantizedWeight] = {}
     for layer in progress(order, desc="quantizing (sequential GPTQ)", unit="layer") if progress else order:
         units = by_layer[layer]
-        acc = GramAccumulator(model, [u.name for u in units])
+        acc = GramAccumulator(model, [u.name for u in units if not u.lookup])
         block = None
         if layer is not None:
             block = model.get_submodule(units[0].name.split(f".{layer}.")[0] + f".{layer}")
@@ -125,8 +146,8 @@ def _quantize_sequential(model, inventory: Inventory, plan: Plan, windows: torch
                 stop.remove()
         hessians = acc.hessians()
         for unit in units:
-            qw = _quantize_unit(model, unit, plan, hessians[unit.name])
-            set_weight(model, unit, dequantize(qw))
+            qw = quantize_unit(model, unit, plan, hessians.get(unit.name))
+            set_weight(model, unit, dequantized(qw))
             stored[unit.name] = qw
     return stored
 

@@ -184,10 +184,11 @@ def assignment_choice(problem: Problem, units: list, plan: Plan) -> np.ndarray:
     return np.array([index[plan.assignment[units[members[0]].name]] for members in problem.groups], dtype=np.int64)
 
 
-def rtn_weight(unit, W, option: QuantOption, *, allow_ragged: bool = False):
+def rtn_weight(unit, W, option: QuantOption, *, allow_ragged: bool = False, importance: dict | None = None):
+    """W rounded to ``option`` (a GGUF type: by ggml, with the unit's importance vector)."""
     from bitalloc.formats.affine_rtn import fake_quantize
 
-    return fake_quantize(W, option, allow_ragged=allow_ragged)
+    return fake_quantize(W, option, allow_ragged=allow_ragged, importance=(importance or {}).get(unit.name))
 
 
 # ---- orchestration: what api.plan and api.run call --------------------------
@@ -202,10 +203,14 @@ def make_probe(loaded, settings, hessians: dict | None = None) -> CalibrationPro
         from bitalloc.gptq import gptq_quantize
         from bitalloc.formats.affine_rtn import dequantize
 
-        return dequantize(gptq_quantize(W, hessians[unit.name], option, allow_ragged=settings.menu.allow_ragged)[0])
+        H = hessians.get(unit.name)
+        if H is None:  # a token embedding read by lookup: GPTQ without input correlation is RTN
+            return rtn_weight(unit, W, option, allow_ragged=settings.menu.allow_ragged)
+        return dequantize(gptq_quantize(W, H, option, allow_ragged=settings.menu.allow_ragged)[0])
 
     quantize_weight = gptq_weight if settings.quantizer == "gptq" and hessians is not None else (
-        lambda unit, W, option: rtn_weight(unit, W, option, allow_ragged=settings.menu.allow_ragged))
+        lambda unit, W, option: rtn_weight(unit, W, option, allow_ragged=settings.menu.allow_ragged,
+                                           importance=getattr(loaded, "importance", None)))
     text = calibration_text(settings.calib_text, settings.text_encoding)
     r = settings.refine
     return CalibrationProbe(loaded.model, loaded.tokenizer, loaded.inventory, text, windows=r.windows,

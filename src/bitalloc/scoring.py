@@ -12,6 +12,7 @@ import numpy as np
 
 from bitalloc.errors import BitallocError, PlanMismatchError
 from bitalloc.fileio import read_json, write_json
+from bitalloc.formats import parse_option
 from bitalloc.formats.affine import QuantOption
 from bitalloc.schema import check_header, need, number_list
 from bitalloc.units import Inventory
@@ -86,7 +87,7 @@ class ErrorTable:
         option_names = need(data, "options", "list", where)
         if not option_names or not all(isinstance(o, str) for o in option_names):
             raise BitallocError(f"{where}: 'options' must be a non-empty list of option names.")
-        options = tuple(QuantOption.parse(o) for o in option_names)
+        options = tuple(parse_option(o) for o in option_names)
         units = need(data, "units", "object", where)
         if not units:
             raise BitallocError(f"{where} scores no unit ('units' is empty).")

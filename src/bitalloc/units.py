@@ -27,6 +27,7 @@ class Unit:
     shape: tuple[int, int]  # (out, in)
     index: int | None = None  # slice of a 3-D parameter
     transposed: bool = False  # stored as (in, out), e.g. GPT-2 Conv1D
+    lookup: bool = False  # a token embedding read row by row: no input Gram matrix
 
     @property
     def numel(self) -> int:
@@ -52,6 +53,7 @@ class Inventory:
     notices: tuple[str, ...] = ()
     more_bits: tuple[str, ...] = ()  # unit names llama.cpp's Q4_K_M rule promotes
     content_id: str = ""  # this checkpoint's weights (a fine-tune of the same architecture differs)
+    embedding_units: tuple[str, ...] = ()  # units holding the token embedding or the output matrix
 
     @property
     def quantized_numel(self) -> int:
@@ -115,9 +117,30 @@ def _embedding_ptrs(model: nn.Module) -> set[int]:
     return {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)}
 
 
-def find_units(model: nn.Module) -> Inventory:
+def embedding_units(model: nn.Module) -> list[Unit]:
+    """The token embedding and the output matrix as units, (out, in) =
+    (vocab, hidden), a row per token as GGUF stores them. A tied pair is one
+    unit named after the output head (its input Gram matrix is the head's);
+    an untied embedding is a ``lookup`` unit, the untied head a linear."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if not isinstance(emb, nn.Embedding):
+        return []
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {id(m): n for n, m in model.named_modules()}
+    emb_param = f"{names[id(emb)]}.weight"
+    shape = (int(emb.weight.shape[0]), int(emb.weight.shape[1]))
+    if isinstance(head, nn.Linear) and head.weight is emb.weight:
+        return [Unit(names[id(head)], emb_param, shape)]
+    units = [Unit(names[id(emb)], emb_param, shape, lookup=True)]
+    if isinstance(head, nn.Linear):
+        units.append(Unit(names[id(head)], f"{names[id(head)]}.weight", tuple(head.weight.shape)))
+    return units
+
+
+def find_units(model: nn.Module, *, embeddings: bool = False) -> Inventory:
     """Walk ``named_modules``; use the architecture table for ties, experts,
-    exclusions and a check that expected projections were found."""
+    exclusions and a check that expected projections were found. With
+    ``embeddings``, the token embedding and output matrix are units too."""
     from transformers.pytorch_utils import Conv1D
 
     model_type = getattr(getattr(model, "config", None), "model_type", None) or "unknown"
@@ -144,6 +167,14 @@ def find_units(model: nn.Module) -> Inventory:
             if p.dim() == 3 and any(full.endswith(s) for s in spec.expert_params):
                 units += [Unit(f"{full}[{e}]", full, (p.shape[1], p.shape[2]), e) for e in range(p.shape[0])]
     _check_projections(units, spec, notices)
+    found: list[Unit] = []
+    if embeddings:
+        found = embedding_units(model)
+        if not found:
+            notices.append("No token embedding (nn.Embedding) was found; the embedding stays kept.")
+        taken = {u.param for u in units}
+        # the embedding first, an untied head last: the order of a forward pass
+        units = [u for u in found[:1] if u.param not in taken] + units + [u for u in found[1:] if u.param not in taken]
     unit_params = {u.param for u in units}
     kept = tuple(KeptTensor(n, p.numel()) for n, p in model.named_parameters() if n not in unit_params)
     return Inventory(
@@ -156,6 +187,7 @@ def find_units(model: nn.Module) -> Inventory:
         notices=tuple(notices),
         more_bits=_more_bits(units, spec),
         content_id=content_identity(model),
+        embedding_units=tuple(u.name for u in found if u in units),
     )
 
 

@@ -39,4 +39,52 @@ class Format(Protocol):
     def dequantize(self, stored: Any) -> Any: ...
 
 
-__all__ = ["Format"]
+def parse_option(name: str):
+    """An option by name: ``int4-g64-sym`` (integer affine) or a GGUF type (``Q4_K``)."""
+    from bitalloc.errors import BitallocError
+    from bitalloc.formats.affine import QuantOption
+    from bitalloc.formats.gguf_types import GGUF_TYPE_NAMES, GGUFType
+
+    text = str(name).strip()
+    if text.upper() in GGUF_TYPE_NAMES:
+        return GGUFType(text.upper())
+    try:
+        return QuantOption.parse(text)
+    except BitallocError:
+        raise BitallocError(f"Unknown option name {name!r}. Expected an integer affine option "
+                            "int<bits>-g<group>|pc-asym|sym (e.g. 'int4-g128-asym') or a GGUF type "
+                            f"({', '.join(GGUF_TYPE_NAMES)}).") from None
+
+
+def is_gguf(option: Any) -> bool:
+    from bitalloc.formats.gguf_types import GGUFType
+
+    return isinstance(option, GGUFType)
+
+
+def storage_bits(shape: Sequence[int], option: Any, *, allow_ragged: bool = False, name: str = "") -> int:
+    """Exact stored bits of a (out, in) weight under any option; raises
+    ``GroupSizeError`` where the option does not fit the shape."""
+    from bitalloc.errors import GroupSizeError
+    from bitalloc.formats import affine
+
+    if isinstance(option, affine.QuantOption):
+        return affine.storage_bits(shape, option, allow_ragged=allow_ragged, name=name)
+    if not option.available(shape):
+        raise GroupSizeError(f"{option.name} stores rows in blocks of {option.group_size} weights; the "
+                             f"{shape[-1]} input columns of {name or 'a tensor'} are not a multiple of it.")
+    return option.storage_bits(shape)
+
+
+def fits(shape: Sequence[int], option: Any, *, allow_ragged: bool = False) -> bool:
+    """Whether ``option`` can store a weight of ``shape`` (out, in)."""
+    from bitalloc.errors import GroupSizeError
+
+    try:
+        storage_bits(shape, option, allow_ragged=allow_ragged)
+    except GroupSizeError:
+        return False
+    return True
+
+
+__all__ = ["Format", "fits", "is_gguf", "parse_option", "storage_bits"]

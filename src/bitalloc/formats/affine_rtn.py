@@ -129,9 +129,15 @@ def dequantize(qw: QuantizedWeight) -> torch.Tensor:
     return W.reshape(rows, -1)[:, :cols].contiguous()
 
 
-def fake_quantize(W: torch.Tensor, option: QuantOption, *, allow_ragged: bool = False,
-                  column_bits: tuple[int, ...] | None = None) -> torch.Tensor:
-    """W after a round trip through storage, in W's dtype."""
+def fake_quantize(W: torch.Tensor, option, *, allow_ragged: bool = False,
+                  column_bits: tuple[int, ...] | None = None, importance: torch.Tensor | None = None) -> torch.Tensor:
+    """W after a round trip through storage, in W's dtype. ``option`` is an
+    integer affine option (round to nearest) or any other format (a GGUF type:
+    ggml's own quantizer, weighing errors by ``importance`` (in,) when the
+    type uses one)."""
+    if not isinstance(option, QuantOption):
+        imp = importance if getattr(option, "uses_importance", False) else None
+        return torch.from_numpy(option.dequantize(option.quantize(W, imp))).to(W.dtype)
     return dequantize(quantize_rtn(W, option, allow_ragged=allow_ragged, column_bits=column_bits)).to(W.dtype)
 
 

@@ -11,6 +11,7 @@ is ggml's row size: every scale, minimum and grid index counted.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -72,6 +73,22 @@ class GGUFType:
     def bpw(self) -> float:
         """Stored bits per weight of this type, block scales and minimums included."""
         return self.ggml.bpw
+
+    @property
+    def bits(self) -> int:
+        """Nominal bits of the type's codes (Q4_K: 4, IQ3_S: 3, F16: 16); the
+        exact cost, scales and grid indices included, is ``storage_bits``."""
+        return int(re.search(r"\d+", self.name).group())
+
+    # What the planner asks of any option besides its cost: GGUF types are
+    # neither mixed nor symmetric/affine in bitalloc's sense; their block
+    # length plays the part of a group size.
+    mixed = ""
+    symmetric = False
+
+    @property
+    def group_size(self) -> int:
+        return self.block_size
 
     @property
     def uses_importance(self) -> bool:

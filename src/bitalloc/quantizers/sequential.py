@@ -235,7 +235,7 @@ def advance(block: nn.Module, inputs: BlockInputs) -> None:
 @torch.no_grad()
 def full_forward_hessians(model: nn.Module, units: list[Unit], windows: torch.Tensor) -> dict[str, torch.Tensor]:
     """H of units in no numbered block, from whole-model forwards (as the per-layer driver)."""
-    acc = GramAccumulator(model, [u.name for u in units])
+    acc = GramAccumulator(model, [u.name for u in units if not u.lookup])  # a lookup embedding has no Gram
     try:
         for row in windows:
             model(row[None, :])
@@ -248,7 +248,7 @@ def _quantize_units(model: nn.Module, units: list[Unit], plan: Plan, hessians: d
                     quantize_unit: QuantizeUnit) -> dict[str, QuantizedWeight]:
     stored = {}
     for unit in units:
-        qw = quantize_unit(model, unit, plan, hessians[unit.name])
+        qw = quantize_unit(model, unit, plan, hessians.get(unit.name))
         set_weight(model, unit, dequantize(qw))
         stored[unit.name] = qw
     return stored

@@ -18,13 +18,15 @@ from bitalloc.calib import CalibSettings, cached_hessians, calibration_windows
 from bitalloc.errors import BitallocError, GroupSizeError
 from bitalloc.fileio import write_json
 from bitalloc.gptq import inverse_hessian_factor
-from bitalloc.formats.affine import QuantOption, group_count
+from bitalloc.formats import fits
+from bitalloc.formats.affine import QuantOption
 from bitalloc.formats.affine_rtn import fake_quantize
 from bitalloc.scoring import ErrorTable
 from bitalloc.text import cache_dir
 from bitalloc.units import check_finite, get_weight
 
 PROBE_FORMAT_VERSION = 2  # 2: the reference is taken before any weight changes (v1 was not)
+_MISSING = object()  # a format needs an importance vector that this unit lacks
 
 
 @dataclass(frozen=True)
@@ -51,25 +53,39 @@ class ScorerSettings:
 class ScoringContext:
     """Everything scorers share, computed once on first use."""
 
+    def importance_of(self, unit, option):
+        """The importance vector ``option`` quantizes ``unit`` with: None for
+        formats that take none (or units without one where it is optional),
+        ``_MISSING`` where the format requires one and the unit has none."""
+        if not getattr(option, "uses_importance", False):
+            return None
+        imp = self.importance.get(unit.name)
+        return _MISSING if imp is None and option.requires_importance else imp
+
     def probe_weight(self, unit, W: torch.Tensor, option: QuantOption) -> torch.Tensor:
         """W as the plan's quantizer would store it at ``option`` (a ragged
         last group allowed, as the probes need options of any group size)."""
-        if self.quantizer == "gptq":
+        imp = self.importance_of(unit, option)
+        if imp is _MISSING or not fits(W.shape, option, allow_ragged=True):
+            raise GroupSizeError(f"{option.name} cannot store {unit.name}.")
+        if self.quantizer == "gptq" and unit.name in self.hessians:
             from bitalloc.gptq import gptq_quantize
             from bitalloc.formats.affine_rtn import dequantize
 
             H = self.hessians[unit.name]
             return dequantize(gptq_quantize(W, H, option, damp=self.settings.damp, allow_ragged=True)[0])
-        return fake_quantize(W, option, allow_ragged=True)
+        return fake_quantize(W, option, allow_ragged=True, importance=imp)
 
     def __init__(self, model, tokenizer, inventory, options: Sequence[QuantOption], *, calib_text: str | None = None,
                  calib: CalibSettings = CalibSettings(), settings: ScorerSettings = ScorerSettings(),
-                 allow_ragged: bool = False, progress: Callable | None = None, quantizer: str = "rtn"):
+                 allow_ragged: bool = False, progress: Callable | None = None, quantizer: str = "rtn",
+                 importance: dict[str, torch.Tensor] | None = None):
         self.model, self.tokenizer, self.inventory = model, tokenizer, inventory
         self.quantizer = quantizer  # the kl probes quantize as the plan will: RTN, or GPTQ with the unit's Hessian
         self.options = tuple(options)
         self.calib_text, self.calib, self.settings = calib_text, calib, settings
         self.allow_ragged, self.progress = allow_ragged, progress
+        self.importance = importance or {}  # unit -> (in,) mean squared input (llama.cpp's imatrix), GGUF types
         self._reductions: dict[str, np.ndarray] = {}
 
     def iterate(self, items, desc: str):
@@ -149,15 +165,19 @@ class ScoringContext:
         out = {k: np.full((len(units), len(self.options)), np.nan) for k in kinds}
         extra = {"obs": lambda: self.obs_weights, "output": lambda: self.hessians, "taylor": lambda: self.gradients}
         data = {k: extra[k]() for k in kinds if k in extra}
+        lookup = [u.name for u in units if u.lookup]
+        if lookup and {"obs", "output"} & set(kinds):
+            raise BitallocError(f"The hessian and output scorers need every unit's input Gram matrix; the token "
+                                f"embedding {lookup[0]!r} is read by lookup and has none. Use rtn-mse, rtn-mse-rel, "
+                                "taylor, kl or linearity, or keep the embedding out of the plan.")
         for i, unit in enumerate(self.iterate(units, "scoring (RTN errors)")):
             W = get_weight(self.model, unit)  # (out, in)
             check_finite(W, unit)
             for j, opt in enumerate(self.options):
-                try:
-                    group_count(W.shape[1], opt, allow_ragged=self.allow_ragged, name=unit.param)
-                except GroupSizeError:
+                imp = self.importance_of(unit, opt)
+                if not fits(W.shape, opt, allow_ragged=self.allow_ragged) or imp is _MISSING:
                     continue
-                dW = W - fake_quantize(W, opt, allow_ragged=self.allow_ragged)  # (out, in)
+                dW = W - fake_quantize(W, opt, allow_ragged=self.allow_ragged, importance=imp)  # (out, in)
                 sq = dW.double() ** 2
                 for k in kinds:
                     if k == "mse":

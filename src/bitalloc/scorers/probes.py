@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from bitalloc.errors import GroupSizeError
+from bitalloc.formats import storage_bits
 from bitalloc.formats.affine import QuantOption
 from bitalloc.formats.affine_rtn import fake_quantize
 from bitalloc.scorers.context import ScoringContext, make_table
@@ -41,40 +42,64 @@ def _relative_error(ctx: ScoringContext, option: QuantOption) -> np.ndarray:
     return np.array(out)
 
 
+def unit_probes(ctx: ScoringContext, i: int) -> list:
+    """The options at which unit ``i`` is measured: the settings' probe
+    options on an integer affine menu; on any other menu (GGUF types, whose
+    availability differs per unit) three of the unit's own fitting options,
+    the cheapest, the median and the third quartile by stored bits, leaving
+    out 16-bit storage, whose KL is too small to fit a power law to."""
+    if all(isinstance(o, QuantOption) for o in ctx.options):
+        return [QuantOption.parse(o) for o in ctx.settings.kl_probe_options]
+    unit = ctx.inventory.units[i]
+    rel = ctx.reductions(["mse"])["mse"][i]
+    fitting = sorted((o for j, o in enumerate(ctx.options) if np.isfinite(rel[j]) and o.bits < 16),
+                     key=lambda o: storage_bits(unit.shape, o))
+    if not fitting:
+        fitting = [o for j, o in enumerate(ctx.options) if np.isfinite(rel[j])]
+    picks = [fitting[0], fitting[len(fitting) // 2], fitting[(3 * len(fitting)) // 4]]
+    return picks
+
+
 def score_kl(ctx: ScoringContext, name: str) -> ErrorTable:
     """exllamav3-style measured KL, each unit quantized alone at a few probe
     options by the plan's quantizer (RTN, or GPTQ with the unit's Hessian);
     other options interpolated by a power law in the unit's relative RTN
     error, KL = c * rel^p, fitted in log-log through the probes."""
-    probes = [QuantOption.parse(o) for o in ctx.settings.kl_probe_options]
+    probe_sets = [unit_probes(ctx, i) for i in range(len(ctx.inventory.units))]
 
     def measure(i: int) -> list[float]:
         unit = ctx.inventory.units[i]
         W = get_weight(ctx.model, unit)
         out = []
-        for opt in probes:
+        for opt in probe_sets[i]:
             try:
                 out.append(ctx.with_weight(i, ctx.probe_weight(unit, W, opt)))
             except GroupSizeError:
                 out.append(float("nan"))
         return out
 
-    kls = ctx.measure_per_unit("kl" if ctx.quantizer == "rtn" else f"kl-{ctx.quantizer}", measure, len(probes))
+    kind = ("kl" if ctx.quantizer == "rtn" else f"kl-{ctx.quantizer}") + (
+        "" if all(isinstance(o, QuantOption) for o in ctx.options) else "-gguf")
+    kls = ctx.measure_per_unit(kind, measure, len(probe_sets[0]))
     rel = ctx.reductions(["mse"])["mse"] / ctx.norms[:, None]  # (units, options)
     def probe_column(o: QuantOption) -> np.ndarray:
         if o in ctx.options and np.isfinite(col := rel[:, ctx.options.index(o)]).all():
             return col  # already measured in the weight-error sweep
         return _relative_error(ctx, o)
 
-    probe_rel = np.stack([probe_column(o) for o in probes], axis=1)  # (units, probes)
+    shared = probe_sets and all(s == probe_sets[0] for s in probe_sets)
+    columns = {o: probe_column(o) for o in probe_sets[0]} if shared else {}
     distortion = np.empty_like(rel)
     for i, u in enumerate(ctx.inventory.units):
-        y = np.log(np.maximum(np.array(kls[u.name]), 1e-12))
-        x = np.log(np.maximum(probe_rel[i], 1e-30))
+        probes = probe_sets[i]
+        x_rel = np.array([columns[o][i] if shared else rel[i, ctx.options.index(o)] for o in probes])
+        keep = np.isfinite(np.array(kls[u.name], dtype=float)) & np.isfinite(x_rel)
+        y = np.log(np.maximum(np.array(kls[u.name], dtype=float)[keep], 1e-12))
+        x = np.log(np.maximum(x_rel[keep], 1e-30))
         p, c = np.polyfit(x, y, 1) if len(set(x)) > 1 else (1.0, y[0] - x[0])
         distortion[i] = np.exp(c + p * np.log(np.maximum(rel[i], 1e-30)))
         for j, opt in enumerate(ctx.options):  # measured values where a probe matches exactly
-            if opt in probes:
+            if opt in probes and np.isfinite(kls[u.name][probes.index(opt)]):
                 distortion[i, j] = max(kls[u.name][probes.index(opt)], 0.0)
     distortion[np.isnan(rel)] = np.nan
     return make_table(ctx, name, distortion)

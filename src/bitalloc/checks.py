@@ -1,0 +1,154 @@
+"""The checks a command makes before it loads a model: options that the
+rest of the command line makes meaningless, recipes, defaults, the model's
+files and position limit, and the text files."""
+
+from __future__ import annotations
+
+from bitalloc.errors import BitallocError
+
+# (flag, attribute, applies(args), why it would be ignored otherwise)
+_SCORER_ONLY = (
+    ("--alpha-gamma", "alpha_gamma", lambda a: _uses(a, "alpha", "alpha-rel"), "only the alpha scorers use it"),
+    ("--alpha-fit", "alpha_fit", lambda a: _uses(a, "alpha", "alpha-rel"), "only the alpha scorers use it"),
+    ("--farms", "farms", lambda a: _uses(a, "alpha", "alpha-rel"), "only the alpha scorers use it"),
+    ("--probe-windows", "probe_windows", lambda a: _uses(a, "kl", "linearity"), "only kl and linearity probe"),
+    ("--probe-seq-len", "probe_seq_len", lambda a: _uses(a, "kl", "linearity"), "only kl and linearity probe"),
+    ("--act-order", "act_order", lambda a: "gptq" in (a.quantizer or ()), "only GPTQ orders columns"),
+    ("--gptq-sequential", "gptq_sequential", lambda a: "gptq" in (a.quantizer or ()), "it is a GPTQ setting"),
+)
+_CALIBRATED = ("hessian", "output", "taylor", "linearity", "kl", "salience", "baq")
+
+
+def _imatrix(args) -> bool:
+    return getattr(args, "format", "int") == "gguf" and not getattr(args, "no_imatrix", False)
+
+
+def _uses(args, *scorers: str) -> bool:
+    chosen = _scorers_of(args)
+    return any(s in chosen for s in scorers)
+
+
+def _scorers_of(args) -> tuple[str, ...]:
+    from bitalloc.scorers import SCORERS
+
+    scorers = getattr(args, "scorers", None)
+    if scorers is not None:
+        return tuple(SCORERS) if scorers == "all" else scorers
+    return args.scorer or ("rtn-mse-rel",)
+
+
+def _given(args, attr: str) -> bool:
+    value = getattr(args, attr, None)
+    return value is not None and value is not False and value != [] and value != ""
+
+
+def refuse_ignored(args) -> None:
+    """An option that the rest of the command line makes meaningless is an
+    error, never silently dropped."""
+    for flag, attr, applies, why in _SCORER_ONLY:
+        if _given(args, attr) and not applies(args):
+            raise BitallocError(f"{flag} would be ignored: {why}, and this command uses scorer(s) "
+                                f"{', '.join(_scorers_of(args))} with quantizer(s) {', '.join(args.quantizer or ('rtn',))}.")
+    calib = [f for f, a in (("--calib-text", "calib_text"), ("--calib-windows", "calib_windows"),
+                            ("--calib-seq-len", "calib_seq_len")) if _given(args, a)]
+    needs_calib = "gptq" in (args.quantizer or ()) or any(s in _CALIBRATED for s in _scorers_of(args)) or _imatrix(args)
+    if calib and not needs_calib:
+        raise BitallocError(f"{calib[0]} would be ignored: nothing here calibrates (scorer(s) "
+                            f"{', '.join(_scorers_of(args))} are data-free and the quantizer is RTN).")
+    if args.format == "gguf":
+        affine = [f for f, a in (("--bits", "bits"), ("--group-sizes", "group_sizes"), ("--schemes", "schemes"),
+                                 ("--fine-groups", "fine_groups"), ("--allow-ragged-groups", "allow_ragged_groups"))
+                  if _given(args, a)]
+        if affine:
+            raise BitallocError(f"{affine[0]} would be ignored: it shapes the integer menu, and --format gguf offers "
+                                "GGUF types (choose them with --types).")
+        from bitalloc.formats.menu import gguf_menu
+
+        menu = gguf_menu(args.types)  # every named type exists in the installed ggml
+        if args.keep_type and args.keep_type.strip().upper() not in {t.name for t in menu}:
+            raise BitallocError(f"--keep-type {args.keep_type} is not in the menu of GGUF types "
+                                f"({', '.join(t.name for t in menu)}).")
+    elif args.no_imatrix:
+        raise BitallocError("--no-imatrix would be ignored: only --format gguf quantizes with an importance matrix.")
+    if getattr(args, "over", None) and getattr(args, "bytes", None) is not None:
+        raise BitallocError("--over would be ignored: a --bytes budget always counts the whole model.")
+    if args.min_bits and args.max_bits and args.min_bits > args.max_bits:
+        raise BitallocError(f"--min-bits {args.min_bits} is above --max-bits {args.max_bits}; no option fits.")
+
+
+def apply_recipe(args) -> None:
+    """--recipe NAME sets its options; one given explicitly that contradicts it is an error."""
+    from bitalloc.cli import RECIPES
+
+    name = getattr(args, "recipe", None)
+    if not name:
+        return
+    for key, value in RECIPES[name].items():
+        given = getattr(args, key, None)
+        if given not in (None, False) and given != value:
+            flag = "--" + key.replace("_", "-")
+            raise BitallocError(f"{flag} {given!r} contradicts --recipe {name}, which sets {value!r}. Drop one of them.")
+        setattr(args, key, value)
+
+
+def fill_defaults(args) -> None:
+    from bitalloc.cli import DEFAULTS
+
+    for key, value in DEFAULTS.items():
+        if hasattr(args, key) and getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def check_model_source(model: str | None, lengths: dict[str, int], *, quantized: str | None = None) -> None:
+    """The model's files can be read, and window lengths fit its position
+    limit (from its config or GGUF header): all without loading it."""
+    from bitalloc.loading import ModelSource, check_source, position_limit, resolve_source
+
+    source = ModelSource("dir", quantized) if quantized else resolve_source(model)
+    if not quantized:
+        check_source(source)
+    limit = position_limit(source)
+    for flag, n in lengths.items():
+        if limit is not None and n is not None and n > limit:
+            raise BitallocError(f"{flag} {n} is longer than the model's position limit of {limit} tokens "
+                                f"({source.label}); use at most {limit}.")
+
+
+def read_texts(args) -> None:
+    """Read --text and --calib-text once now, so that a missing or
+    undecodable file fails before the model loads."""
+    from bitalloc.text import WIKITEXT2, read_text_file
+
+    for path in (getattr(args, "text", None), getattr(args, "calib_text", None)):
+        if path and path != WIKITEXT2:
+            read_text_file(path, args.encoding)
+
+
+def _calib_lengths(args) -> dict[str, int]:
+    out = {}
+    if "gptq" in args.quantizer or any(s in _CALIBRATED for s in _scorers_of(args)) or _imatrix(args):
+        out["--calib-seq-len"] = args.calib_seq_len
+    if args.refine_rounds or not args.no_guard:
+        out["--refine-seq-len"] = args.refine_seq_len
+    if _uses(args, "kl", "linearity"):
+        out["--probe-seq-len"] = args.probe_seq_len
+    return out
+
+
+def prepare_planning(args) -> None:
+    """Everything a planning command checks before it loads the model."""
+    apply_recipe(args)
+    refuse_ignored(args)
+    fill_defaults(args)
+    check_report_path(args)
+    lengths = _calib_lengths(args)
+    if hasattr(args, "seq_len"):
+        lengths["--seq-len"] = args.seq_len
+    check_model_source(args.model, lengths)
+    read_texts(args)
+
+
+def check_report_path(args) -> None:
+    from bitalloc.fileio import check_output_file
+
+    check_output_file(getattr(args, "json", None), "bitalloc.report", flag="--json", overwrite=args.overwrite)

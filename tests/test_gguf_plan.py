@@ -1,0 +1,233 @@
+"""GGUF types as planner options (`--format gguf`), the embedding and output
+matrix as units, the importance matrix, and `bitalloc export`.
+
+Expected values come from elsewhere than the code under test: storage sizes
+from gguf-py's own table of block sizes (GGML_QUANT_SIZES), dequantization
+by gguf-py's numpy implementation, importance vectors from forward hooks
+written here, token counts by hand."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bitalloc import api
+from bitalloc.api import MenuSettings, PlanSettings
+from bitalloc.calib import CalibSettings, calibration_windows
+from bitalloc.cli import main
+from bitalloc.problem import Budget
+from bitalloc.text import calibration_text
+from bitalloc.units import find_units, get_weight
+
+gguf = pytest.importorskip("gguf")
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                                reason="llama-cpp-python (ggml) is not installed")
+sys.path.insert(0, str(Path(__file__).parent))
+
+CALIB = CalibSettings(2, 64)
+# hidden 256: the 256-weight block types (K-quants, IQ) fit every matrix, so the menu differs per type, not per unit
+WIDE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
+
+
+def gguf_bits(type_name: str, shape) -> int:
+    """Stored bits by gguf-py's table: rows × (cols / block) × bytes per block × 8."""
+    block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
+    rows, cols = shape
+    assert cols % block == 0, f"{type_name} does not fit {shape}"
+    return rows * (cols // block) * type_size * 8
+
+
+@pytest.fixture(scope="module")
+def wide_dir(tmp_path_factory):
+    from conftest import char_tokenizer, tiny_llama
+
+    path = tmp_path_factory.mktemp("wide") / "tiny-wide"
+    tiny_llama(**WIDE).save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def gguf_settings(bpw: float, **menu) -> PlanSettings:
+    return PlanSettings(Budget(bpw), menu=MenuSettings(format="gguf", embeddings=True, **menu), keep_bits=32,
+                        calib=CALIB, refine=api.RefineSettings(rounds=0, windows=2, seq_len=64))
+
+
+# ---- units ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_embedding_units_counted_once(tied):
+    from conftest import tiny_llama
+
+    model = tiny_llama(tie_word_embeddings=tied)
+    plain, with_emb = find_units(model), find_units(model, embeddings=True)
+    vocab, hidden = 128, 64  # conftest's tiny Llama
+    extra = vocab * hidden * (1 if tied else 2)
+    assert with_emb.quantized_numel == plain.quantized_numel + extra
+    assert with_emb.kept_numel == plain.kept_numel - extra
+    assert with_emb.quantized_numel + with_emb.kept_numel == sum(p.numel() for p in model.parameters())
+    emb = [with_emb.unit(n) for n in with_emb.embedding_units]
+    assert [u.shape for u in emb] == [(vocab, hidden)] * (1 if tied else 2)
+    assert [u.lookup for u in emb] == ([False] if tied else [True, False])  # a tied pair is read as the head
+    assert with_emb.units[0].name == emb[0].name  # the embedding comes first, in forward order
+
+
+# ---- planning over GGUF types --------------------------------------------------
+
+@pytest.fixture(scope="module")
+def wide_loaded(wide_dir):
+    return api.load(wide_dir, embeddings=True)
+
+
+@pytest.mark.parametrize("bpw", [4.6, 5.5, 7.0])
+def test_gguf_plan_fits_budget_and_shapes(wide_loaded, bpw):
+    plan = api.plan(settings=gguf_settings(bpw), progress=False, loaded=wide_loaded)
+    inv = wide_loaded.inventory
+    assert set(plan.assignment) == {u.name for u in inv.units}
+    assert "lm_head" in plan.assignment  # the tied embedding is planned
+    bits = sum(gguf_bits(plan.assignment[u.name].name, u.shape) for u in inv.units)
+    assert bits <= math.floor(bpw * inv.quantized_numel)
+    assert bits == plan.sizes(inv).quantized_bits
+
+
+def test_gguf_importance_is_mean_squared_input(wide_loaded):
+    settings = gguf_settings(5.0)
+    loaded, _ = api.prepare(wide_loaded, settings, progress=False)
+    model = loaded.model
+    windows = calibration_windows(loaded.tokenizer, calibration_text(None), CALIB)
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "lm_head"]
+    sums = {n: torch.zeros(model.get_submodule(n).in_features, dtype=torch.float64) for n in names}
+    count = {n: 0 for n in names}
+    hooks = []
+    for n in names:
+        def hook(_m, args, _out, n=n):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            sums[n] += (x**2).sum(0)
+            count[n] += x.shape[0]
+        hooks.append(model.get_submodule(n).register_forward_hook(hook))
+    with torch.no_grad():
+        for row in windows:
+            model(row[None, :])
+    for h in hooks:
+        h.remove()
+    for n in names:
+        assert count[n] == CALIB.windows * CALIB.seq_len
+        np.testing.assert_allclose(loaded.importance[n].numpy(), (sums[n] / count[n]).numpy(), rtol=1e-4)
+
+
+def test_gguf_quantize_is_ggml_with_importance(wide_loaded):
+    from gguf.quants import dequantize
+
+    from bitalloc.formats import ggml
+    from bitalloc.quantize import quantize_model, restored
+
+    settings = gguf_settings(5.0)
+    loaded, settings = api.prepare(wide_loaded, settings, progress=False)
+    plan = api.plan(settings=settings, progress=False, loaded=loaded)
+    unit = loaded.inventory.unit("model.layers.0.mlp.up_proj")
+    W = get_weight(loaded.model, unit).numpy()
+    type_name = plan.assignment[unit.name].name
+    imp = loaded.importance[unit.name].numpy() if plan.assignment[unit.name].uses_importance else None
+    raw = ggml.quantize_rows(type_name, W, imp)  # ggml itself, directly
+    expected = dequantize(raw.reshape(-1), gguf.GGMLQuantizationType[type_name]).reshape(W.shape)
+    with restored(loaded.model):
+        stored = quantize_model(loaded.model, loaded.inventory, plan, importance=loaded.importance)
+        assert stored[unit.name].data == raw.tobytes()
+        np.testing.assert_array_equal(get_weight(loaded.model, unit).numpy(), expected)
+
+
+def test_keep_type_pins_the_embedding(wide_loaded):
+    settings = gguf_settings(5.0, keep_type="Q8_0")
+    plan = api.plan(settings=settings, progress=False, loaded=wide_loaded)
+    assert plan.assignment["lm_head"].name == "Q8_0"
+    assert ["lm_head", ["Q8_0"]] in plan.to_dict()["constraints"]["allow"]
+
+
+def test_run_cli_gguf(wide_dir, tmp_path, capsys):
+    report = tmp_path / "run.json"
+    rc = main(["--quiet", "run", "--model", wide_dir, "--format", "gguf", "--bpw", "5", "--windows", "2",
+               "--seq-len", "64", "--calib-windows", "2", "--calib-seq-len", "64", "--refine-windows", "2",
+               "--refine-seq-len", "64", "--json", str(report)])
+    assert rc == 0, capsys.readouterr().err
+    data = json.loads(report.read_text())
+    assert data["menu"][-1] == "F16" and "Q4_K" in data["menu"]
+    assert data["allocated"]["bpw"] <= 5.0 and data["uniform"]["bpw"] <= 5.0
+    assert np.isfinite(data["allocated"]["ppl"])
+
+
+# ---- export ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    from test_gguf_export import tiny_model, write_tiny_gguf
+
+    path = tmp_path_factory.mktemp("gguf-src") / "tiny.gguf"
+    write_tiny_gguf(tiny_model(), path)
+    return path
+
+
+def test_export_cli_writes_the_plan(tiny_gguf, tmp_path, capsys):
+    from bitalloc.plan import Plan
+
+    plan_path, out, types = tmp_path / "plan.json", tmp_path / "mix.gguf", tmp_path / "mix.types"
+    assert main(["--quiet", "plan", "--model", str(tiny_gguf), "--format", "gguf", "--no-imatrix", "--bpw", "6",
+                 "--out", str(plan_path)]) == 0, capsys.readouterr().err
+    assert main(["--quiet", "export", str(plan_path), "--model", str(tiny_gguf), "--out", str(out),
+                 "--tensor-types", str(types)]) == 0, capsys.readouterr().err
+    plan = Plan.load(str(plan_path))
+    tensors = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
+    hf_to_gguf = {"lm_head": "token_embd.weight"}
+    for n in range(2):
+        for hf, g in (("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
+                      ("self_attn.o_proj", "attn_output"), ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"),
+                      ("mlp.down_proj", "ffn_down")):
+            hf_to_gguf[f"model.layers.{n}.{hf}"] = f"blk.{n}.{g}.weight"
+    assert set(hf_to_gguf) == set(plan.assignment)
+    planned_bytes = 0
+    for unit, option in plan.assignment.items():
+        t = tensors[hf_to_gguf[unit]]
+        assert t.tensor_type.name == option.name
+        planned_bytes += int(t.n_bytes)
+    loaded = api.load(str(tiny_gguf), embeddings=True)
+    assert planned_bytes * 8 == plan.sizes(loaded.inventory).quantized_bits
+    norms = sum(int(t.n_bytes) for name, t in tensors.items() if name not in hf_to_gguf.values())
+    assert norms == 4 * loaded.inventory.kept_numel  # F32 norms, as the plan counts them (keep_bits 32)
+    lines = types.read_text().splitlines()
+    assert len(lines) == len(plan.assignment) and r"^token_embd\.weight$=" + plan.assignment["lm_head"].name.lower() in lines
+    from bitalloc.evaluate.llamacpp import llamacpp_logprobs
+
+    rows = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(1))
+    assert all(torch.isfinite(lp).all() for lp in llamacpp_logprobs(str(out), rows))
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["plan", "--bits", "4"], "--bits would be ignored"),
+    (["plan", "--types", "Q9_K"], "Unknown or unsupported GGUF type"),
+    (["plan", "--quantizer", "gptq"], "not by GPTQ"),
+    (["plan", "--keep-type", "int4-g32-sym"], "is not in the menu"),
+])
+def test_gguf_bad_plan_inputs(wide_dir, tmp_path, capsys, argv, match):
+    out = tmp_path / "p.json"
+    rc = main(["--quiet", argv[0], "--model", wide_dir, "--format", "gguf", "--bpw", "5", "--out", str(out),
+               "--calib-windows", "2", "--calib-seq-len", "64", *argv[1:]])
+    assert rc == 2 and match in capsys.readouterr().err and not out.exists()
+
+
+def test_export_refuses_int_plan_and_non_gguf_source(wide_dir, tiny_gguf, tmp_path, capsys):
+    int_plan, gguf_plan = tmp_path / "int.json", tmp_path / "g.json"
+    assert main(["--quiet", "plan", "--model", wide_dir, "--bpw", "4", "--no-guard", "--out", str(int_plan)]) == 0
+    out = tmp_path / "x.gguf"
+    assert main(["--quiet", "export", str(int_plan), "--model", wide_dir, "--out", str(out)]) == 2
+    assert "assigns integer options" in capsys.readouterr().err and not out.exists()
+    assert main(["--quiet", "plan", "--model", wide_dir, "--format", "gguf", "--no-imatrix", "--no-guard", "--bpw",
+                 "5", "--out", str(gguf_plan)]) == 0
+    assert main(["--quiet", "export", str(gguf_plan), "--model", wide_dir, "--out", str(out)]) == 2
+    assert "is not one. Convert it" in capsys.readouterr().err and not out.exists()
+    assert main(["--quiet", "export", str(gguf_plan), "--model", str(tiny_gguf), "--out", str(out)]) == 2
+    assert "another model" in capsys.readouterr().err and not out.exists()
