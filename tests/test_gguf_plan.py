@@ -231,3 +231,31 @@ def test_export_refuses_int_plan_and_non_gguf_source(wide_dir, tiny_gguf, tmp_pa
     assert "is not one. Convert it" in capsys.readouterr().err and not out.exists()
     assert main(["--quiet", "export", str(gguf_plan), "--model", str(tiny_gguf), "--out", str(out)]) == 2
     assert "another model" in capsys.readouterr().err and not out.exists()
+
+
+def test_int_menu_with_embeddings_saves_and_reloads_identically(tmp_path, capsys):
+    """--embeddings on the integer menu: the tied embedding is quantized,
+    saved with the rest, and a reload gives the in-memory weights exactly."""
+    from conftest import char_tokenizer, tiny_llama
+
+    from bitalloc.plan import Plan
+    from bitalloc.quantize import load_quantized, quantize_model
+
+    src = tmp_path / "tiny"
+    tiny_llama().save_pretrained(src)
+    char_tokenizer().save_pretrained(src)
+    plan_path, out = tmp_path / "p.json", tmp_path / "q"
+    assert main(["--quiet", "plan", "--model", str(src), "--embeddings", "--bpw", "4", "--no-guard",
+                 "--out", str(plan_path)]) == 0, capsys.readouterr().err
+    assert main(["--quiet", "quantize", "--model", str(src), "--plan", str(plan_path), "--out", str(out)]) == 0
+    plan = Plan.load(str(plan_path))
+    assert "lm_head" in plan.assignment
+    loaded = api.load(str(src), embeddings=True)
+    quantize_model(loaded.model, loaded.inventory, plan)
+    model, _, _ = load_quantized(str(out))
+    expected = loaded.model.state_dict()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value.float(), expected[name].float()), name
+    assert torch.equal(model.model.embed_tokens.weight, model.lm_head.weight)  # still tied
+    original = tiny_llama().model.embed_tokens.weight
+    assert not torch.equal(model.model.embed_tokens.weight.float(), original.float())  # and quantized

@@ -94,3 +94,41 @@ def test_eval_in_llamacpp_on_the_embedded_gguf(tmp_path):
     assert r["kl"] == pytest.approx(0.0, abs=1e-9) and r["top1"] == 1.0
     hf = api.evaluate(None, settings=EvalSettings(seq_len=48, windows=2), progress=False)["result"]
     assert abs(r["ppl"] / hf["ppl"] - 1) < 0.05  # llama.cpp's own kernels vs float32 transformers
+
+
+def test_gguf_plan_export_and_preset_compare_on_the_embedded_model(tmp_path, capsys):
+    """--format gguf on the real model, bounded (a small menu, 2 x 64 tokens):
+    the plan's imatrix file, the exported file's types and bytes read back by
+    gguf-py, and `compare --format gguf` against one llama.cpp preset."""
+    import json
+
+    import gguf
+
+    from bitalloc.formats.imatrix import read_imatrix
+    from bitalloc.plan import Plan
+
+    small = ["--types", "Q4_0,Q5_0,Q8_0,Q4_K,Q6_K", "--calib-windows", "2", "--calib-seq-len", "64"]
+    plan_path, out, imatrix = tmp_path / "plan.json", tmp_path / "mix.gguf", tmp_path / "imatrix.gguf"
+    assert main(["--quiet", "plan", "--format", "gguf", "--bpw", "5.2", *small, "--refine-windows", "2",
+                 "--refine-seq-len", "64", "--out", str(plan_path)]) == 0, capsys.readouterr().err
+    assert main(["--quiet", "export", str(plan_path), "--out", str(out), "--imatrix", str(imatrix),
+                 "--calib-windows", "2", "--calib-seq-len", "64"]) == 0, capsys.readouterr().err
+    plan = Plan.load(str(plan_path))
+    assert plan.assignment["lm_head"].name in ("Q4_0", "Q5_0", "Q8_0")  # the tied embedding: 576 columns
+    tensors = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
+    assert tensors["token_embd.weight"].tensor_type.name == plan.assignment["lm_head"].name
+    assert tensors["blk.3.ffn_down.weight"].tensor_type.name == plan.assignment["model.layers.3.mlp.down_proj"].name
+    weights = sum(int(t.n_bytes) for name, t in tensors.items() if name.endswith(".weight") and len(t.shape) == 2)
+    assert weights * 8 == plan.sizes(api.load(None, embeddings=True).inventory).quantized_bits
+    vectors = read_imatrix(imatrix).vectors()
+    assert vectors["blk.0.attn_q.weight"].shape == (576,) and vectors["blk.0.ffn_down.weight"].shape == (1536,)
+    assert (vectors["token_embd.weight"] > 0).all()  # the tied head's input
+
+    report_dir = tmp_path / "cmp"
+    assert main(["--quiet", "compare", "--format", "gguf", "--presets", "Q4_K_M", "--scorers", "rtn-mse-rel",
+                 "--windows", "2", "--seq-len", "64", *small, "--refine-windows", "2", "--refine-seq-len", "64",
+                 "--out", str(report_dir)]) == 0, capsys.readouterr().err
+    rows = json.loads((report_dir / "compare.json").read_text())["rows"]
+    preset, mix = rows
+    assert preset["method"] == "llama.cpp Q4_K_M" and mix["tensor_bytes"] <= preset["tensor_bytes"]
+    assert 0 <= mix["kl"] < 1 and 0 <= preset["kl"] < 1 and mix["vs_preset"]

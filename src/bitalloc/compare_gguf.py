@@ -11,6 +11,7 @@ against the preset on the same windows."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import time
 from dataclasses import dataclass, replace
@@ -57,8 +58,34 @@ def make_preset(source: str, out: str, preset: str, vectors: dict, threads: int 
     params.allow_requantize, params.nthread = True, threads
     if vectors:
         params.imatrix = entries
-    if llama_cpp.llama_model_quantize(source.encode(), out.encode(), ctypes.byref(params)) != 0:
-        raise BitallocError(f"llama.cpp could not make the {preset} preset of {source}.")
+    with _captured_stderr() as log:  # llama.cpp prints a line per tensor that falls back to another type
+        status = llama_cpp.llama_model_quantize(source.encode(), out.encode(), ctypes.byref(params))
+    if status != 0:
+        tail = " ".join("".join(log).split()[-40:])
+        raise BitallocError(f"llama.cpp could not make the {preset} preset of {source}: {tail}")
+
+
+@contextlib.contextmanager
+def _captured_stderr():
+    """File descriptor 2 (where llama.cpp's C code writes) sent to a temporary
+    file for the block; its text is appended to the yielded list afterwards,
+    so a failure can quote it."""
+    import os
+    import sys
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    captured: list[str] = []
+    with tempfile.TemporaryFile(mode="w+") as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            log.seek(0)
+            captured.append(log.read())
 
 
 def tensor_bytes(path: str) -> int:
@@ -121,7 +148,7 @@ def compare_gguf(loaded: api.Loaded, settings: GGUFCompareSettings, plan_setting
             "note": "every file run by llama.cpp; KL and top-1 against the source GGUF run by llama.cpp; sizes are "
                     "tensor data bytes (metadata apart); bitalloc's budget is the preset's exact tensor data bytes",
             "method": method_note(settings.eval.windows, rows[0]["tokens"] if rows else 0,
-                                  baseline="the llama.cpp preset of the same size")}
+                                  baseline="the llama.cpp preset of the same size", column="vs preset")}
 
 
 def _type_counts(types: dict[str, str]) -> dict[str, int]:

@@ -193,11 +193,11 @@ def verdict_label(diffs: dict[str, PairedDifference]) -> str:
 
 
 def method_note(windows: int, tokens: int, *, baseline: str = "the uniform row of the same budget",
-                confidence: float = CONFIDENCE) -> str:
+                confidence: float = CONFIDENCE, column: str = "vs uniform") -> str:
     """How the intervals and verdicts were computed, for the foot of a table."""
     pct = f"{confidence * 100:g} %"
     return (f"[lo, hi]: {pct} percentile bootstrap over the {windows} evaluation windows ({tokens} predicted "
-            f"tokens; {RESAMPLES} resamples of whole windows, seed {SEED}).\nvs uniform: paired bootstrap of the "
+            f"tokens; {RESAMPLES} resamples of whole windows, seed {SEED}).\n{column}: paired bootstrap of the "
             f"per-window difference to {baseline} in log-perplexity, KL and top-1; "
             f"'better'/'worse' names the metrics whose {pct} interval of the difference excludes 0, otherwise "
             f"'within noise' (always so with one window). Few windows make the intervals optimistic.")
