@@ -259,3 +259,48 @@ def test_int_menu_with_embeddings_saves_and_reloads_identically(tmp_path, capsys
     assert torch.equal(model.model.embed_tokens.weight, model.lm_head.weight)  # still tied
     original = tiny_llama().model.embed_tokens.weight
     assert not torch.equal(model.model.embed_tokens.weight.float(), original.float())  # and quantized
+
+
+def test_kl_over_gguf_types_measures_each_units_own_types(wide_dir, tmp_path, monkeypatch):
+    """kl on a GGUF menu probes three of each unit's fitting types (never
+    F16); a probed entry is the KL of the model with that unit alone stored
+    by ggml (with its importance vector), computed here from scratch."""
+    from gguf.quants import dequantize
+
+    from bitalloc.evaluate import evaluate, reference_logprobs, token_windows
+    from bitalloc.formats import ggml
+    from bitalloc.scorers import score
+    from bitalloc.scorers.probes import unit_probes
+    from bitalloc.units import set_weight
+
+    monkeypatch.setenv("BITALLOC_CACHE", str(tmp_path / "cache"))
+    settings = replace_scorer(gguf_settings(5.0, types=("Q4_0", "Q5_0", "Q8_0", "Q3_K", "Q4_K", "Q6_K", "F16")))
+    loaded, settings = api.prepare(api.load(wide_dir, embeddings=True), settings, progress=False)
+    ctx = api.scoring_context(loaded, settings, progress=False)
+    table = score(ctx, ["kl"])["kl"]
+    for i in (0, 5):  # the tied embedding/head, a projection
+        unit = loaded.inventory.units[i]
+        probes = unit_probes(ctx, i)
+        assert len(probes) == 3 and all(o.name != "F16" for o in probes)
+        opt = probes[1]
+        W = get_weight(loaded.model, unit)
+        imp = loaded.importance[unit.name].numpy() if opt.uses_importance else None
+        raw = ggml.quantize_rows(opt.name, W.numpy(), imp)
+        W_q = torch.from_numpy(dequantize(raw.reshape(-1), gguf.GGMLQuantizationType[opt.name]).reshape(W.shape))
+        s = settings.scorer_settings
+        windows = token_windows(loaded.tokenizer, ctx.calib_text, api.EvalSettings(s.probe_seq_len, s.probe_windows))
+        ref = reference_logprobs(loaded.model, windows)
+        set_weight(loaded.model, unit, W_q)
+        try:
+            expected = evaluate(loaded.model, windows, ref).kl
+        finally:
+            set_weight(loaded.model, unit, W)
+        assert table.distortion[i, ctx.options.index(opt)] == pytest.approx(expected, rel=1e-4, abs=1e-9)
+
+
+def replace_scorer(settings: PlanSettings) -> PlanSettings:
+    from dataclasses import replace
+
+    from bitalloc.scorers import ScorerSettings
+
+    return replace(settings, scorer="kl", scorer_settings=ScorerSettings(probe_windows=1, probe_seq_len=48))

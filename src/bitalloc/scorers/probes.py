@@ -3,6 +3,8 @@ noise-injection slope) and kl (exllamav3-style measured KL)."""
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import torch
 
@@ -60,6 +62,17 @@ def unit_probes(ctx: ScoringContext, i: int) -> list:
     return picks
 
 
+def _menu_key(ctx: ScoringContext) -> str:
+    """'' on an integer menu (fixed probe options); otherwise a key naming the
+    menu and whether an importance matrix is used, since both decide what
+    each unit's probes are and how they quantize."""
+    if all(isinstance(o, QuantOption) for o in ctx.options):
+        return ""
+    imatrix = sum(float(v.double().sum()) for v in ctx.importance.values())  # 0 without one
+    text = ",".join(o.name for o in ctx.options) + f";imatrix={imatrix:.9g}"
+    return "-gguf-" + hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
 def score_kl(ctx: ScoringContext, name: str) -> ErrorTable:
     """exllamav3-style measured KL, each unit quantized alone at a few probe
     options by the plan's quantizer (RTN, or GPTQ with the unit's Hessian);
@@ -78,8 +91,7 @@ def score_kl(ctx: ScoringContext, name: str) -> ErrorTable:
                 out.append(float("nan"))
         return out
 
-    kind = ("kl" if ctx.quantizer == "rtn" else f"kl-{ctx.quantizer}") + (
-        "" if all(isinstance(o, QuantOption) for o in ctx.options) else "-gguf")
+    kind = ("kl" if ctx.quantizer == "rtn" else f"kl-{ctx.quantizer}") + _menu_key(ctx)
     kls = ctx.measure_per_unit(kind, measure, len(probe_sets[0]))
     rel = ctx.reductions(["mse"])["mse"] / ctx.norms[:, None]  # (units, options)
     def probe_column(o: QuantOption) -> np.ndarray:
