@@ -196,6 +196,8 @@ CASES = (
     C("export-missing-plan", "export {missing} --out {new}.gguf", "does not exist"),
     C("export-int-plan", "export {plan} --out {new}.gguf", "assigns integer options"),
     C("export-hf-source", M + " export {gguf_plan} --out {new}.gguf", "is not one. Convert it"),
+    C("plan-option-does-not-fit", M + " quantize --plan {plan_unfit} --out {newdir}", "its 64 input columns are not "
+      "a multiple", loads=True),
     C("export-out-exists", "export {gguf_plan} --out {user_file}", "already exists; bitalloc replaces it only"),
     C("export-out-folder", "export {gguf_plan} --out {folder}", "is a folder"),
     C("export-same-files", "export {gguf_plan} --out {new}.gguf --tensor-types {new}.gguf", "three different files"),
@@ -289,6 +291,7 @@ def build_workspace(root: Path) -> dict[str, str]:
         "plan_option_number": {**plan, "units": {**plan["units"], unit: 4}},
         "plan_option_unknown": {**plan, "units": {**plan["units"], unit: "int4"}},
         "plan_version": {**plan, "version": 99},
+        "plan_unfit": {**plan, "units": {**plan["units"], unit: "int4-g48-sym"}},
         "table_units_list": {**table, "units": list(table["units"])},
         "table_short_row": {**table, "units": {**table["units"], unit: {**table["units"][unit], "distortion": [1.0]}}},
     }

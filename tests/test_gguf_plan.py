@@ -304,3 +304,36 @@ def replace_scorer(settings: PlanSettings) -> PlanSettings:
     from bitalloc.scorers import ScorerSettings
 
     return replace(settings, scorer="kl", scorer_settings=ScorerSettings(probe_windows=1, probe_seq_len=48))
+
+
+def test_export_refuses_a_type_that_does_not_fit(tiny_gguf, tmp_path, capsys):
+    """A plan edited to give a 64-column tensor a 256-block type: one line, no file."""
+    plan_path, out = tmp_path / "plan.json", tmp_path / "x.gguf"
+    assert main(["--quiet", "plan", "--model", str(tiny_gguf), "--format", "gguf", "--no-imatrix", "--bpw", "6",
+                 "--out", str(plan_path)]) == 0, capsys.readouterr().err
+    data = json.loads(plan_path.read_text())
+    data["units"]["model.layers.0.self_attn.q_proj"] = "Q4_K"
+    plan_path.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert main(["--quiet", "export", str(plan_path), "--model", str(tiny_gguf), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Q4_K, which stores rows in blocks of 256 weights; its 64 input columns" in err and not out.exists()
+
+
+def test_both_families_speak_the_format_protocol():
+    from bitalloc.formats import Format
+    from bitalloc.formats.affine import QuantOption
+    from bitalloc.formats.gguf_types import GGUFType
+
+    sym, asym, k = QuantOption(4, 32, True), QuantOption(3, 0), GGUFType("Q4_K")
+    assert all(isinstance(f, Format) for f in (sym, asym, k))
+    assert sym.storage_bits((8, 64)) == 8 * 64 * 4 + 8 * 2 * 16  # codes + one fp16 scale per group of 32
+    assert asym.storage_bits((8, 64)) == 8 * 64 * 3 + 8 * 1 * 32  # per channel: fp16 scale and zero per row
+    assert sym.available((8, 64)) and not sym.available((8, 48)) and asym.available((8, 48))
+    assert k.available((8, 256)) and not k.available((8, 64))
+    W = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    Q = sym.dequantize(sym.quantize(W))
+    scale = W.reshape(8, 2, 32).abs().amax(-1) / 8  # symmetric int4: the largest magnitude sets a step of |w|/8
+    # within half a step, or one step for values beyond +7 steps on the side opposite the largest magnitude
+    assert ((Q - W).abs().reshape(8, 2, 32) <= scale[..., None] * 1.001).all()
+    assert ((Q - W).abs().reshape(8, 2, 32) <= scale[..., None] / 2 * 1.001).float().mean() > 0.9

@@ -16,6 +16,7 @@ import ctypes
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 from bitalloc import api
 from bitalloc.errors import BitallocError
@@ -95,7 +96,11 @@ def tensor_bytes(path: str) -> int:
 
 
 def compare_gguf(loaded: api.Loaded, settings: GGUFCompareSettings, plan_settings: api.PlanSettings, work: str, *,
-                 text_path: str | None = None, encoding: str = "utf-8", progress: bool = True) -> dict:
+                 text_path: str | None = None, encoding: str = "utf-8", progress: bool = True,
+                 checkpoint: Callable[[dict], None] | None = None) -> dict:
+    """Every preset and each scorer's plan at its size, run by llama.cpp;
+    ``checkpoint(report so far)`` after each preset, so a long run shows its
+    results as they come."""
     from bitalloc.evaluate.llamacpp import evaluate_gguf, llamacpp_logprobs
     from bitalloc.export.gguf import write_gguf
     from bitalloc.exporting import _arch, _source_gguf, gguf_names
@@ -142,8 +147,14 @@ def compare_gguf(loaded: api.Loaded, settings: GGUFCompareSettings, plan_setting
                    "types": _type_counts(types), "provenance": plan.provenance}
             row["vs_preset"] = versus(row, base)
             rows.append(row)
+        if checkpoint is not None:
+            checkpoint(_report(loaded, source, label, settings, options, notices, rows, seconds, t0))
+    return _report(loaded, source, label, settings, options, notices, rows, seconds, t0)
+
+
+def _report(loaded, source, label, settings, options, notices, rows, seconds, t0) -> dict:
     return {"model": loaded.source.label, "source": source, "text": label, "eval": settings.eval.to_dict(),
-            "menu": [o.name for o in options], "notices": list(inv.notices) + notices, "rows": rows,
+            "menu": [o.name for o in options], "notices": list(loaded.inventory.notices) + notices, "rows": rows,
             "seconds": {**seconds, "total": time.perf_counter() - t0},
             "note": "every file run by llama.cpp; KL and top-1 against the source GGUF run by llama.cpp; sizes are "
                     "tensor data bytes (metadata apart); bitalloc's budget is the preset's exact tensor data bytes",
@@ -158,13 +169,23 @@ def _type_counts(types: dict[str, str]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def kl_change(row: dict, preset: dict) -> str:
+    """'-46.2 %': the row's KL relative to the preset's."""
+    if row is preset or not preset.get("kl"):
+        return ""
+    return f"{100 * (row['kl'] / preset['kl'] - 1):+.1f} %"
+
+
 def markdown(report: dict) -> str:
-    rows = [[r["method"], f"{r['tensor_bytes'] / 1e6:.3f}", with_ci(r, "ppl", 2, fixed=True),
-             with_ci(r, "kl", 4, fixed=True), with_ci(r, "top1", 3, fixed=True), r.get("vs_preset", "")]
-            for r in report["rows"]]
+    rows, preset = [], None
+    for r in report["rows"]:
+        preset = r if r["method"].startswith("llama.cpp") else preset
+        rows.append([r["method"], f"{r['tensor_bytes'] / 1e6:.3f}", with_ci(r, "ppl", 2, fixed=True),
+                     with_ci(r, "kl", 4, fixed=True), kl_change(r, preset), with_ci(r, "top1", 3, fixed=True),
+                     r.get("vs_preset", "")])
+    headers = ["method", "MB (tensor data)", "ppl [95 %]", "KL [95 %]", "KL vs preset", "top-1 [95 %]", "vs preset"]
     return (f"model: {report['model']} (reference: the source GGUF run by llama.cpp)\ntext: {report['text']}\n"
-            + table(["method", "MB (tensor data)", "ppl [95 %]", "KL [95 %]", "top-1 [95 %]", "vs preset"], rows)
-            + "\n" + report["method"])
+            + table(headers, rows) + "\n" + report["method"])
 
 
 def write_report(report: dict, out_dir: str) -> list[str]:
@@ -187,7 +208,7 @@ def cmd_compare_gguf(args) -> None:
     plan = plan_settings(args, 1.0)  # each preset's size replaces this budget
     loaded = api.load(args.model, embeddings=True)
     report = compare_gguf(loaded, settings, plan, f"{args.out}/gguf", text_path=args.text, encoding=args.encoding,
-                          progress=not args.quiet)
+                          progress=not args.quiet, checkpoint=lambda partial: write_report(partial, args.out))
     print(markdown(report))
     for path in write_report(report, args.out):
         print(f"wrote {path}")

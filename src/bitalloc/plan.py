@@ -9,7 +9,7 @@ from pathlib import Path
 
 from bitalloc.errors import BitallocError, PlanMismatchError
 from bitalloc.fileio import read_json, write_json
-from bitalloc.formats import parse_option
+from bitalloc.formats import fits, parse_option
 from bitalloc.formats.affine import QuantOption
 from bitalloc.problem import Budget, Constraints, Sizes, sizes_of
 from bitalloc.schema import check_header, need, string_map
@@ -60,6 +60,15 @@ class Plan:
                 f"The plan's units do not match the model's: {len(missing)} missing (e.g. {sorted(missing)[:1]}), "
                 f"{len(extra)} unknown (e.g. {sorted(extra)[:1]}). Regenerate the plan."
             )
+        for u in inventory.units:
+            opt = self.assignment[u.name]
+            if not fits(u.shape, opt, allow_ragged=self.allow_ragged):
+                block = f"blocks of {opt.group_size} weights" if getattr(opt, "block_size", None) else \
+                    f"groups of {opt.group_size} columns"
+                raise PlanMismatchError(
+                    f"The plan gives {u.name} the option {opt.name}, which stores rows in {block}; its "
+                    f"{u.shape[1]} input columns are not a multiple of that. Choose an option that fits, or "
+                    "regenerate the plan.")
 
     def to_dict(self, inventory: Inventory | None = None) -> dict:
         units = {name: opt.name for name, opt in self.assignment.items()}

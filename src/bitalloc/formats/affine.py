@@ -81,6 +81,32 @@ class QuantOption:
     def __str__(self) -> str:
         return self.name
 
+    # ---- the Format protocol (bitalloc.formats) ------------------------------
+    uses_importance = False  # round to nearest; GPTQ (quantizers) is where input statistics enter
+    requires_importance = False
+
+    def available(self, shape: Sequence[int]) -> bool:
+        """Whether the group size divides the input columns (per-channel always does)."""
+        try:
+            group_count(int(shape[-1]), self)
+        except GroupSizeError:
+            return False
+        return True
+
+    def storage_bits(self, shape: Sequence[int]) -> int:
+        return storage_bits(shape, self)
+
+    def quantize(self, W, importance=None):
+        """Round-to-nearest codes, fp16 scales and zeros (``importance`` is not used)."""
+        from bitalloc.formats.affine_rtn import quantize_rtn
+
+        return quantize_rtn(W, self)
+
+    def dequantize(self, stored):
+        from bitalloc.formats.affine_rtn import dequantize
+
+        return dequantize(stored)
+
 
 def group_count(cols: int, option: QuantOption, *, allow_ragged: bool = False, name: str = "") -> int:
     """Groups per output row. A group size that does not divide ``cols`` is an
