@@ -104,3 +104,30 @@ def test_identity_depends_on_shapes_not_values():
     assert model_identity(a) == model_identity(b)
     b.body[0] = nn.Linear(8, 17)
     assert model_identity(a) != model_identity(b)
+
+
+def test_expert_tie_puts_all_experts_of_a_projection_in_one_option():
+    """--tie experts (per-layer mode): one option per fused projection per
+    layer, as llama.cpp and vLLM's fused MoE kernels need; the budget counts
+    every expert's bits."""
+    import numpy as np
+
+    from bitalloc.formats.affine import QuantOption
+    from bitalloc.problem import Budget, Constraints, build_problem
+    from bitalloc.solvers import solve
+
+    model = build("MixtralConfig", **SMALL, num_local_experts=4, num_experts_per_tok=2)
+    inv = find_units(model)
+    experts = [m for t, m in inv.tie_groups if t == "experts"]
+    assert len(experts) == 2 * 2  # gate_up and down, two layers
+    assert all(len(m) == 4 and len({n.split("[")[0] for n in m}) == 1 for m in experts)
+    options = (QuantOption(2, 32), QuantOption(4, 32))
+    rng = np.random.default_rng(0)
+    errors = rng.random((len(inv.units), 2)) * np.array([10.0, 1.0])
+    problem = build_problem(inv, options, errors, Budget(3.0), Constraints(ties=("experts",)))
+    choice = solve(problem, "ilp").choice
+    picked = {inv.units[i].name: options[int(choice[g])] for g, members in enumerate(problem.groups) for i in members}
+    for members in experts:
+        assert len({picked[n] for n in members}) == 1
+    bits = sum(u.numel * picked[u.name].bits + (u.numel // 32) * 32 for u in inv.units)  # codes + fp16 scale, zero
+    assert bits <= 3.0 * inv.quantized_numel

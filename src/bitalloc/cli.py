@@ -69,7 +69,8 @@ def _menu_args(p: argparse.ArgumentParser) -> None:
                    help="restrict options for matching units, e.g. '*.v_proj=int6*,int8*' (repeatable)")
     g.add_argument("--min-bits", type=A.bits_value)
     g.add_argument("--max-bits", type=A.bits_value)
-    g.add_argument("--tie", default="", help="tie groups sharing one option: qkv, gate_up, ... or all")
+    g.add_argument("--tie", default="", help="tie groups sharing one option: qkv, gate_up, experts (all experts of "
+                                             "a fused MoE projection), ... or all")
     g.add_argument("--keep-bits", type=int, choices=(16, 32),
                    help="precision of tensors that are not quantized (embeddings, norms); counted in model size "
                         "(default 16; 32 with --format gguf, where norms are F32)")

@@ -222,9 +222,18 @@ def _check_projections(units: list[Unit], spec: ArchSpec, notices: list[str]) ->
             notices.append(f"Expected projection '{suffix}' of family {spec.family!r} was not found.")
 
 
+EXPERT_TIE = "experts"  # every expert slice of one fused projection in one option (llama.cpp, vLLM)
+
+
 def _tie_groups(units: list[Unit], spec: ArchSpec) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Named tie groups: the family's (qkv, gate_up, ...) per block, and
+    ``experts``: the slices of each fused 3-D expert parameter (``--tie
+    experts`` is the per-layer mode; without it each expert is its own unit)."""
     groups: dict[tuple[str, str], list[str]] = {}  # (block prefix, tie name) -> unit names
     for u in units:
+        if u.index is not None:
+            groups.setdefault((u.param, EXPERT_TIE), []).append(u.name)
+            continue
         for tie, suffixes in spec.tie_groups.items():
             for s in suffixes:
                 if u.name.endswith("." + s):
