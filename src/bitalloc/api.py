@@ -205,6 +205,8 @@ def plan(model: str | None = None, *, settings: PlanSettings, table_path: str | 
     hessians = ctx.hessians if settings.quantizer == "gptq" and (settings.guard or settings.refine.rounds) else None
     result = finish_plan(loaded, solve_plan(loaded.inventory, table, settings, loaded.source.label), table, settings,
                          hessians=hessians, progress=_tqdm(progress))
+    if ctx.notices:
+        result = replace(result, provenance={**result.provenance, "notices": list(ctx.notices)})
     if out:
         result.save(out, loaded.inventory)
     return result
@@ -375,7 +377,8 @@ def run(model: str | None = None, *, settings: PlanSettings, scorers: Sequence[s
 
             bench.calib_windows = calibration_windows(loaded.tokenizer, ctx.calib_text, settings.calib)
     inv = loaded.inventory
-    report.update(menu=[o.name for o in options], notices=list(inv.notices) + notices, quantizer=settings.quantizer,
+    report.update(menu=[o.name for o in options], notices=list(inv.notices) + notices + ctx.notices,
+                  quantizer=settings.quantizer,
                   budgets=[])
     probe = None
     for value in budgets:

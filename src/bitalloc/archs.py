@@ -37,6 +37,7 @@ _LLAMA_TIES = {
 _HEADS = ("lm_head", "*.lm_head")
 _MORE = ("self_attn.v_proj", "mlp.down_proj")
 _ROUTERS = ("*.mlp.gate", "*.shared_expert_gate")
+_EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
 ARCHITECTURES: tuple[ArchSpec, ...] = (
     ArchSpec("llama", ("llama",), _LLAMA_ATTN + _LLAMA_MLP, _LLAMA_TIES, exclude=_HEADS, more_bits=_MORE),
@@ -72,7 +73,7 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         ("mixtral",),
         _LLAMA_ATTN,
         {"qkv": _LLAMA_TIES["qkv"]},
-        expert_params=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+        expert_params=_EXPERTS,
         exclude=_HEADS + _ROUTERS,
         more_bits=("self_attn.v_proj", "mlp.experts.down_proj"),
     ),
@@ -81,13 +82,35 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         ("qwen2_moe", "qwen3_moe"),
         _LLAMA_ATTN,
         {"qkv": _LLAMA_TIES["qkv"], "shared_gate_up": ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj")},
-        expert_params=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+        expert_params=_EXPERTS,
         exclude=_HEADS + _ROUTERS,
         more_bits=("self_attn.v_proj", "mlp.experts.down_proj"),
     ),
+    ArchSpec(
+        "olmoe",
+        ("olmoe",),
+        _LLAMA_ATTN,
+        {"qkv": _LLAMA_TIES["qkv"]},
+        expert_params=_EXPERTS,
+        exclude=_HEADS + _ROUTERS,
+        more_bits=("self_attn.v_proj", "mlp.experts.down_proj"),
+    ),
+    ArchSpec(
+        "deepseek",
+        ("deepseek_v2", "deepseek_v3"),
+        # multi-head latent attention: q_proj, or q_a_proj/q_b_proj with a q LoRA rank; kv through a low-rank pair
+        ("self_attn.kv_a_proj_with_mqa", "self_attn.kv_b_proj", "self_attn.o_proj"),
+        # the first dense layers' MLP, and the shared experts of the MoE layers
+        {"gate_up": _LLAMA_TIES["gate_up"],
+         "shared_gate_up": ("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj")},
+        expert_params=_EXPERTS,
+        exclude=_HEADS + _ROUTERS,
+        more_bits=("self_attn.kv_b_proj", "mlp.experts.down_proj", "mlp.down_proj"),
+    ),
 )
 
-GENERIC = ArchSpec("generic", (), (), exclude=_HEADS + _ROUTERS)
+# Any family: fused (E, out, in) parameters of a module named "experts" are expert slices too.
+GENERIC = ArchSpec("generic", (), (), expert_params=_EXPERTS, exclude=_HEADS + _ROUTERS)
 
 
 def arch_for(model_type: str | None) -> ArchSpec | None:

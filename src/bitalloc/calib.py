@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bitalloc.errors import BitallocError
@@ -40,18 +41,98 @@ def calibration_windows(tokenizer, text: str, settings: CalibSettings) -> torch.
 
 def unit_modules(inventory: Inventory) -> list[str]:
     """Module names whose input Gram matrix the units need (one per linear;
-    none for a token embedding read by lookup)."""
-    names = []
-    for u in inventory.units:
-        if u.lookup:  # a token embedding: its input is token ids, no Gram matrix
-            continue
+    none for a token embedding read by lookup; expert slices are measured by
+    ``ExpertGrams`` on their experts module)."""
+    return [u.name for u in inventory.units if not u.lookup and u.index is None]
+
+
+def expert_modules(units) -> dict[str, list]:
+    """Experts module name -> its expert-slice units (``...experts.gate_up_proj[3]``)."""
+    out: dict[str, list] = {}
+    for u in units:
         if u.index is not None:
-            raise BitallocError(
-                f"Calibrated scorers and GPTQ do not yet support fused expert slices such as {u.name}; "
-                "use a data-free scorer (rtn-mse, rtn-mse-rel, alpha) with --quantizer rtn."
-            )
-        names.append(u.name)
-    return names
+            out.setdefault(u.param.rsplit(".", 1)[0], []).append(u)
+    return out
+
+
+class ExpertGrams:
+    """Per-expert X^T X of a fused experts module (transformers 5: parameters
+    ``gate_up_proj`` (E, 2I, H) and ``down_proj`` (E, H, I), called as
+    ``experts(hidden (T, H), top_k_index (T, k), top_k_weights (T, k))``),
+    from only the tokens routed to each expert: the hidden states for
+    ``gate_up_proj[e]``, act(gate) * up for ``down_proj[e]``. Also the routing
+    statistics: tokens per expert and the routing-weight mass they carried."""
+
+    def __init__(self, model: nn.Module, module_name: str, units: list):
+        self.name, self.module = module_name, model.get_submodule(module_name)
+        for pname in {u.param.rsplit(".", 1)[1] for u in units}:
+            if pname not in ("gate_up_proj", "down_proj") or getattr(self.module, pname).dim() != 3:
+                raise BitallocError(f"Expert parameter {module_name}.{pname} is not the fused (E, out, in) "
+                                    "gate_up_proj/down_proj layout bitalloc calibrates; use a data-free scorer "
+                                    "(rtn-mse, rtn-mse-rel, alpha) with --quantizer rtn for this model.")
+        self.names = {(u.param.rsplit(".", 1)[1], u.index): u.name for u in units}
+        E = self.module.gate_up_proj.shape[0]
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.routed = torch.zeros(E, dtype=torch.long)  # tokens per expert
+        self.mass = torch.zeros(E, dtype=torch.float64)  # sum of routing weights
+        self.tokens = 0
+        self.handle = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _add(self, name: str | None, X: torch.Tensor) -> None:
+        if name is None:
+            return
+        X = X.detach().double()  # (n, in)
+        self.sums[name] = self.sums[name] + X.T @ X if name in self.sums else X.T @ X
+        self.counts[name] = self.counts.get(name, 0) + X.shape[0]
+
+    @torch.no_grad()
+    def _hook(self, module, args, kwargs):
+        names = ("hidden_states", "top_k_index", "top_k_weights")
+        values = list(args) + [kwargs[n] for n in names[len(args):]]
+        hidden, index, weights = values[:3]
+        hidden = hidden.reshape(-1, hidden.shape[-1])  # (T, H)
+        self.tokens += hidden.shape[0]
+        for e in range(module.gate_up_proj.shape[0]):
+            rows, slot = torch.where(index == e)
+            if rows.numel() == 0:
+                continue
+            self.routed[e] += rows.numel()
+            self.mass[e] += weights[rows, slot].double().sum()
+            x = hidden[rows]  # (n, H)
+            self._add(self.names.get(("gate_up_proj", e)), x)
+            if ("down_proj", e) in self.names:
+                gate, up = F.linear(x, module.gate_up_proj[e]).chunk(2, dim=-1)
+                self._add(self.names[("down_proj", e)], module.act_fn(gate) * up)  # (n, I)
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+class UnitGrams:
+    """Input Gram matrices of any units: hooks on linears, and ``ExpertGrams``
+    on experts modules. ``hessians()`` omits experts no token reached."""
+
+    def __init__(self, model: nn.Module, units):
+        units = [u for u in units if not u.lookup]
+        self.linears = GramAccumulator(model, [u.name for u in units if u.index is None])
+        self.experts = [ExpertGrams(model, name, us) for name, us in expert_modules(units).items()]
+
+    def remove(self) -> None:
+        self.linears.remove()
+        for e in self.experts:
+            e.remove()
+
+    def hessians(self) -> dict[str, torch.Tensor]:
+        H = self.linears.hessians()
+        for e in self.experts:
+            H.update({n: (2.0 * s / e.counts[n]).float() for n, s in e.sums.items()})
+        return H
+
+    def routing(self) -> dict[str, dict]:
+        """Experts module -> tokens seen, tokens and routing-weight mass per expert."""
+        return {e.name: {"tokens": e.tokens, "routed": e.routed.tolist(), "mass": e.mass.tolist()}
+                for e in self.experts}
 
 
 class GramAccumulator:
@@ -94,17 +175,20 @@ class GramAccumulator:
 
 
 def _valid_hessians(H: dict[str, torch.Tensor], inventory: Inventory) -> bool:
-    """One finite (in, in) matrix per unit, nothing else."""
+    """One finite (in, in) matrix per unit, nothing else (an expert that no
+    calibration token reached has none)."""
     units = [u for u in inventory.units if not u.lookup]
-    if set(H) != {u.name for u in units}:
+    names = {u.name for u in units}
+    if not set(H) <= names or not {u.name for u in units if u.index is None} <= set(H):
         return False
-    return all(H[u.name].shape == (u.shape[1], u.shape[1]) and bool(torch.isfinite(H[u.name]).all()) for u in units)
+    return all(H[u.name].shape == (u.shape[1], u.shape[1]) and bool(torch.isfinite(H[u.name]).all())
+               for u in units if u.name in H)
 
 
 @torch.no_grad()
 def accumulate_hessians(model: nn.Module, inventory: Inventory, windows: torch.Tensor, *,
                         progress: Callable | None = None) -> dict[str, torch.Tensor]:
-    acc = GramAccumulator(model, unit_modules(inventory))
+    acc = UnitGrams(model, inventory.units)
     try:
         rows = progress(list(windows), desc="calibrating (X^T X)", unit="window") if progress else windows
         for row in rows:

@@ -97,7 +97,8 @@ def cmd_plan(args) -> None:
         return _dry_run(loaded, settings, args)
     result = api.plan(settings=settings, table=table_file, save_table=args.save_table, out=args.out,
                       progress=not args.quiet, loaded=loaded)
-    sizes = result.sizes(loaded.inventory)
+    sizes = result.sizes(api.with_plan_units(loaded, result).inventory)
+    notices(result.provenance.get("notices", ()))
     counts: dict[str, int] = {}
     for opt in result.assignment.values():
         counts[opt.name] = counts.get(opt.name, 0) + 1

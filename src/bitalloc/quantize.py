@@ -118,7 +118,7 @@ def _quantize_sequential(model, inventory: Inventory, plan: Plan, windows: torch
     """Layer by layer: Gram matrices of this layer's inputs from the model with
     every earlier layer already quantized (the forward stops after this
     layer), then GPTQ on this layer's units. Units outside numbered layers go last."""
-    from bitalloc.calib import GramAccumulator
+    from bitalloc.calib import UnitGrams
     from bitalloc.units import layer_index
 
     by_layer: dict[int | None, list[Unit]] = {}
@@ -128,7 +128,7 @@ def _quantize_sequential(model, inventory: Inventory, plan: Plan, windows: torch
     stored: dict[str, QuantizedWeight] = {}
     for layer in progress(order, desc="quantizing (sequential GPTQ)", unit="layer") if progress else order:
         units = by_layer[layer]
-        acc = GramAccumulator(model, [u.name for u in units if not u.lookup])
+        acc = UnitGrams(model, units)
         block = None
         if layer is not None:
             block = model.get_submodule(units[0].name.split(f".{layer}.")[0] + f".{layer}")

@@ -164,7 +164,7 @@ def find_units(model: nn.Module, *, embeddings: bool = False) -> Inventory:
             units.append(Unit(mname, f"{mname}.weight", shape, None, transposed))
         for pname, p in module.named_parameters(recurse=False):
             full = f"{mname}.{pname}" if mname else pname
-            if p.dim() == 3 and any(full.endswith(s) for s in spec.expert_params):
+            if p.dim() == 3 and (any(full.endswith(s) for s in spec.expert_params) or mname.endswith("experts")):
                 units += [Unit(f"{full}[{e}]", full, (p.shape[1], p.shape[2]), e) for e in range(p.shape[0])]
     _check_projections(units, spec, notices)
     found: list[Unit] = []

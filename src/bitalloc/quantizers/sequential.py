@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from bitalloc.calib import GramAccumulator, unit_modules
+from bitalloc.calib import UnitGrams
 from bitalloc.errors import BitallocError
 from bitalloc.plan import Plan
 from bitalloc.formats.affine_rtn import QuantizedWeight, dequantize
@@ -215,7 +215,7 @@ def capture_block_inputs(model: nn.Module, stack: LayerStack, windows: torch.Ten
 @torch.no_grad()
 def block_hessians(model: nn.Module, block: nn.Module, units: list[Unit], inputs: BlockInputs) -> dict[str, torch.Tensor]:
     """H = 2 X^T X / n of each unit's input, from the block's captured inputs."""
-    acc = GramAccumulator(model, [u.name for u in units])
+    acc = UnitGrams(model, units)
     try:
         for i in range(len(inputs.hidden)):
             inputs.run(block, i)
@@ -235,7 +235,7 @@ def advance(block: nn.Module, inputs: BlockInputs) -> None:
 @torch.no_grad()
 def full_forward_hessians(model: nn.Module, units: list[Unit], windows: torch.Tensor) -> dict[str, torch.Tensor]:
     """H of units in no numbered block, from whole-model forwards (as the per-layer driver)."""
-    acc = GramAccumulator(model, [u.name for u in units if not u.lookup])  # a lookup embedding has no Gram
+    acc = UnitGrams(model, units)  # a lookup embedding has no Gram
     try:
         for row in windows:
             model(row[None, :])
@@ -260,7 +260,6 @@ def quantize_sequential(model: nn.Module, inventory: Inventory, plan: Plan, wind
     ``windows`` (windows, seq_len) token ids; return each unit's stored form.
     Raises ``LayerCaptureError`` (nothing changed yet) when the blocks cannot
     be chained; see the module docstring."""
-    unit_modules(inventory)  # refuses expert slices: the Gram hooks need one module per unit
     stack = layer_stack(model, inventory.units)
     last = max(stack.units, default=-1)  # no block after the last one with units needs to run
     inputs = None

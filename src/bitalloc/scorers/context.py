@@ -86,6 +86,7 @@ class ScoringContext:
         self.calib_text, self.calib, self.settings = calib_text, calib, settings
         self.allow_ragged, self.progress = allow_ragged, progress
         self.importance = importance or {}  # unit -> (in,) mean squared input (llama.cpp's imatrix), GGUF types
+        self.notices: list[str] = []  # what calibration could not measure, for the report
         self._reductions: dict[str, np.ndarray] = {}
 
     def iterate(self, items, desc: str):
@@ -99,8 +100,17 @@ class ScoringContext:
     # ---- calibration data -------------------------------------------------
     @cached_property
     def hessians(self) -> dict[str, torch.Tensor]:
-        return cached_hessians(self.model, self.inventory, self.tokenizer, self._need_text(), self.calib,
-                               progress=self.progress)
+        """H per unit; an expert no calibration token reached gets the mean H
+        of the reached experts of its projection (listed in ``notices``)."""
+        H = cached_hessians(self.model, self.inventory, self.tokenizer, self._need_text(), self.calib,
+                            progress=self.progress)
+        filled, missing = fill_unreached_experts(H, [u for u in self.inventory.units if not u.lookup])
+        if missing:
+            self.notices.append(
+                f"{len(missing)} expert slice(s) received no calibration token (e.g. {missing[0]}); their calibrated "
+                "tables and GPTQ use the mean Gram matrix of the reached experts of the same projection. More or "
+                "other calibration text (--calib-text, --calib-windows) would reach them.")
+        return filled
 
     @cached_property
     def obs_weights(self) -> dict[str, torch.Tensor]:
@@ -214,6 +224,24 @@ class ScoringContext:
         """Probe KL (mean per token, nats) with one unit's weight replaced, the
         rest of the model as loaded; the weight is put back."""
         return self.probe.measure_weight(self.inventory.units[unit_index], W_new).kl
+
+
+def fill_unreached_experts(H: dict[str, torch.Tensor], units) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """H with every unit present: an expert slice without one gets the mean of
+    the reached slices of the same parameter (identity scaled to the mean
+    diagonal of all of H if none of them was reached)."""
+    missing = [u for u in units if u.name not in H]
+    if not missing:
+        return H, []
+    out = dict(H)
+    for u in missing:
+        peers = [H[v.name] for v in units if v.param == u.param and v.name in H]
+        if peers:
+            out[u.name] = torch.stack(peers).mean(0)
+        else:
+            scale = float(torch.stack([h.diagonal().mean() for h in H.values()]).mean()) if H else 1.0
+            out[u.name] = torch.eye(u.shape[1]) * scale
+    return out, [u.name for u in missing]
 
 
 def _cached_measurements(path: Path, names: set[str], width: int) -> dict[str, list[float]]:

@@ -1,0 +1,207 @@
+"""Mixture-of-Experts: every expert slice a unit, through plan -> quantize ->
+save -> reload -> eval for each transformers MoE family; per-expert Gram
+matrices from only the tokens routed to each expert, checked against a
+routing computed here from the router's own weights; per-layer ties; an
+expert that calibration never reaches."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bitalloc import api
+from bitalloc.calib import CalibSettings, UnitGrams
+from bitalloc.cli import main
+from bitalloc.problem import Budget
+
+BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64)
+FAMILIES = {
+    "MixtralConfig": dict(num_local_experts=4, num_experts_per_tok=2),
+    "Qwen2MoeConfig": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                           shared_expert_intermediate_size=64),
+    "Qwen3MoeConfig": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16),
+    "OlmoeConfig": dict(num_experts=8, num_experts_per_tok=2, eos_token_id=2, pad_token_id=1),
+    "DeepseekV3Config": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                             first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=32, kv_lora_rank=16,
+                             qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16),
+}
+CALIB = ["--calib-windows", "4", "--calib-seq-len", "64", "--refine-windows", "2", "--refine-seq-len", "64"]
+
+
+def build(name: str, **extra):
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = getattr(transformers, name)(**BASE, **FAMILIES[name], **extra)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def save(model, path) -> str:
+    from conftest import char_tokenizer
+
+    model.save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def levels_ok(W: torch.Tensor, bits: int, group: int) -> bool:
+    """Every group of every row holds at most 2^bits distinct values: the
+    weight really sits on a grid of the planned width."""
+    rows, cols = W.shape
+    g = cols if group == 0 else group
+    return all(len(torch.unique(W[r, k:k + g])) <= 2**bits for r in range(rows) for k in range(0, cols, g))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("tie", ["per-expert", "experts"])
+def test_family_plan_quantize_reload_eval(family, tie, tmp_path, capsys):
+    from bitalloc.plan import Plan
+    from bitalloc.quantize import load_quantized
+    from bitalloc.units import get_weight
+
+    src = save(build(family), tmp_path / "m")
+    plan_path, out, report = tmp_path / "p.json", tmp_path / "q", tmp_path / "e.json"
+    # per expert: the calibrated path (routed-token Hessians, GPTQ on expert slices); per layer: data-free RTN
+    how = (["--tie", "experts", "--scorer", "rtn-mse-rel", *CALIB[4:]] if tie == "experts" else
+           ["--scorer", "output", "--quantizer", "gptq", *CALIB])
+    assert main(["--quiet", "plan", "--model", src, "--bpw", "3.5", *how, "--out", str(plan_path)]) == 0, \
+        capsys.readouterr().err
+    assert main(["--quiet", "quantize", "--model", src, "--plan", str(plan_path), "--out", str(out),
+                 *(CALIB[:4] if tie != "experts" else [])]) == 0, capsys.readouterr().err
+    assert main(["--quiet", "eval", "--quantized", str(out), "--reference", src, "--windows", "2", "--seq-len", "32",
+                 "--json", str(report)]) == 0, capsys.readouterr().err
+    assert np.isfinite(json.loads(report.read_text())["result"]["kl"])
+    plan = Plan.load(str(plan_path))
+    loaded = api.load(src)
+    experts = [u for u in loaded.inventory.units if u.index is not None]
+    assert len(experts) >= 2 * 2 * 4 - (2 * 4 if family == "DeepseekV3Config" else 0)  # DeepSeek: layer 0 dense
+    model, _, _ = load_quantized(str(out))
+    for u in experts:
+        opt = plan.assignment[u.name]
+        assert levels_ok(get_weight(model, u), opt.bits, opt.group_size), (u.name, opt.name)
+    if tie == "experts":
+        by_param: dict[str, set] = {}
+        for u in experts:
+            by_param.setdefault(u.param, set()).add(plan.assignment[u.name])
+        assert all(len(options) == 1 for options in by_param.values())
+
+
+def _routed_tokens(model, layer: int, text_windows: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Mixtral: the hidden states entering layer ``layer``'s MoE block and,
+    computed here from the router's weight (softmax, top-k), which experts
+    each token goes to."""
+    block = model.model.layers[layer].mlp
+    seen = []
+    handle = block.register_forward_pre_hook(lambda m, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        for row in text_windows:
+            model(row[None, :])
+    handle.remove()
+    X = torch.cat(seen)  # (tokens, hidden)
+    probs = F.softmax(X @ block.gate.weight.T, dim=-1)  # (tokens, E)
+    top = probs.topk(model.config.num_experts_per_tok, dim=-1).indices  # (tokens, k)
+    return X, top
+
+
+def test_expert_grams_use_only_routed_tokens():
+    from bitalloc.calib import calibration_windows
+    from bitalloc.text import calibration_text
+    from bitalloc.units import find_units
+
+    from conftest import char_tokenizer
+
+    model = build("MixtralConfig")
+    inv = find_units(model)
+    windows = calibration_windows(char_tokenizer(), calibration_text(None), CalibSettings(3, 48))
+    acc = UnitGrams(model, inv.units)
+    with torch.no_grad():
+        for row in windows:
+            model(row[None, :])
+    acc.remove()
+    H = acc.hessians()
+    X, top = _routed_tokens(model, 1, windows)
+    experts = model.model.layers[1].mlp.experts
+    for e in range(4):
+        rows = (top == e).any(-1)
+        x = X[rows].double()
+        expected = 2 * x.T @ x / rows.sum()
+        got = H[f"model.layers.1.mlp.experts.gate_up_proj[{e}]"].double()
+        assert torch.allclose(got, expected.float().double(), rtol=1e-4, atol=1e-6), e
+        gate, up = F.linear(X[rows], experts.gate_up_proj[e]).chunk(2, -1)
+        h = (experts.act_fn(gate) * up).double()
+        expected_down = 2 * h.T @ h / rows.sum()
+        assert torch.allclose(H[f"model.layers.1.mlp.experts.down_proj[{e}]"].double(), expected_down, rtol=1e-4,
+                              atol=1e-6)
+    routing = acc.routing()["model.layers.1.mlp.experts"]
+    assert routing["tokens"] == len(X) and sum(routing["routed"]) == len(X) * 2  # top-2: two experts per token
+    assert routing["routed"] == [int((top == e).any(-1).sum()) for e in range(4)]
+
+
+def test_gptq_on_expert_slices_beats_rtn_on_routed_tokens(tmp_path):
+    """GPTQ (one-shot, the expert's own routed-token Hessian) against RTN:
+    lower output error tr(dW H dW^T) summed over the experts."""
+    from bitalloc.formats.affine import QuantOption
+    from bitalloc.formats.affine_rtn import dequantize, fake_quantize
+    from bitalloc.gptq import gptq_quantize
+    from bitalloc.units import get_weight
+
+    loaded = api.load(save(build("MixtralConfig"), tmp_path / "m"))
+    settings = api.PlanSettings(Budget(3.0), calib=CalibSettings(4, 64))
+    ctx = api.scoring_context(loaded, settings, progress=False)
+    opt = QuantOption(3, 32)
+    err = {"rtn": 0.0, "gptq": 0.0}
+    for u in loaded.inventory.units:
+        if u.index is None:
+            continue
+        W, H = get_weight(loaded.model, u), ctx.hessians[u.name].double()
+        for name, Q in (("rtn", fake_quantize(W, opt)), ("gptq", dequantize(gptq_quantize(W, H.float(), opt)[0]))):
+            dW = (W - Q).double()
+            err[name] += float(torch.trace(dW @ H @ dW.T))
+    assert err["gptq"] < err["rtn"]
+
+
+def test_unreached_expert_is_reported_and_gets_its_peers_mean(tmp_path, monkeypatch):
+    """A router that never picks expert 3 (forced by a hook): its slices get
+    no Gram matrix of their own; the context says so and uses the mean of the
+    reached experts of the same projection."""
+    monkeypatch.setenv("BITALLOC_CACHE", str(tmp_path / "cache"))  # the same weights were calibrated unhooked
+    model = build("MixtralConfig")
+
+    def never_three(_module, _args, out):
+        logits, weights, index = out
+        return logits, weights, torch.where(index == 3, torch.zeros_like(index), index)
+
+    for layer in model.model.layers:
+        layer.mlp.gate.register_forward_hook(never_three)
+    loaded = api.load(save(build("MixtralConfig"), tmp_path / "m"))
+    loaded.model = model
+    settings = api.PlanSettings(Budget(3.0), scorer="output", calib=CalibSettings(4, 64))
+    ctx = api.scoring_context(loaded, settings, progress=False)
+    H = ctx.hessians
+    name = "model.layers.0.mlp.experts.down_proj[3]"
+    peers = torch.stack([H[f"model.layers.0.mlp.experts.down_proj[{e}]"] for e in range(3)]).mean(0)
+    assert torch.equal(H[name], peers)
+    assert len(ctx.notices) == 1 and "4 expert slice(s) received no calibration token" in ctx.notices[0]
+
+
+def test_bad_expert_tensor_shape_is_one_clear_error():
+    from torch import nn
+
+    from bitalloc.calib import ExpertGrams
+    from bitalloc.errors import BitallocError
+    from bitalloc.units import find_units
+
+    model = build("MixtralConfig")
+    experts = model.model.layers[0].mlp.experts
+    experts.gate_up_proj = nn.Parameter(experts.gate_up_proj.detach().reshape(4, -1, 32)[:, :, :32].contiguous())
+    inv = find_units(model)
+    units = [u for u in inv.units if u.param == "model.layers.0.mlp.experts.down_proj"]
+    ExpertGrams(model, "model.layers.0.mlp.experts", units)  # the down_proj layout is fine
+    experts.down_proj = nn.Parameter(torch.zeros(4, 64))
+    with pytest.raises(BitallocError, match="is not the fused"):
+        ExpertGrams(model, "model.layers.0.mlp.experts", units)
