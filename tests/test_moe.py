@@ -205,3 +205,30 @@ def test_bad_expert_tensor_shape_is_one_clear_error():
     experts.down_proj = nn.Parameter(torch.zeros(4, 64))
     with pytest.raises(BitallocError, match="is not the fused"):
         ExpertGrams(model, "model.layers.0.mlp.experts", units)
+
+
+def test_pmq_weighs_the_output_error_by_routing(tmp_path, monkeypatch):
+    """pmq = f * w * tr(dW H dW^T): f and w recomputed here from the router's
+    own softmax/top-k on the hidden states entering the MoE block."""
+    from bitalloc.calib import calibration_windows
+    from bitalloc.scorers import score
+
+    monkeypatch.setenv("BITALLOC_CACHE", str(tmp_path / "cache"))
+    loaded = api.load(save(build("MixtralConfig"), tmp_path / "m"))
+    settings = api.PlanSettings(Budget(3.0), scorer="pmq", calib=CalibSettings(3, 48))
+    ctx = api.scoring_context(loaded, settings, progress=False)
+    tables = score(ctx, ["pmq", "output"])
+    windows = calibration_windows(loaded.tokenizer, ctx.calib_text, settings.calib)
+    X, top = _routed_tokens(loaded.model, 0, windows)
+    probs = F.softmax(X @ loaded.model.model.layers[0].mlp.gate.weight.detach().T, dim=-1)
+    weights = probs.gather(1, top) / probs.gather(1, top).sum(-1, keepdim=True)  # Mixtral renormalises the top-k
+    names = [u.name for u in loaded.inventory.units]
+    for e in range(4):
+        routed = (top == e)
+        f = float(routed.any(-1).float().mean())
+        w = float(weights[routed].sum() / routed.any(-1).sum())
+        i = names.index(f"model.layers.0.mlp.experts.down_proj[{e}]")
+        assert tables["pmq"].importance[i] == pytest.approx(f * w, rel=1e-4)
+        np.testing.assert_allclose(tables["pmq"].distortion[i], tables["output"].distortion[i])
+    attention = names.index("model.layers.0.self_attn.q_proj")
+    assert tables["pmq"].importance[attention] == 1.0

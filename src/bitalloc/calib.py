@@ -188,6 +188,12 @@ def _valid_hessians(H: dict[str, torch.Tensor], inventory: Inventory) -> bool:
 @torch.no_grad()
 def accumulate_hessians(model: nn.Module, inventory: Inventory, windows: torch.Tensor, *,
                         progress: Callable | None = None) -> dict[str, torch.Tensor]:
+    return accumulate_calibration(model, inventory, windows, progress=progress)[0]
+
+
+def accumulate_calibration(model: nn.Module, inventory: Inventory, windows: torch.Tensor, *,
+                           progress: Callable | None = None) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Hessians of every unit and, for MoE models, the routing statistics."""
     acc = UnitGrams(model, inventory.units)
     try:
         rows = progress(list(windows), desc="calibrating (X^T X)", unit="window") if progress else windows
@@ -195,22 +201,44 @@ def accumulate_hessians(model: nn.Module, inventory: Inventory, windows: torch.T
             model(row[None, :])
     finally:
         acc.remove()
-    return acc.hessians()
+    return acc.hessians(), acc.routing()
 
 
 def cached_hessians(model: nn.Module, inventory: Inventory, tokenizer, text: str, settings: CalibSettings, *,
                     progress: Callable | None = None) -> dict[str, torch.Tensor]:
     """Hessians from the disk cache, or measured and cached (safetensors)."""
+    return cached_calibration(model, inventory, tokenizer, text, settings, progress=progress)[0]
+
+
+def cached_calibration(model: nn.Module, inventory: Inventory, tokenizer, text: str, settings: CalibSettings, *,
+                       progress: Callable | None = None) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """(Hessians, routing statistics) from the disk cache (safetensors + a
+    JSON file beside it), or measured and cached."""
+    import json
+
     from safetensors.torch import load_file, save_file
 
     path = Path(cache_dir()) / "hessians" / f"{settings.key(inventory.content_id, text)}.safetensors"
+    routing_path = path.with_suffix(".routing.json")
     if path.is_file():
         try:
             H = load_file(str(path))
-        except Exception:  # safetensors raises its own error type for a damaged header
-            H = None
-        if H is not None and _valid_hessians(H, inventory):
-            return H
-    H = accumulate_hessians(model, inventory, calibration_windows(tokenizer, text, settings), progress=progress)
+            routing = json.loads(routing_path.read_text()) if routing_path.is_file() else None
+        except Exception:  # safetensors raises its own error type for a damaged header; json a ValueError
+            H = routing = None
+        if H is not None and _valid_hessians(H, inventory) and _valid_routing(routing, inventory):
+            return H, routing or {}
+    H, routing = accumulate_calibration(model, inventory, calibration_windows(tokenizer, text, settings),
+                                        progress=progress)
     write_atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in H.items()}, tmp))
-    return H
+    write_atomic(routing_path, lambda tmp: Path(tmp).write_text(json.dumps(routing, sort_keys=True)))
+    return H, routing
+
+
+def _valid_routing(routing, inventory: Inventory) -> bool:
+    """Statistics for every experts module of the units (a model without experts needs none)."""
+    wanted = set(expert_modules(inventory.units))
+    if not wanted:
+        return True
+    return (isinstance(routing, dict) and set(routing) == wanted
+            and all(isinstance(r, dict) and {"tokens", "routed", "mass"} <= set(r) for r in routing.values()))

@@ -16,7 +16,7 @@ _SCORER_ONLY = (
     ("--act-order", "act_order", lambda a: "gptq" in (a.quantizer or ()), "only GPTQ orders columns"),
     ("--gptq-sequential", "gptq_sequential", lambda a: "gptq" in (a.quantizer or ()), "it is a GPTQ setting"),
 )
-_CALIBRATED = ("hessian", "output", "taylor", "linearity", "kl", "salience", "baq")
+_CALIBRATED = ("hessian", "output", "taylor", "linearity", "kl", "salience", "baq", "pmq")
 
 
 def _imatrix(args) -> bool:

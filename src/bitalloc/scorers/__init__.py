@@ -14,6 +14,7 @@ option) from a shared, lazily computed ``ScoringContext``.
 | kl | 1 | measured end-to-end KL, unit quantized alone |
 | salience | 1 | OBS loss; adds SliM-LLM variants (column groups at b-1/b/b+1 by salience) |
 | baq | 1 | OBS loss; adds BAQ variants (column-group bits by equal-loss water-filling) |
+| pmq | MC-MoE: f^a w^b per expert (routing frequency, mean routing weight); 1 for dense units | tr(dW H dW^T), H from the expert's routed tokens |
 
 The weight-error pass computes every requested reduction of dW in one sweep
 over units and options. Probe measurements (linearity, kl) run on a few
@@ -27,6 +28,7 @@ from typing import Callable, Sequence
 from bitalloc.errors import BitallocError
 from bitalloc.scorers.calibrated import score_mixed, score_reduction
 from bitalloc.scorers.context import ScorerSettings, ScoringContext
+from bitalloc.scorers.moe import score_pmq
 from bitalloc.scorers.probes import score_kl, score_linearity
 from bitalloc.scorers.weights import score_alpha, score_weight_error
 from bitalloc.scoring import ErrorTable
@@ -46,6 +48,7 @@ SCORERS: dict[str, tuple[str, Callable[[ScoringContext, str], ErrorTable]]] = {
     "kl": ("probe", score_kl),
     "salience": ("calibration", score_mixed),
     "baq": ("calibration", score_mixed),
+    "pmq": ("calibration", score_pmq),
 }
 
 

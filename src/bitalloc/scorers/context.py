@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from bitalloc.calib import CalibSettings, cached_hessians, calibration_windows
+from bitalloc.calib import CalibSettings, cached_calibration, calibration_windows
 from bitalloc.errors import BitallocError, GroupSizeError
 from bitalloc.fileio import write_json
 from bitalloc.gptq import inverse_hessian_factor
@@ -102,8 +102,8 @@ class ScoringContext:
     def hessians(self) -> dict[str, torch.Tensor]:
         """H per unit; an expert no calibration token reached gets the mean H
         of the reached experts of its projection (listed in ``notices``)."""
-        H = cached_hessians(self.model, self.inventory, self.tokenizer, self._need_text(), self.calib,
-                            progress=self.progress)
+        H, self._routing = cached_calibration(self.model, self.inventory, self.tokenizer, self._need_text(),
+                                              self.calib, progress=self.progress)
         filled, missing = fill_unreached_experts(H, [u for u in self.inventory.units if not u.lookup])
         if missing:
             self.notices.append(
@@ -111,6 +111,13 @@ class ScoringContext:
                 "tables and GPTQ use the mean Gram matrix of the reached experts of the same projection. More or "
                 "other calibration text (--calib-text, --calib-windows) would reach them.")
         return filled
+
+    @property
+    def routing(self) -> dict[str, dict]:
+        """Experts module -> tokens seen, tokens routed to each expert and the
+        routing-weight mass they carried (from the calibration pass)."""
+        self.hessians  # noqa: B018  (computes both)
+        return self._routing
 
     @cached_property
     def obs_weights(self) -> dict[str, torch.Tensor]:
