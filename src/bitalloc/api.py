@@ -10,7 +10,6 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
 
 from bitalloc.calib import CalibSettings
 from bitalloc.errors import BitallocError
@@ -103,16 +102,13 @@ def prepare(loaded: Loaded, settings: PlanSettings, progress: bool = True) -> tu
 
 
 def ensure_importance(loaded: Loaded, settings: PlanSettings, progress: bool = True) -> dict:
-    """llama.cpp's importance vectors E[x_j^2] per unit (the diagonal of the
-    calibration Gram matrices H = 2 X^T X / n, halved); none for a token
-    embedding read by lookup."""
+    """llama.cpp's importance vectors per unit, from the calibration text (``calib.importance_vectors``)."""
     if loaded.importance is None:
-        from bitalloc.calib import cached_hessians
+        from bitalloc.calib import importance_vectors
 
         text = calibration_text(settings.calib_text, settings.text_encoding)
-        H = cached_hessians(loaded.model, loaded.inventory, loaded.tokenizer, text, settings.calib,
-                            progress=_tqdm(progress))
-        loaded.importance = {name: torch.diagonal(h).float() / 2 for name, h in H.items()}
+        loaded.importance = importance_vectors(loaded.model, loaded.inventory, loaded.tokenizer, text, settings.calib,
+                                               progress=_tqdm(progress))
     return loaded.importance
 
 

@@ -242,3 +242,11 @@ def _valid_routing(routing, inventory: Inventory) -> bool:
         return True
     return (isinstance(routing, dict) and set(routing) == wanted
             and all(isinstance(r, dict) and {"tokens", "routed", "mass"} <= set(r) for r in routing.values()))
+
+
+def importance_vectors(model: nn.Module, inventory: Inventory, tokenizer, text: str, settings: CalibSettings, *,
+                       progress: Callable | None = None) -> dict[str, torch.Tensor]:
+    """llama.cpp's importance vectors E[x_j^2] per unit: the diagonal of
+    H = 2 X^T X / n, halved (none for a token embedding read by lookup)."""
+    H = cached_hessians(model, inventory, tokenizer, text, settings, progress=progress)
+    return {name: torch.diagonal(h).float() / 2 for name, h in H.items()}
