@@ -232,3 +232,29 @@ def test_pmq_weighs_the_output_error_by_routing(tmp_path, monkeypatch):
         np.testing.assert_allclose(tables["pmq"].distortion[i], tables["output"].distortion[i])
     attention = names.index("model.layers.0.self_attn.q_proj")
     assert tables["pmq"].importance[attention] == 1.0
+
+
+def test_moe_fixture_with_all_experts_is_the_dense_model():
+    """bench/moe_fixture.py on a tiny Llama: k = E reproduces the dense
+    logits (routing weights ~1/E, outputs scaled by E); every neuron lands in
+    exactly one expert; fewer experts change the output."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from moe_fixture import moefy
+
+    from conftest import tiny_llama
+
+    dense = tiny_llama(intermediate_size=128)
+    g = torch.Generator().manual_seed(0)
+    calib, test = torch.randint(0, 128, (4, 32), generator=g), torch.randint(0, 128, (2, 32), generator=g)
+    moe, groups = moefy(dense, experts=4, top_k=4, calib_windows=calib)
+    for layer_groups in groups:
+        assert sorted(layer_groups.reshape(-1).tolist()) == list(range(128))
+    with torch.no_grad():
+        a, b = dense(test).logits, moe(test).logits
+    assert torch.allclose(a, b, atol=1e-5 * float(a.abs().max()))  # float tolerance (2e-7 of 1.3 measured)
+    half, _ = moefy(dense, experts=4, top_k=2, calib_windows=calib)
+    with torch.no_grad():
+        assert not torch.allclose(a, half(test).logits, atol=1e-3 * float(a.abs().max()))
