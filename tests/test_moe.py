@@ -237,7 +237,7 @@ def test_pmq_weighs_the_output_error_by_routing(tmp_path, monkeypatch):
 def test_moe_fixture_with_all_experts_is_the_dense_model():
     """bench/moe_fixture.py on a tiny Llama: k = E reproduces the dense
     logits (routing weights ~1/E, outputs scaled by E); every neuron lands in
-    exactly one expert; fewer experts change the output."""
+    exactly one expert (or the shared one); fewer experts change the output."""
     import sys
     from pathlib import Path
 
@@ -249,9 +249,10 @@ def test_moe_fixture_with_all_experts_is_the_dense_model():
     dense = tiny_llama(intermediate_size=128)
     g = torch.Generator().manual_seed(0)
     calib, test = torch.randint(0, 128, (4, 32), generator=g), torch.randint(0, 128, (2, 32), generator=g)
-    moe, groups = moefy(dense, experts=4, top_k=4, calib_windows=calib)
-    for layer_groups in groups:
-        assert sorted(layer_groups.reshape(-1).tolist()) == list(range(128))
+    moe, layout = moefy(dense, experts=4, top_k=4, calib_windows=calib)
+    for shared, groups in layout:  # 64 shared neurons, 4 experts of 16
+        assert shared.shape == (64,) and groups.shape == (4, 16)
+        assert sorted(torch.cat([shared, groups.reshape(-1)]).tolist()) == list(range(128))
     with torch.no_grad():
         a, b = dense(test).logits, moe(test).logits
     assert torch.allclose(a, b, atol=1e-5 * float(a.abs().max()))  # float tolerance (2e-7 of 1.3 measured)
