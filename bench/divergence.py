@@ -68,7 +68,8 @@ def main() -> None:
     plans = {"uniform": api.uniform_plan(loaded.inventory, options, settings, "smollm2", table),
              a.scorer: api.solve_plan(loaded.inventory, table, settings, "smollm2")}
     windows = token_windows(loaded.tokenizer, api.eval_text(None)[0], EvalSettings(a.seq_len, a.windows))
-    ref = [F.log_softmax(loaded.model(r[None]).logits[0, :-1].float(), -1) for r in windows]
+    with torch.no_grad():
+        ref = [F.log_softmax(loaded.model(r[None]).logits[0, :-1].float(), -1) for r in windows]
     p_ref = torch.cat([lp.gather(1, r[1:, None])[:, 0].exp() for lp, r in zip(ref, windows)]).numpy()
     stats = {}
     for name, plan in plans.items():
