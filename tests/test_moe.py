@@ -37,7 +37,7 @@ def build(name: str, **extra):
     import transformers
 
     torch.manual_seed(0)
-    cfg = getattr(transformers, name)(**BASE, **FAMILIES[name], **extra)
+    cfg = getattr(transformers, name)(**{**BASE, **FAMILIES[name], **extra})
     return transformers.AutoModelForCausalLM.from_config(cfg).eval()
 
 
@@ -259,3 +259,23 @@ def test_moe_fixture_with_all_experts_is_the_dense_model():
     half, _ = moefy(dense, experts=4, top_k=2, calib_windows=calib)
     with torch.no_grad():
         assert not torch.allclose(a, half(test).logits, atol=1e-3 * float(a.abs().max()))
+
+
+def test_structural_moe_rule_promotes_shared_experts_and_end_layers():
+    """QuantMoE-Bench's prior as a baseline: shared experts and the first and
+    last MoE layers one bit up, the rest at a base option, within the budget."""
+    from bitalloc.baselines import moe_rule_plan, structural_moe_units
+    from bitalloc.formats.affine import build_menu
+    from bitalloc.units import find_units
+
+    inv = find_units(build("Qwen2MoeConfig", num_hidden_layers=3))
+    promoted = structural_moe_units(inv)
+    assert all(n.startswith(("model.layers.0.", "model.layers.2.")) or "shared_expert" in n for n in promoted)
+    assert any("model.layers.1.mlp.shared_expert" in n for n in promoted)
+    assert not any(n.startswith("model.layers.1.") and "shared_expert" not in n for n in promoted)
+    options = build_menu((2, 3, 4), (32,), ("sym",))
+    plan = moe_rule_plan(inv, options, api.PlanSettings(Budget(3.45)), "tiny")
+    bits = {n: o.bits for n, o in plan.assignment.items()}
+    base = min(bits.values())
+    assert all(bits[n] == (base + 1 if n in promoted else base) for n in bits)
+    assert plan.sizes(inv).quantized_bits <= 3.45 * inv.quantized_numel

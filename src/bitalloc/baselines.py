@@ -74,3 +74,33 @@ def llama_rule_plan(inventory: Inventory, options: Sequence[QuantOption], settin
         assignments.append({u.name: up if u.name in promoted else base for u in inventory.units})
         names.append(f"{base.name}+{up.bits}b")
     return _baseline_plan(inventory, assignments, names, settings, model_label, table, "llama-rule")
+
+
+def structural_moe_units(inventory: Inventory) -> set[str]:
+    """QuantMoE-Bench's structural prior: the shared experts, and every unit
+    of the first and last layers that hold experts."""
+    from bitalloc.units import layer_index
+
+    moe_layers = sorted({layer_index(u.name) for u in inventory.units if u.index is not None} - {None})
+    if not moe_layers:
+        return set()
+    ends = {moe_layers[0], moe_layers[-1]}
+    return {u.name for u in inventory.units if "shared_expert" in u.name or layer_index(u.name) in ends}
+
+
+def moe_rule_plan(inventory: Inventory, options: Sequence[QuantOption], settings, model_label: str,
+                  table: ErrorTable | None = None) -> Plan:
+    """The structural MoE baseline at this budget: the units of
+    ``structural_moe_units`` one bit up (same group and scheme), the rest a
+    base option; the largest such mix within the budget."""
+    promoted = structural_moe_units(inventory)
+    if not promoted:
+        raise BitallocError("The structural MoE rule needs a model with experts; this one has none.")
+    assignments, names = [], []
+    for base in options:
+        ups = [o for o in options if o.group_size == base.group_size and o.symmetric == base.symmetric
+               and o.bits >= base.bits + 1 and not o.mixed]
+        up = min(ups, key=lambda o: o.bits) if ups else base
+        assignments.append({u.name: up if u.name in promoted else base for u in inventory.units})
+        names.append(f"{base.name}+{up.bits}b")
+    return _baseline_plan(inventory, assignments, names, settings, model_label, table, "moe-rule")

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from bitalloc import api
+from bitalloc.baselines import moe_rule_plan, structural_moe_units
 from bitalloc.errors import BitallocError
 from bitalloc.evaluate import EvalSettings
 from bitalloc.fileio import write_atomic, write_json
@@ -20,7 +21,7 @@ from bitalloc.report import versus, with_ci
 from bitalloc.scorers import SCORERS, score
 from bitalloc.stats import method_note
 
-BASELINES = ("uniform", "llama-rule")
+BASELINES = ("uniform", "llama-rule", "moe-rule")
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,8 @@ def compare(loaded: api.Loaded, settings: CompareSettings, plan_settings: api.Pl
                 "uniform": api.uniform_plan(loaded.inventory, options, s, loaded.source.label, table=first),
                 "llama-rule": api.llama_rule_plan(loaded.inventory, options, s, loaded.source.label, table=first),
             }
+            if structural_moe_units(loaded.inventory):  # an MoE: QuantMoE-Bench's structural rule too
+                plans["moe-rule"] = moe_rule_plan(loaded.inventory, options, s, loaded.source.label, table=first)
             for name in settings.scorers:
                 plans[name] = api.solve_plan(loaded.inventory, tables[name], replace(s, scorer=name), loaded.source.label)
             for method, p in plans.items():
