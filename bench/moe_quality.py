@@ -1,6 +1,6 @@
 """Bit allocation on the real-weight MoE fixture (bench/moe_fixture.py --save):
 uniform vs AlphaQ (paper rule and alpha-rel) vs MC-MoE's PMQ vs the
-data-free weight error, RTN, at several budgets; and whether AlphaQ's alpha
+data-free weight error vs QuantMoE-Bench's structural rule, RTN, at several budgets; and whether AlphaQ's alpha
 ranks experts the way routing does (Spearman of each expert's alpha
 importance with its routing frequency on the calibration half).
 
@@ -20,6 +20,8 @@ def main() -> None:
     from scipy.stats import spearmanr
 
     from bitalloc import api
+    from bitalloc.baselines import moe_rule_plan
+    from bitalloc.errors import BitallocError
     from bitalloc.evaluate import EvalSettings
     from bitalloc.fileio import write_json
     from bitalloc.problem import Budget, Constraints
@@ -45,6 +47,17 @@ def main() -> None:
     loaded = api.load(a.model)
     report = api.run(settings=settings, scorers=scorers, budgets=budgets, loaded=loaded,
                      eval_settings=EvalSettings(a.seq_len, a.windows))
+    _, bench = api.reference_block(loaded, EvalSettings(a.seq_len, a.windows), None, settings.keep_bits, True)
+    options = [o for o in api.resolve_menu(loaded.inventory, settings.menu)[0]]
+    for entry in report["budgets"]:  # QuantMoE-Bench's structural rule beside uniform
+        s = api.PlanSettings(Budget(entry["budget"]["value"]), constraints=Constraints(ties=ties), guard=False)
+        try:
+            rule = moe_rule_plan(loaded.inventory, options, s, loaded.source.label)
+        except BitallocError as e:  # every promoted unit one bit up does not fit this budget
+            report.setdefault("moe_rule_infeasible", []).append(str(e))
+            continue
+        entry["allocated"]["moe-rule"] = api.plan_row(loaded, rule, bench, True, f"moe-rule {entry['budget']['value']}")
+        entry["allocated"]["moe-rule"]["rule"] = rule.scorer
     ctx = api.scoring_context(loaded, settings)
     tables = score(ctx, ["alpha"])
     units = loaded.inventory.units
