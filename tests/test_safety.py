@@ -231,12 +231,16 @@ def test_damaged_caches_are_measured_again(tiny_dir, text_file, monkeypatch, tmp
     loaded = api.load(tiny_dir)
     text, calib = read_text_file(text_file), CalibSettings(2, 32)
     first = cached_hessians(loaded.model, loaded.inventory, loaded.tokenizer, text, calib)
-    [cache] = (tmp_path / "cache" / "hessians").iterdir()
+    [cache] = (tmp_path / "cache" / "hessians").glob("*.safetensors")
+    [routing] = (tmp_path / "cache" / "hessians").glob("*.routing.json")  # routing statistics beside it
     cache.write_bytes(cache.read_bytes()[:100])  # truncated
     again = cached_hessians(loaded.model, loaded.inventory, loaded.tokenizer, text, calib)
     fresh = accumulate_hessians(loaded.model, loaded.inventory, calibration_windows(loaded.tokenizer, text, calib))
     assert set(again) == set(first) and all(torch.allclose(again[k], fresh[k]) for k in fresh)
     assert cache.stat().st_size > 100  # replaced by a whole file
+    routing.write_text("{not json")  # a damaged routing file: measured again too
+    cached_hessians(loaded.model, loaded.inventory, loaded.tokenizer, text, calib)
+    assert routing.read_text() == "{}"  # a dense model has no experts to route
 
 
 def test_a_damaged_probe_cache_is_measured_again(tiny_dir, text_file, monkeypatch, tmp_path):
