@@ -39,6 +39,13 @@ _MORE = ("self_attn.v_proj", "mlp.down_proj")
 _ROUTERS = ("*.mlp.gate", "*.shared_expert_gate")
 _EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
+def _routed_moe(family: str, model_types: tuple[str, ...], ties: dict | None = None) -> ArchSpec:
+    """A Llama-attention block with fused routed experts and a router (Mixtral, OLMoE, Qwen-MoE)."""
+    return ArchSpec(family, model_types, _LLAMA_ATTN, {"qkv": _LLAMA_TIES["qkv"], **(ties or {})},
+                    expert_params=_EXPERTS, exclude=_HEADS + _ROUTERS,
+                    more_bits=("self_attn.v_proj", "mlp.experts.down_proj"))
+
+
 ARCHITECTURES: tuple[ArchSpec, ...] = (
     ArchSpec("llama", ("llama",), _LLAMA_ATTN + _LLAMA_MLP, _LLAMA_TIES, exclude=_HEADS, more_bits=_MORE),
     ArchSpec("mistral", ("mistral",), _LLAMA_ATTN + _LLAMA_MLP, _LLAMA_TIES, exclude=_HEADS, more_bits=_MORE),
@@ -68,33 +75,10 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         exclude=("cls.*", "*.pooler.dense", "pooler.dense", "classifier", "qa_outputs"),
         more_bits=("attention.self.value", "output.dense"),
     ),
-    ArchSpec(
-        "mixtral",
-        ("mixtral",),
-        _LLAMA_ATTN,
-        {"qkv": _LLAMA_TIES["qkv"]},
-        expert_params=_EXPERTS,
-        exclude=_HEADS + _ROUTERS,
-        more_bits=("self_attn.v_proj", "mlp.experts.down_proj"),
-    ),
-    ArchSpec(
-        "qwen-moe",
-        ("qwen2_moe", "qwen3_moe"),
-        _LLAMA_ATTN,
-        {"qkv": _LLAMA_TIES["qkv"], "shared_gate_up": ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj")},
-        expert_params=_EXPERTS,
-        exclude=_HEADS + _ROUTERS,
-        more_bits=("self_attn.v_proj", "mlp.experts.down_proj"),
-    ),
-    ArchSpec(
-        "olmoe",
-        ("olmoe",),
-        _LLAMA_ATTN,
-        {"qkv": _LLAMA_TIES["qkv"]},
-        expert_params=_EXPERTS,
-        exclude=_HEADS + _ROUTERS,
-        more_bits=("self_attn.v_proj", "mlp.experts.down_proj"),
-    ),
+    _routed_moe("mixtral", ("mixtral",)),
+    _routed_moe("qwen-moe", ("qwen2_moe", "qwen3_moe"),
+                {"shared_gate_up": ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj")}),
+    _routed_moe("olmoe", ("olmoe",)),
     ArchSpec(
         "deepseek",
         ("deepseek_v2", "deepseek_v3"),

@@ -42,6 +42,16 @@ def _given(args, attr: str) -> bool:
     return value is not None and value is not False and value != [] and value != ""
 
 
+CALIB_FLAGS = (("--calib-text", "calib_text"), ("--calib-windows", "calib_windows"), ("--calib-seq-len", "calib_seq_len"))
+INT_MENU_FLAGS = (("--bits", "bits"), ("--group-sizes", "group_sizes"), ("--schemes", "schemes"),
+                  ("--allow-ragged-groups", "allow_ragged_groups"), ("--fine-groups", "fine_groups"))
+
+
+def given_flags(args, flags) -> list[str]:
+    """The flags of ``flags`` ((flag, attribute) pairs) given on this command line."""
+    return [f for f, a in flags if _given(args, a)]
+
+
 def refuse_ignored(args) -> None:
     """An option that the rest of the command line makes meaningless is an
     error, never silently dropped."""
@@ -49,16 +59,13 @@ def refuse_ignored(args) -> None:
         if _given(args, attr) and not applies(args):
             raise BitallocError(f"{flag} would be ignored: {why}, and this command uses scorer(s) "
                                 f"{', '.join(_scorers_of(args))} with quantizer(s) {', '.join(args.quantizer or ('rtn',))}.")
-    calib = [f for f, a in (("--calib-text", "calib_text"), ("--calib-windows", "calib_windows"),
-                            ("--calib-seq-len", "calib_seq_len")) if _given(args, a)]
+    calib = given_flags(args, CALIB_FLAGS)
     needs_calib = "gptq" in (args.quantizer or ()) or any(s in _CALIBRATED for s in _scorers_of(args)) or _imatrix(args)
     if calib and not needs_calib:
         raise BitallocError(f"{calib[0]} would be ignored: nothing here calibrates (scorer(s) "
                             f"{', '.join(_scorers_of(args))} are data-free and the quantizer is RTN).")
     if args.format == "gguf":
-        affine = [f for f, a in (("--bits", "bits"), ("--group-sizes", "group_sizes"), ("--schemes", "schemes"),
-                                 ("--fine-groups", "fine_groups"), ("--allow-ragged-groups", "allow_ragged_groups"))
-                  if _given(args, a)]
+        affine = given_flags(args, INT_MENU_FLAGS)
         if affine:
             raise BitallocError(f"{affine[0]} would be ignored: it shapes the integer menu, and --format gguf offers "
                                 "GGUF types (choose them with --types).")

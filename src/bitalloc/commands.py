@@ -7,8 +7,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from bitalloc.checks import (  # noqa: F401  (also used by exporting and compare_gguf)
-    _given, _scorers_of, check_model_source, check_report_path, fill_defaults, prepare_planning, read_texts,
+from bitalloc.checks import (
+    CALIB_FLAGS, INT_MENU_FLAGS, _given, _scorers_of, check_model_source, check_report_path, fill_defaults,
+    given_flags, prepare_planning, read_texts,
 )
 from bitalloc.errors import BitallocError
 
@@ -74,9 +75,7 @@ def cmd_plan(args) -> None:
     if args.table:
         from bitalloc.scoring import ErrorTable
 
-        menu_flags = [f for f, a in (("--bits", "bits"), ("--group-sizes", "group_sizes"), ("--schemes", "schemes"),
-                                     ("--allow-ragged-groups", "allow_ragged_groups"), ("--fine-groups", "fine_groups"))
-                      if _given(args, a)]
+        menu_flags = given_flags(args, INT_MENU_FLAGS)
         if menu_flags:
             raise BitallocError(f"{menu_flags[0]} would be ignored: --table fixes the menu to the options it was "
                                 "scored with. Drop it, or score again without --table.")
@@ -144,8 +143,7 @@ def cmd_quantize(args) -> None:
     from bitalloc.quantize import MANIFEST, SAVED_FORMAT
 
     plan = Plan.load(args.plan)
-    calib = [f for f, a in (("--calib-text", "calib_text"), ("--calib-windows", "calib_windows"),
-                            ("--calib-seq-len", "calib_seq_len")) if _given(args, a)]
+    calib = given_flags(args, CALIB_FLAGS)
     if calib and plan.quantizer != "gptq":
         raise BitallocError(f"{calib[0]} would be ignored: the plan {args.plan!r} quantizes by RTN, which uses no "
                             "calibration text.")

@@ -103,12 +103,12 @@ def compare_gguf(loaded: api.Loaded, settings: GGUFCompareSettings, plan_setting
     results as they come."""
     from bitalloc.evaluate.llamacpp import evaluate_gguf, llamacpp_logprobs
     from bitalloc.export.gguf import write_gguf
-    from bitalloc.exporting import _arch, _source_gguf, gguf_names
+    from bitalloc.exporting import _arch, gguf_names, source_gguf
     from bitalloc.refine import finish_plan, make_probe
     from bitalloc.scorers import score
 
     t0 = time.perf_counter()
-    source = _source_gguf(loaded)
+    source = source_gguf(loaded.source)
     loaded, plan_settings = api.prepare(loaded, plan_settings, progress)
     inv = loaded.inventory
     names = gguf_names(inv, loaded.model.config.num_hidden_layers, _arch(source))
@@ -120,6 +120,16 @@ def compare_gguf(loaded: api.Loaded, settings: GGUFCompareSettings, plan_setting
     text, label = api.eval_text(text_path, encoding)
     windows = token_windows(loaded.tokenizer, text, settings.eval)
     reference = llamacpp_logprobs(source, windows, progress=api._tqdm(progress))
+    def report() -> dict:
+        return {"model": loaded.source.label, "source": source, "text": label, "eval": settings.eval.to_dict(),
+                "menu": [o.name for o in options], "notices": list(inv.notices) + notices, "rows": rows,
+                "seconds": {**seconds, "total": time.perf_counter() - t0},
+                "note": "every file run by llama.cpp; KL and top-1 against the source GGUF run by llama.cpp; sizes "
+                        "are tensor data bytes (metadata apart); bitalloc's budget is the preset's exact tensor data "
+                        "bytes",
+                "method": method_note(settings.eval.windows, rows[0]["tokens"] if rows else 0,
+                                      baseline="the llama.cpp preset of the same size", column="vs preset")}
+
     probe = make_probe(loaded, plan_settings) if plan_settings.guard or plan_settings.refine.rounds else None
     rows = []
     Path(work).mkdir(parents=True, exist_ok=True)
@@ -148,18 +158,8 @@ def compare_gguf(loaded: api.Loaded, settings: GGUFCompareSettings, plan_setting
             row["vs_preset"] = versus(row, base)
             rows.append(row)
         if checkpoint is not None:
-            checkpoint(_report(loaded, source, label, settings, options, notices, rows, seconds, t0))
-    return _report(loaded, source, label, settings, options, notices, rows, seconds, t0)
-
-
-def _report(loaded, source, label, settings, options, notices, rows, seconds, t0) -> dict:
-    return {"model": loaded.source.label, "source": source, "text": label, "eval": settings.eval.to_dict(),
-            "menu": [o.name for o in options], "notices": list(loaded.inventory.notices) + notices, "rows": rows,
-            "seconds": {**seconds, "total": time.perf_counter() - t0},
-            "note": "every file run by llama.cpp; KL and top-1 against the source GGUF run by llama.cpp; sizes are "
-                    "tensor data bytes (metadata apart); bitalloc's budget is the preset's exact tensor data bytes",
-            "method": method_note(settings.eval.windows, rows[0]["tokens"] if rows else 0,
-                                  baseline="the llama.cpp preset of the same size", column="vs preset")}
+            checkpoint(report())
+    return report()
 
 
 def _type_counts(types: dict[str, str]) -> dict[str, int]:

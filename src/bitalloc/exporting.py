@@ -47,10 +47,6 @@ def source_gguf(src) -> str:
     return str(Path(src.path) / src.gguf_file)
 
 
-def _source_gguf(loaded) -> str:
-    return source_gguf(loaded.source)
-
-
 def _arch(path: str) -> str:
     from gguf import GGUFReader
 
@@ -71,7 +67,7 @@ def export_gguf(plan_path: str, out: str, *, model: str | None = None, settings=
     check_plan_types(the_plan, plan_path)
     loaded = api.with_plan_units(loaded or api.load(model), the_plan)
     the_plan.check_model(loaded.inventory)
-    source = _source_gguf(loaded)
+    source = source_gguf(loaded.source)
     names = gguf_names(loaded.inventory, loaded.model.config.num_hidden_layers, _arch(source))
     settings = settings or api.PlanSettings(the_plan.budget)
     uses = "importance" in the_plan.provenance
@@ -105,7 +101,7 @@ def _write_imatrix(path: str, importance: dict, names: dict[str, str], settings)
 def cmd_export(args) -> None:
     from bitalloc import api
     from bitalloc.calib import CalibSettings
-    from bitalloc.checks import check_model_source, fill_defaults, read_texts
+    from bitalloc.checks import CALIB_FLAGS, check_model_source, fill_defaults, given_flags, read_texts
     from bitalloc.commands import notices
     from bitalloc.fileio import check_output_file
     from bitalloc.plan import Plan
@@ -116,8 +112,7 @@ def cmd_export(args) -> None:
     check_plan_types(plan, args.plan)
     source_gguf(resolve_source(args.model))
     calibrated = "importance" in plan.provenance
-    calib = [f for f, a in (("--calib-text", "calib_text"), ("--calib-windows", "calib_windows"),
-                            ("--calib-seq-len", "calib_seq_len"), ("--imatrix", "imatrix")) if getattr(args, a)]
+    calib = given_flags(args, CALIB_FLAGS + (("--imatrix", "imatrix"),))
     if calib and not calibrated:
         raise BitallocError(f"{calib[0]} would be ignored: the plan {args.plan!r} was made without an importance "
                             "matrix (--no-imatrix), so nothing is calibrated.")
