@@ -43,6 +43,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--windows", type=int, default=16, help="evaluation windows")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--text", help="evaluation text file (default: evaluation half of the offline sample)")
+    p.add_argument("--second-text", help="a second evaluation text (never calibrated on) every row is also scored on")
+    p.add_argument("--second-windows", type=int, default=14, help="windows of --second-text (GPL-3 holds 14 x 512)")
     p.add_argument("--out", required=True)
     return p.parse_args()
 
@@ -65,6 +67,11 @@ def main() -> None:
         tables[s] = api.score(ctx, [s])[s]
         seconds[f"score {s}"] = time.perf_counter() - t
     report, bench = api.reference_block(loaded, EvalSettings(a.seq_len, a.windows), a.text, 16, True)
+    others = {}
+    if a.second_text:
+        second, others["second"] = api.reference_block(loaded, EvalSettings(a.seq_len, a.second_windows),
+                                                       a.second_text, 16, True)
+        report["second_text"] = {"text": second["text"], "reference": second["reference"]}
     report.update(menu=[o.name for o in options], refine=refine.to_dict(), seconds=seconds, rows=[],
                   machine=f"{platform.machine()}, {platform.processor() or '?'}; see BENCHMARKS.md")
     for quantizer in a.quantizers.split(","):
@@ -91,13 +98,19 @@ def main() -> None:
                 rows.append((f"{name}+refined", "refined", refined, time.perf_counter() - t))
             uni_row = None
             for method, detail, plan, plan_s in rows:
-                row = api.plan_row(loaded, plan, bench, True, f"{quantizer} {method} {value:g}")
+                row = api.plan_row(loaded, plan, bench, True, f"{quantizer} {method} {value:g}", others)
                 row.update(quantizer=quantizer, budget=value, method=method, detail=detail, plan_seconds=plan_s)
                 uni_row = uni_row or row
                 row["verdict"] = "" if row is uni_row else versus(row, uni_row)
+                for other in row.get("other_texts", {}).values():
+                    other["verdict"] = "" if row is uni_row else versus(other, uni_row["other_texts"]["second"])
                 report["rows"].append(row)
                 print(f"{quantizer} {value:g} {method:24s} ppl {with_ci(row, 'ppl')}  KL {with_ci(row, 'kl', 4)}  "
                       f"top-1 {with_ci(row, 'top1')}  bpw {row['bpw']:.4f}  {row['verdict']}", flush=True)
+                if "other_texts" in row:
+                    o = row["other_texts"]["second"]
+                    print(f"    second text: ppl {with_ci(o, 'ppl')}  KL {with_ci(o, 'kl', 4)}  "
+                          f"top-1 {with_ci(o, 'top1')}  {o['verdict']}", flush=True)
             write_json(a.out, report)
     report["seconds"]["total"] = time.perf_counter() - t0
     write_json(a.out, report)

@@ -87,6 +87,8 @@ CASES = (
       loads=True),
     C("tie-unknown", M + " plan --bpw 4 --tie nonsense --out {new}", r"Unknown tie group\(s\) \['nonsense'\]",
       loads=True),
+    C("tie-pattern-matches-nothing", M + " plan --bpw 4 --tie *.experts.*.w1.weight --out {new}",
+      r"--tie pattern '\*\.experts\.\*\.w1\.weight' matches no unit", loads=True),
     # ---- options that would be ignored ------------------------------------
     C("alpha-gamma-without-alpha", "plan --bpw 3 --alpha-gamma 2 --out {new}", "--alpha-gamma would be ignored"),
     C("probe-windows-without-probes", "plan --bpw 3 --probe-windows 4 --out {new}", "--probe-windows would be ignored"),

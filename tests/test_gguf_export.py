@@ -229,7 +229,7 @@ def test_hf_names_map_to_the_tiny_files_tensors(tiny_source):
     present = set(tensors_by_name(tiny_source))
     assert all(n in present for u, n in names.items() if u != "lm_head")  # tied: lm_head is token_embd
     with pytest.raises(BitallocError, match="no GGUF tensor name"):
-        hf_to_gguf_names(["model.layers.0.mlp.experts.gate_up_proj[3]"], n_blocks=2)
+        hf_to_gguf_names(["model.layers.0.mlp.experts.gate_up_proj[3].gate"], n_blocks=2)
     with pytest.raises(BitallocError, match="'arch' parameter"):
         hf_to_gguf_names(["model.embed_tokens"], n_blocks=2, arch="no-such-arch")
 

@@ -79,16 +79,17 @@ def test_family_plan_quantize_reload_eval(family, tie, tmp_path, capsys):
     plan = Plan.load(str(plan_path))
     loaded = api.load(src)
     experts = [u for u in loaded.inventory.units if u.index is not None]
-    assert len(experts) >= 2 * 2 * 4 - (2 * 4 if family == "DeepseekV3Config" else 0)  # DeepSeek: layer 0 dense
+    # gate, up and down of every expert of both layers (DeepSeek: layer 0 is dense)
+    assert len(experts) >= 2 * 3 * 4 - (3 * 4 if family == "DeepseekV3Config" else 0)
     model, _, _ = load_quantized(str(out))
     for u in experts:
         opt = plan.assignment[u.name]
         assert levels_ok(get_weight(model, u), opt.bits, opt.group_size), (u.name, opt.name)
     if tie == "experts":
-        by_param: dict[str, set] = {}
+        by_part: dict[tuple, set] = {}  # per layer: one option for the gate halves, one for up, one for down
         for u in experts:
-            by_param.setdefault(u.param, set()).add(plan.assignment[u.name])
-        assert all(len(options) == 1 for options in by_param.values())
+            by_part.setdefault((u.param, u.part), set()).add(plan.assignment[u.name])
+        assert all(len(options) == 1 for options in by_part.values())
 
 
 def _routed_tokens(model, layer: int, text_windows: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -130,8 +131,9 @@ def test_expert_grams_use_only_routed_tokens():
         rows = (top == e).any(-1)
         x = X[rows].double()
         expected = 2 * x.T @ x / rows.sum()
-        got = H[f"model.layers.1.mlp.experts.gate_up_proj[{e}]"].double()
-        assert torch.allclose(got, expected.float().double(), rtol=1e-4, atol=1e-6), e
+        for half in ("gate", "up"):  # both halves see the same routed hidden states
+            got = H[f"model.layers.1.mlp.experts.gate_up_proj[{e}].{half}"].double()
+            assert torch.allclose(got, expected.float().double(), rtol=1e-4, atol=1e-6), e
         gate, up = F.linear(X[rows], experts.gate_up_proj[e]).chunk(2, -1)
         h = (experts.act_fn(gate) * up).double()
         expected_down = 2 * h.T @ h / rows.sum()
@@ -186,7 +188,9 @@ def test_unreached_expert_is_reported_and_gets_its_peers_mean(tmp_path, monkeypa
     name = "model.layers.0.mlp.experts.down_proj[3]"
     peers = torch.stack([H[f"model.layers.0.mlp.experts.down_proj[{e}]"] for e in range(3)]).mean(0)
     assert torch.equal(H[name], peers)
-    assert len(ctx.notices) == 1 and "4 expert slice(s) received no calibration token" in ctx.notices[0]
+    gate = [H[f"model.layers.0.mlp.experts.gate_up_proj[{e}].gate"] for e in range(3)]
+    assert torch.equal(H["model.layers.0.mlp.experts.gate_up_proj[3].gate"], torch.stack(gate).mean(0))
+    assert len(ctx.notices) == 1 and "6 expert slice(s) received no calibration token" in ctx.notices[0]
 
 
 def test_bad_expert_tensor_shape_is_one_clear_error():

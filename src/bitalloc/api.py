@@ -296,8 +296,9 @@ class EvalBench:
     calib_windows: object = None  # sequential GPTQ
 
 
-def plan_row(loaded: Loaded, the_plan: Plan, bench: EvalBench, progress: bool, desc: str) -> dict:
-    """Quantize per the plan in memory, evaluate, restore; sizes and timings."""
+def plan_row(loaded: Loaded, the_plan: Plan, bench: EvalBench, progress: bool, desc: str,
+             others: dict[str, EvalBench] | None = None) -> dict:
+    """Quantize per the plan in memory, evaluate (also on ``others``, by name), restore; sizes and timings."""
     from bitalloc.quantize import quantize_model, restored
 
     t0 = time.perf_counter()
@@ -307,10 +308,12 @@ def plan_row(loaded: Loaded, the_plan: Plan, bench: EvalBench, progress: bool, d
                        importance=loaded.importance)
         t_quant = time.perf_counter() - t0
         result = evaluate_windows(loaded.model, bench.windows, bench.reference, progress=_tqdm(progress), desc=desc)
+        other = {k: evaluate_windows(loaded.model, b.windows, b.reference).to_dict() for k, b in (others or {}).items()}
     sizes = the_plan.sizes(loaded.inventory)
     return {
         **result.to_dict(),
         **({"provenance": the_plan.provenance} if the_plan.provenance else {}),
+        **({"other_texts": other} if other else {}),
         "bpw": sizes.quantized_bpw,
         "code_bpw": sizes.code_bpw,
         "model_bpw": sizes.model_bpw,

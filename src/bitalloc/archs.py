@@ -26,6 +26,18 @@ class ArchSpec:
     exclude: tuple[str, ...] = ()
     # Suffixes llama.cpp's Q4_K_M rule gives more bits in some layers (attn_v, ffn_down).
     more_bits: tuple[str, ...] = ()
+    # Per-expert keys of checkpoints on disk, after the layer prefix ("model.layers.3."), for each expert part
+    # ("gate", "up": the halves of a fused gate_up_proj; "down"); {e} is the expert.
+    expert_keys: dict[str, str] = field(default_factory=lambda: dict(_EXPERT_KEYS))
+
+
+# A fused (E, 2I, H) gate_up_proj stores gate rows [0, I) then up rows [I, 2I); each half is its own unit.
+FUSED_HALVES = {"gate_up_proj": ("gate", "up")}
+# The part a whole (unsplit) fused expert parameter holds.
+EXPERT_PART = {"down_proj": "down"}
+_EXPERT_KEYS = {part: f"mlp.experts.{{e}}.{part}_proj.weight" for part in ("gate", "up", "down")}
+_MIXTRAL_KEYS = {part: f"block_sparse_moe.experts.{{e}}.{w}.weight" for part, w in
+                 (("gate", "w1"), ("up", "w3"), ("down", "w2"))}
 
 
 _LLAMA_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
@@ -39,11 +51,12 @@ _MORE = ("self_attn.v_proj", "mlp.down_proj")
 _ROUTERS = ("*.mlp.gate", "*.shared_expert_gate")
 _EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
-def _routed_moe(family: str, model_types: tuple[str, ...], ties: dict | None = None) -> ArchSpec:
+def _routed_moe(family: str, model_types: tuple[str, ...], ties: dict | None = None,
+                keys: dict | None = None) -> ArchSpec:
     """A Llama-attention block with fused routed experts and a router (Mixtral, OLMoE, Qwen-MoE)."""
     return ArchSpec(family, model_types, _LLAMA_ATTN, {"qkv": _LLAMA_TIES["qkv"], **(ties or {})},
                     expert_params=_EXPERTS, exclude=_HEADS + _ROUTERS,
-                    more_bits=("self_attn.v_proj", "mlp.experts.down_proj"))
+                    more_bits=("self_attn.v_proj", "mlp.experts.down_proj"), expert_keys=dict(keys or _EXPERT_KEYS))
 
 
 ARCHITECTURES: tuple[ArchSpec, ...] = (
@@ -75,7 +88,7 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         exclude=("cls.*", "*.pooler.dense", "pooler.dense", "classifier", "qa_outputs"),
         more_bits=("attention.self.value", "output.dense"),
     ),
-    _routed_moe("mixtral", ("mixtral",)),
+    _routed_moe("mixtral", ("mixtral",), keys=_MIXTRAL_KEYS),
     _routed_moe("qwen-moe", ("qwen2_moe", "qwen3_moe"),
                 {"shared_gate_up": ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj")}),
     _routed_moe("olmoe", ("olmoe",)),
@@ -103,3 +116,8 @@ def arch_for(model_type: str | None) -> ArchSpec | None:
         if model_type in spec.model_types:
             return spec
     return None
+
+
+def arch_of_family(family: str) -> ArchSpec:
+    """The table row of a family name (an inventory's ``arch``); the generic row for any other."""
+    return next((s for s in ARCHITECTURES if s.family == family), GENERIC)

@@ -47,7 +47,7 @@ def unit_modules(inventory: Inventory) -> list[str]:
 
 
 def expert_modules(units) -> dict[str, list]:
-    """Experts module name -> its expert-slice units (``...experts.gate_up_proj[3]``)."""
+    """Experts module name -> its expert-slice units (``...experts.down_proj[3]``, ``...experts.gate_up_proj[3].gate``)."""
     out: dict[str, list] = {}
     for u in units:
         if u.index is not None:
@@ -60,7 +60,7 @@ class ExpertGrams:
     ``gate_up_proj`` (E, 2I, H) and ``down_proj`` (E, H, I), called as
     ``experts(hidden (T, H), top_k_index (T, k), top_k_weights (T, k))``),
     from only the tokens routed to each expert: the hidden states for
-    ``gate_up_proj[e]``, act(gate) * up for ``down_proj[e]``. Also the routing
+    both halves of ``gate_up_proj[e]``, act(gate) * up for ``down_proj[e]``. Also the routing
     statistics: tokens per expert and the routing-weight mass they carried."""
 
     def __init__(self, model: nn.Module, module_name: str, units: list):
@@ -70,7 +70,9 @@ class ExpertGrams:
                 raise BitallocError(f"Expert parameter {module_name}.{pname} is not the fused (E, out, in) "
                                     "gate_up_proj/down_proj layout bitalloc calibrates; use a data-free scorer "
                                     "(rtn-mse, rtn-mse-rel, alpha) with --quantizer rtn for this model.")
-        self.names = {(u.param.rsplit(".", 1)[1], u.index): u.name for u in units}
+        self.names: dict[tuple[str, int], list[str]] = {}  # (parameter, expert) -> units (both halves share a Gram)
+        for u in units:
+            self.names.setdefault((u.param.rsplit(".", 1)[1], u.index), []).append(u.name)
         E = self.module.gate_up_proj.shape[0]
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
@@ -79,12 +81,14 @@ class ExpertGrams:
         self.tokens = 0
         self.handle = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
 
-    def _add(self, name: str | None, X: torch.Tensor) -> None:
-        if name is None:
+    def _add(self, names: list[str], X: torch.Tensor) -> None:
+        if not names:
             return
         X = X.detach().double()  # (n, in)
-        self.sums[name] = self.sums[name] + X.T @ X if name in self.sums else X.T @ X
-        self.counts[name] = self.counts.get(name, 0) + X.shape[0]
+        G = X.T @ X
+        for name in names:
+            self.sums[name] = self.sums[name] + G if name in self.sums else G
+            self.counts[name] = self.counts.get(name, 0) + X.shape[0]
 
     @torch.no_grad()
     def _hook(self, module, args, kwargs):
@@ -100,7 +104,7 @@ class ExpertGrams:
             self.routed[e] += rows.numel()
             self.mass[e] += weights[rows, slot].double().sum()
             x = hidden[rows]  # (n, H)
-            self._add(self.names.get(("gate_up_proj", e)), x)
+            self._add(self.names.get(("gate_up_proj", e), []), x)
             if ("down_proj", e) in self.names:
                 gate, up = F.linear(x, module.gate_up_proj[e]).chunk(2, dim=-1)
                 self._add(self.names[("down_proj", e)], module.act_fn(gate) * up)  # (n, I)

@@ -70,7 +70,8 @@ def _menu_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-bits", type=A.bits_value)
     g.add_argument("--max-bits", type=A.bits_value)
     g.add_argument("--tie", default="", help="tie groups sharing one option: qkv, gate_up, experts (all experts of "
-                                             "a fused MoE projection), ... or all")
+                                             "a fused MoE projection in a layer), ..., all, or a pattern over unit "
+                                             "names or on-disk expert keys (matches in one layer share one option)")
     g.add_argument("--keep-bits", type=int, choices=(16, 32),
                    help="precision of tensors that are not quantized (embeddings, norms); counted in model size "
                         "(default 16; 32 with --format gguf, where norms are F32)")

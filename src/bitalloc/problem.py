@@ -18,7 +18,7 @@ import numpy as np
 from bitalloc.errors import BitallocError, InfeasibleBudgetError
 from bitalloc.formats import storage_bits
 from bitalloc.formats.affine import QuantOption
-from bitalloc.units import Inventory
+from bitalloc.units import Inventory, layer_index
 
 BUDGET_KINDS = ("bpw", "bytes")
 BPW_OVER = ("quantized", "model")
@@ -195,7 +195,7 @@ def allowed_mask(inventory: Inventory, options: Sequence[QuantOption], cost: np.
     if constraints.max_bits is not None:
         allowed &= bits[None, :] <= constraints.max_bits
     for pattern, opt_patterns in constraints.allow:
-        rows = np.array([fnmatch.fnmatchcase(u.name, pattern) for u in inventory.units])
+        rows = np.array(inventory.matching(pattern))  # unit names, or on-disk per-expert keys
         if not rows.any():
             raise BitallocError(f"The --allow pattern {pattern!r} matches no unit. Unit names look like {inventory.units[0].name!r}.")
         cols = np.array([any(fnmatch.fnmatchcase(o.name, p) for p in opt_patterns) for o in options])
@@ -205,17 +205,61 @@ def allowed_mask(inventory: Inventory, options: Sequence[QuantOption], cost: np.
     return allowed
 
 
+def is_tie_pattern(tie: str) -> bool:
+    """A --tie entry naming units (a glob over unit names or on-disk expert keys), not a family's tie group."""
+    return any(c in tie for c in "*?[.")
+
+
 def tie_groups_for(inventory: Inventory, ties: Sequence[str]) -> list[tuple[str, ...]]:
-    """Unit-name groups to tie, for the requested tie names (or 'all')."""
+    """Unit-name groups to tie: the family's named groups (or 'all'), and for
+    each pattern the units it matches, one group per layer; overlapping groups
+    merge (a unit is in at most one group, so its bits count once)."""
     if not ties:
         return []
-    wanted = set(ties)
+    wanted = {t for t in ties if not is_tie_pattern(t)}
     known = {tie for tie, _ in inventory.tie_groups}
     if "all" not in wanted and not wanted <= known:
         raise BitallocError(
-            f"Unknown tie group(s) {sorted(wanted - known)} for family {inventory.arch!r}; known: {sorted(known) or 'none'}."
+            f"Unknown tie group(s) {sorted(wanted - known)} for family {inventory.arch!r}; known: "
+            f"{sorted(known) or 'none'}, 'all', or a pattern over unit names (e.g. 'model.layers.*.mlp.experts.down_proj*')."
         )
-    return [members for tie, members in inventory.tie_groups if "all" in wanted or tie in wanted]
+    groups = [members for tie, members in inventory.tie_groups if "all" in wanted or tie in wanted]
+    for pattern in (t for t in ties if is_tie_pattern(t)):
+        hits = inventory.matching(pattern)
+        if not any(hits):
+            keys = [k for u in inventory.units if (k := inventory.disk_key(u.name))]
+            raise BitallocError(
+                f"The --tie pattern {pattern!r} matches no unit. Unit names look like {inventory.units[0].name!r}"
+                + (f" and {inventory.units[-1].name!r}" if len(inventory.units) > 1 else "")
+                + (f"; per-expert on-disk keys like {keys[0]!r} match too" if keys else "") + "."
+            )
+        by_layer: dict[int | None, list[str]] = {}
+        for u, hit in zip(inventory.units, hits):
+            if hit:
+                by_layer.setdefault(layer_index(u.name), []).append(u.name)
+        groups += [tuple(g) for g in by_layer.values() if len(g) > 1]
+    return merge_groups(groups)
+
+
+def merge_groups(groups: Sequence[Sequence[str]]) -> list[tuple[str, ...]]:
+    """Union of groups that share a member, members in first-seen order."""
+    merged: list[list[str]] = []
+    where: dict[str, int] = {}
+    for g in groups:
+        hit = sorted({where[n] for n in g if n in where})
+        target = hit[0] if hit else len(merged)
+        if not hit:
+            merged.append([])
+        for other in hit[1:]:  # fold later groups this one bridges into the first
+            for n in merged[other]:
+                merged[target].append(n)
+                where[n] = target
+            merged[other] = []
+        for n in g:
+            if n not in where:
+                merged[target].append(n)
+                where[n] = target
+    return [tuple(g) for g in merged if g]
 
 
 def build_problem(inventory: Inventory, options: Sequence[QuantOption], errors: np.ndarray, budget: Budget,

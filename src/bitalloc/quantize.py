@@ -164,6 +164,7 @@ def restored(model) -> Iterator[None]:
 
 def _unit_record(unit: Unit, qw: QuantizedWeight) -> dict:
     return {"param": unit.param, "shape": list(unit.shape), "index": unit.index, "transposed": unit.transposed,
+            **({"rows": list(unit.rows)} if unit.rows else {}),
             "option": qw.option.name, "column_bits": None if qw.column_bits is None else list(qw.column_bits)}
 
 
@@ -269,7 +270,9 @@ def load_quantized(folder: str):
 
 
 def _record_unit(name: str, rec: dict) -> Unit:
-    return Unit(name, rec["param"], tuple(rec["shape"]), rec["index"], rec["transposed"])
+    rows = rec.get("rows")
+    return Unit(name, rec["param"], tuple(rec["shape"]), rec["index"], rec["transposed"],
+                rows=tuple(rows) if rows else None)
 
 
 def _stored_weight(tensors: dict[str, torch.Tensor], name: str, rec: dict) -> QuantizedWeight:

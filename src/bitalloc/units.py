@@ -2,8 +2,10 @@
 
 A unit is a 2-D weight seen as (out, in): an ``nn.Linear`` weight, a GPT-2
 ``Conv1D`` weight (stored (in, out), so transposed), or one slice ``[e]`` of a
-fused 3-D expert parameter (E, out, in). Everything else in the state dict is
-*kept* at a fixed precision and still counted in the model's size.
+fused 3-D expert parameter (E, out, in) -- for a fused ``gate_up_proj`` each
+half of the slice, ``[e].gate`` and ``[e].up``, as checkpoints on disk and
+llama.cpp store them. Everything else in the state dict is *kept* at a fixed
+precision and still counted in the model's size.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bitalloc.archs import GENERIC, ArchSpec, arch_for
+from bitalloc.archs import EXPERT_PART, FUSED_HALVES, GENERIC, ArchSpec, arch_for, arch_of_family
 from bitalloc.errors import BadWeightsError
 
 
@@ -28,6 +30,14 @@ class Unit:
     index: int | None = None  # slice of a 3-D parameter
     transposed: bool = False  # stored as (in, out), e.g. GPT-2 Conv1D
     lookup: bool = False  # a token embedding read row by row: no input Gram matrix
+    rows: tuple[int, int] | None = None  # a row range of the slice: one half of a fused gate_up_proj
+
+    @property
+    def part(self) -> str | None:
+        """An expert slice's projection: "gate", "up" (halves of a fused gate_up_proj), "down"; else None."""
+        if self.index is None:
+            return None
+        return self.name.rsplit(".", 1)[1] if self.rows else EXPERT_PART.get(self.param.rsplit(".", 1)[1])
 
     @property
     def numel(self) -> int:
@@ -72,6 +82,25 @@ class Inventory:
             cache = {u.name: u for u in self.units}
             object.__setattr__(self, "_cache", cache)
         return cache
+
+    def disk_key(self, name: str) -> str | None:
+        """The per-expert key a checkpoint on disk stores this expert slice under, or None for other units."""
+        return disk_key(self.unit(name), arch_of_family(self.arch))
+
+    def unit_for_disk_key(self, key: str) -> str | None:
+        """The unit (expert slice) an on-disk per-expert key holds, or None."""
+        keys = self.__dict__.get("_keys")
+        if keys is None:
+            spec = arch_of_family(self.arch)
+            keys = {k: u.name for u in self.units if (k := disk_key(u, spec))}
+            object.__setattr__(self, "_keys", keys)
+        return keys.get(key)
+
+    def matching(self, pattern: str) -> list[bool]:
+        """Per unit: whether its name, or its on-disk per-expert key, matches the fnmatch pattern."""
+        spec = arch_of_family(self.arch)
+        return [fnmatch.fnmatchcase(u.name, pattern) or fnmatch.fnmatchcase(disk_key(u, spec) or "", pattern)
+                for u in self.units]
 
 
 def model_identity(model: nn.Module) -> str:
@@ -165,7 +194,7 @@ def find_units(model: nn.Module, *, embeddings: bool = False) -> Inventory:
         for pname, p in module.named_parameters(recurse=False):
             full = f"{mname}.{pname}" if mname else pname
             if p.dim() == 3 and (any(full.endswith(s) for s in spec.expert_params) or mname.endswith("experts")):
-                units += [Unit(f"{full}[{e}]", full, (p.shape[1], p.shape[2]), e) for e in range(p.shape[0])]
+                units += expert_units(full, tuple(p.shape))
     _check_projections(units, spec, notices)
     found: list[Unit] = []
     if embeddings:
@@ -189,6 +218,27 @@ def find_units(model: nn.Module, *, embeddings: bool = False) -> Inventory:
         content_id=content_identity(model),
         embedding_units=tuple(u.name for u in found if u in units),
     )
+
+
+def expert_units(param: str, shape: tuple[int, int, int]) -> list[Unit]:
+    """The units of a fused (E, out, in) expert parameter: a slice per expert,
+    or the two halves of each slice for a fused gate_up_proj."""
+    E, out, cols = shape
+    halves = FUSED_HALVES.get(param.rsplit(".", 1)[1]) if out % 2 == 0 else None
+    if not halves:
+        return [Unit(f"{param}[{e}]", param, (out, cols), e) for e in range(E)]
+    half = out // 2
+    return [Unit(f"{param}[{e}].{h}", param, (half, cols), e, rows=(k * half, (k + 1) * half))
+            for e in range(E) for k, h in enumerate(halves)]
+
+
+def disk_key(unit: Unit, spec: ArchSpec) -> str | None:
+    """``model.layers.3.mlp.experts.gate_up_proj[7].gate`` -> ``model.layers.3.mlp.experts.7.gate_proj.weight``
+    (Mixtral: ``model.layers.3.block_sparse_moe.experts.7.w1.weight``); None for a unit that is no expert slice."""
+    layer = re.match(r"(.*?\.\d+\.)", unit.param)
+    if unit.part is None or layer is None or unit.part not in spec.expert_keys:
+        return None
+    return layer.group(1) + spec.expert_keys[unit.part].format(e=unit.index)
 
 
 def layer_index(name: str) -> int | None:
@@ -231,8 +281,8 @@ def _tie_groups(units: list[Unit], spec: ArchSpec) -> tuple[tuple[str, tuple[str
     experts`` is the per-layer mode; without it each expert is its own unit)."""
     groups: dict[tuple[str, str], list[str]] = {}  # (block prefix, tie name) -> unit names
     for u in units:
-        if u.index is not None:
-            groups.setdefault((u.param, EXPERT_TIE), []).append(u.name)
+        if u.index is not None:  # one group per fused parameter, and per half of a gate_up_proj
+            groups.setdefault((f"{u.param}.{u.part}", EXPERT_TIE), []).append(u.name)
             continue
         for tie, suffixes in spec.tie_groups.items():
             for s in suffixes:
@@ -241,11 +291,16 @@ def _tie_groups(units: list[Unit], spec: ArchSpec) -> tuple[tuple[str, tuple[str
     return tuple((tie, tuple(g)) for (_, tie), g in groups.items() if len(g) > 1)
 
 
+def unit_view(tensor: torch.Tensor, unit: Unit) -> torch.Tensor:
+    """The unit's part of its parameter (or of a tensor shaped like it, e.g. its gradient), as stored."""
+    if unit.index is not None:
+        tensor = tensor[unit.index]
+    return tensor[unit.rows[0]:unit.rows[1]] if unit.rows else tensor
+
+
 def get_weight(model: nn.Module, unit: Unit) -> torch.Tensor:
     """The unit's weight as a float32 (out, in) tensor (a copy)."""
-    W = model.get_parameter(unit.param).detach()
-    if unit.index is not None:
-        W = W[unit.index]
+    W = unit_view(model.get_parameter(unit.param).detach(), unit)
     if unit.transposed:
         W = W.t()
     return W.float().clone()
@@ -255,8 +310,7 @@ def set_weight(model: nn.Module, unit: Unit, W: torch.Tensor) -> None:
     """Write an (out, in) weight back into the model, in place."""
     p = model.get_parameter(unit.param)
     with torch.no_grad():
-        target = p[unit.index] if unit.index is not None else p
-        target.copy_((W.t() if unit.transposed else W).to(p.dtype))
+        unit_view(p, unit).copy_((W.t() if unit.transposed else W).to(p.dtype))
 
 
 def check_finite(W: torch.Tensor, unit: Unit) -> None:

@@ -23,7 +23,7 @@ from bitalloc.formats.affine import QuantOption
 from bitalloc.formats.affine_rtn import fake_quantize
 from bitalloc.scoring import ErrorTable
 from bitalloc.text import cache_dir
-from bitalloc.units import check_finite, get_weight
+from bitalloc.units import check_finite, get_weight, unit_view
 
 PROBE_FORMAT_VERSION = 2  # 2: the reference is taken before any weight changes (v1 was not)
 _MISSING = object()  # a format needs an importance vector that this unit lacks
@@ -144,7 +144,7 @@ class ScoringContext:
         out = {}
         for u in self.inventory.units:
             p = self.model.get_parameter(u.param)
-            g = p.grad if u.index is None else p.grad[u.index]
+            g = unit_view(p.grad, u)
             out[u.name] = (g.t() if u.transposed else g).detach().float().clone()
         for p in self.model.parameters():
             p.grad = None
@@ -242,7 +242,7 @@ def fill_unreached_experts(H: dict[str, torch.Tensor], units) -> tuple[dict[str,
         return H, []
     out = dict(H)
     for u in missing:
-        peers = [H[v.name] for v in units if v.param == u.param and v.name in H]
+        peers = [H[v.name] for v in units if (v.param, v.part) == (u.param, u.part) and v.name in H]
         if peers:
             out[u.name] = torch.stack(peers).mean(0)
         else:
