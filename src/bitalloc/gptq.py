@@ -17,15 +17,21 @@ BLOCK = 128  # columns per lazy-update block; a multiple of every group size <= 
 
 
 def inverse_hessian_factor(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(upper Cholesky factor of (H + damp*mean(diag H)*I)^-1, dead-column
-    mask). Columns whose input is always zero (H_jj = 0) get H_jj = 1."""
+    """(upper Cholesky factor U of (H + damp*mean(diag H)*I)^-1, so that
+    H^-1 = U^T U; dead-column mask). Columns whose input is always zero
+    (H_jj = 0) get H_jj = 1.
+
+    One Cholesky and one triangular inverse instead of a Cholesky, an inverse
+    and a second Cholesky: with P the order-reversing permutation and
+    P H P = L L^T, V = P L^-1 P is upper triangular with a positive diagonal
+    and V^T V = P (P H P)^-1 P = H^-1, so V is that unique factor."""
     H = H.double().clone()  # (cols, cols)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     H += damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype)
-    L = torch.linalg.cholesky(H)
-    Hinv = torch.cholesky_inverse(L)
-    return torch.linalg.cholesky(Hinv, upper=True), dead
+    L = torch.linalg.cholesky(H.flip(0, 1))
+    L_inv = torch.linalg.solve_triangular(L, torch.eye(H.shape[0], dtype=H.dtype), upper=False)
+    return L_inv.flip(0, 1), dead
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, option: QuantOption, *, damp: float = 0.01,
@@ -35,21 +41,21 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, option: QuantOption, *, damp
     stored weight and GPTQ's loss sum((w - q)^2 / [chol(H^-1)]_jj^2) / 2."""
     rows, cols = W.shape
     n_groups = group_count(cols, option, allow_ragged=allow_ragged and not option.mixed)
-    gbits = group_bits_of(option, n_groups, column_bits).double()  # (groups,)
+    gbits = group_bits_of(option, n_groups, column_bits)  # (groups,)
     g = group_size_of(cols, option)
-    U, dead = inverse_hessian_factor(H, damp)
-    W = W.detach().double().clone()
+    U, dead = inverse_hessian_factor(H, damp)  # factored in float64; the column sweep runs in float32
+    U = U.float()
+    W = W.detach().float().clone()
     W[:, dead] = 0.0
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
     static = act_order or g > BLOCK or BLOCK % g != 0
-    scale = torch.zeros(rows, n_groups, dtype=torch.float64)
-    zero = torch.zeros(rows, n_groups, dtype=torch.float64)
+    scale = torch.zeros(rows, n_groups)
+    zero = torch.zeros(rows, n_groups)
     if static:
-        s, z = choose_qparams(grouped(W.float(), g), option, gbits.float())
-        scale, zero = s.double(), z.double()
+        scale, zero = choose_qparams(grouped(W, g), option, gbits.float())
     W, U = W[:, perm], U[perm][:, perm]
-    codes = torch.zeros(rows, cols, dtype=torch.float64)
-    loss = 0.0
+    codes = torch.zeros(rows, cols)
+    losses = torch.zeros(cols, dtype=torch.float64)
     for i1 in range(0, cols, BLOCK):
         i2 = min(i1 + BLOCK, cols)
         W1 = W[:, i1:i2].clone()  # (rows, B)
@@ -59,16 +65,14 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, option: QuantOption, *, damp
             col = int(perm[i1 + i])
             k = col // g
             if not static and col % g == 0:  # a group starts: its scale from the updated weights
-                s, z = choose_qparams(W1[:, i : i + g].float()[:, None, :], option, gbits[k : k + 1].float())
-                scale[:, k], zero[:, k] = s[:, 0].double(), z[:, 0].double()
+                s, z = choose_qparams(W1[:, i : i + g][:, None, :], option, gbits[k : k + 1].float())
+                scale[:, k], zero[:, k] = s[:, 0], z[:, 0]
             w = W1[:, i]
             q = quantize_codes(w, scale[:, k], zero[:, k], gbits[k])
-            deq = (q - zero[:, k]) * scale[:, k]
             codes[:, col] = q
-            d = U1[i, i]
-            loss += float(((w - deq) ** 2).sum() / d**2 / 2)
-            err = (w - deq) / d
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            err = (w - (q - zero[:, k]) * scale[:, k]) / U1[i, i]
+            losses[i1 + i] = err.double().pow(2).sum() / 2  # (w - deq)^2 / d^2 / 2
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)  # push the error onto the columns not yet quantized
             Err1[:, i] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-    return pack_weight(codes, scale.float(), zero.float(), option, column_bits), loss
+        W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
+    return pack_weight(codes, scale, zero, option, column_bits), float(losses.sum())
