@@ -108,3 +108,23 @@ def test_sequential_gptq_first_layer_equals_one_shot_and_reloads(tmp_path):
     assert all(torch.equal(a[n].codes, b[n].codes) for n in first)
     assert any(not torch.equal(a[u.name].codes, b[u.name].codes) for u in inv.units if ".layers.2." in u.name)
     assert Plan.from_dict(seq.to_dict()).sequential
+
+
+def test_inverse_hessian_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
+    """Checked against the textbook route: invert the damped H explicitly,
+    then take its upper Cholesky factor (H^-1 = U^T U)."""
+    from bitalloc.gptq import inverse_hessian_factor
+
+    torch.manual_seed(3)
+    X = torch.randn(300, 40, dtype=torch.float64)
+    X[:, 5] = 0.0  # a dead input column
+    H = 2 * X.T @ X / 300
+    U, dead = inverse_hessian_factor(H, 0.01)
+    Hd = H.clone()
+    Hd[5, 5] = 1.0
+    Hd += 0.01 * torch.diag(Hd).mean() * torch.eye(40, dtype=torch.float64)
+    expected = torch.linalg.cholesky(torch.linalg.inv(Hd), upper=True)
+    assert dead.tolist() == [i == 5 for i in range(40)]
+    assert torch.equal(U, torch.triu(U)) and bool((torch.diag(U) > 0).all())
+    assert torch.allclose(U, expected, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(U.T @ U, torch.linalg.inv(Hd), rtol=1e-9, atol=1e-12)
