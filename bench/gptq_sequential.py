@@ -74,7 +74,7 @@ def run(windows: int, seq_len: int, option: str) -> dict:
     eval_row = token_windows(loaded.tokenizer, api.eval_text(None)[0], EvalSettings(seq_len, 1))[0]  # (seq_len,)
 
     one_pass = lambda: quantize_sequential(model, inventory, plan, rows, _quantize_unit)  # noqa: E731
-    per_layer = lambda: _quantize_sequential(model, inventory, plan, rows, None)  # noqa: E731
+    per_layer = lambda: _quantize_sequential(model, inventory, plan, rows, _quantize_unit, None)  # noqa: E731
     # The one-pass driver runs first and again last: the first run of anything in a fresh process pays
     # for growing the heap (page faults), which would otherwise count against whichever driver ran first.
     seconds, results = {}, {}

@@ -39,6 +39,8 @@ def main() -> None:
     p.add_argument("--scorers", default="rtn-mse-rel,alpha,alpha-rel,pmq,kl")
     p.add_argument("--ties", default="per-expert,experts", help="tie modes to run: per-expert and/or experts (per layer)")
     p.add_argument("--quantizers", default="rtn,gptq")
+    p.add_argument("--gptq-scorers", default="rtn-mse-rel,alpha,alpha-rel,pmq",
+                   help="tables for the GPTQ runs (kl with GPTQ probes re-measures every unit: ~45 min here)")
     p.add_argument("--windows", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--out", required=True)
@@ -54,7 +56,9 @@ def main() -> None:
             t = time.perf_counter()
             settings = api.PlanSettings(Budget(budgets[0]), scorer=scorers[0], constraints=Constraints(ties=ties),
                                         quantizer=quantizer, guard=False)
-            report = api.run(settings=settings, scorers=scorers, budgets=budgets, loaded=loaded,
+            names = scorers if quantizer == "rtn" else a.gptq_scorers.split(",")
+            settings = replace(settings, scorer=names[0])
+            report = api.run(settings=settings, scorers=names, budgets=budgets, loaded=loaded,
                              eval_settings=EvalSettings(a.seq_len, a.windows))
             _, bench = api.reference_block(loaded, EvalSettings(a.seq_len, a.windows), None, settings.keep_bits, True)
             if quantizer == "gptq":
