@@ -52,6 +52,37 @@ def test_gram_accumulation_equals_one_shot():
     assert torch.allclose(acc.hessians()["0"], (2 * X.T @ X / X.shape[0]).float(), atol=1e-5)
 
 
+def test_modules_fed_the_same_input_share_one_hessian_and_gptq_reuses_nothing_stale():
+    """Two heads reading the same tensor (as q/k/v do) get one shared H; a
+    third reading another input its own. GPTQ with the shared tensor gives
+    exactly what it gives with private copies, in either order."""
+    from bitalloc.formats.affine import QuantOption
+
+    torch.manual_seed(4)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = torch.nn.Linear(16, 8), torch.nn.Linear(16, 8), torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.c(self.a(x) + self.b(x))
+
+    net = Net()
+    acc = GramAccumulator(net, ["a", "b", "c"])
+    for _ in range(3):
+        net(torch.randn(4, 16))
+    acc.remove()
+    H = acc.hessians()
+    assert H["a"] is H["b"] and H["c"] is not H["a"]
+    opt = QuantOption.parse("int3-g8-asym")
+    W = [torch.randn(8, 16), torch.randn(8, 16), torch.randn(8, 8)]
+    shared = [gptq_quantize(w, H[n], opt) for w, n in zip(W, "abc")]
+    private = [gptq_quantize(w, H[n].clone(), opt) for w, n in zip(reversed(W), "cba")][::-1]
+    for (q1, l1), (q2, l2) in zip(shared, private):
+        assert torch.equal(q1.codes, q2.codes) and torch.equal(q1.scales, q2.scales) and l1 == l2
+
+
 @pytest.mark.parametrize("sym", [False, True])
 def test_mixed_column_bits_gptq_diag_equals_rtn_and_round_trips(sym):
     from bitalloc.formats.affine_rtn import pack_weight_codes, unpack_weight_codes
@@ -128,3 +159,6 @@ def test_inverse_hessian_factor_is_the_upper_cholesky_factor_of_the_damped_inver
     assert torch.equal(U, torch.triu(U)) and bool((torch.diag(U) > 0).all())
     assert torch.allclose(U, expected, rtol=1e-9, atol=1e-12)
     assert torch.allclose(U.T @ U, torch.linalg.inv(Hd), rtol=1e-9, atol=1e-12)
+    U32, dead32 = inverse_hessian_factor(H, 0.01, torch.float32)  # what GPTQ's float32 sweep uses
+    assert U32.dtype == torch.float32 and torch.equal(dead32, dead)
+    assert torch.allclose(U32.double(), expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))

@@ -177,7 +177,18 @@ class GramAccumulator:
         self._last = None
 
     def hessians(self) -> dict[str, torch.Tensor]:
-        return {n: (2.0 * s / self.counts[n]).float() for n, s in self.sums.items()}
+        """2 X^T X / n per module; modules fed the same inputs (q/k/v, gate/up,
+        hooked one after another) get one shared tensor, so work keyed on it
+        (GPTQ's inverse-Hessian factor) is done once."""
+        out: dict[str, torch.Tensor] = {}
+        last: tuple[str, torch.Tensor] | None = None
+        for n, s in self.sums.items():
+            if last and self.counts[n] == self.counts[last[0]] and torch.equal(s, self.sums[last[0]]):
+                out[n] = last[1]
+                continue
+            out[n] = (2.0 * s / self.counts[n]).float()
+            last = (n, out[n])
+        return out
 
 
 def _valid_hessians(H: dict[str, torch.Tensor], inventory: Inventory) -> bool:
