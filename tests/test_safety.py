@@ -233,6 +233,9 @@ def test_damaged_caches_are_measured_again(tiny_dir, text_file, monkeypatch, tmp
     first = cached_hessians(loaded.model, loaded.inventory, loaded.tokenizer, text, calib)
     [cache] = (tmp_path / "cache" / "hessians").glob("*.safetensors")
     [routing] = (tmp_path / "cache" / "hessians").glob("*.routing.json")  # routing statistics beside it
+    assert any(first[a] is first[b] for a in first for b in first if a != b)  # q/k/v share one tensor in memory
+    reread = cached_hessians(loaded.model, loaded.inventory, loaded.tokenizer, text, calib)  # stored once each
+    assert set(reread) == set(first) and all(torch.equal(reread[k], first[k]) for k in first)
     cache.write_bytes(cache.read_bytes()[:100])  # truncated
     again = cached_hessians(loaded.model, loaded.inventory, loaded.tokenizer, text, calib)
     fresh = accumulate_hessians(loaded.model, loaded.inventory, calibration_windows(loaded.tokenizer, text, calib))

@@ -247,9 +247,20 @@ def cached_calibration(model: nn.Module, inventory: Inventory, tokenizer, text: 
             return H, routing or {}
     H, routing = accumulate_calibration(model, inventory, calibration_windows(tokenizer, text, settings),
                                         progress=progress)
-    write_atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in H.items()}, tmp))
+    write_atomic(path, lambda tmp: save_file(_unshared(H), tmp))
     write_atomic(routing_path, lambda tmp: Path(tmp).write_text(json.dumps(routing, sort_keys=True)))
     return H, routing
+
+
+def _unshared(H: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """H with a copy for every repeat of a tensor shared by several units
+    (q/k/v): safetensors stores each tensor once and refuses shared memory."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in H.items():
+        out[k] = v.clone() if v.data_ptr() in seen else v.contiguous()
+        seen.add(v.data_ptr())
+    return out
 
 
 def _valid_routing(routing, inventory: Inventory) -> bool:
