@@ -50,7 +50,7 @@ def main() -> None:
     budgets = [float(b) for b in a.budgets.split(",")]
     loaded = api.load(a.model)
     out: dict = {"runs": []}
-    for quantizer in a.quantizers.split(","):
+    for quantizer in [q for q in a.quantizers.split(",") if q]:
         for mode in a.ties.split(","):
             ties = () if mode == "per-expert" else (mode,)
             t = time.perf_counter()
