@@ -3,6 +3,7 @@ run (quantizer, tie mode) and budget, uniform and every table's plan with
 intervals and the paired verdict; then the Spearman correlations.
 
     .venv/bin/python bench/moe_table.py bench/moe-quality-smollm2.json [more.json ...]
+    .venv/bin/python bench/moe_table.py --wide a.json b.json   # one row per budget and method, a column per run
 """
 
 from __future__ import annotations
@@ -19,9 +20,50 @@ def cell(row: dict, key: str, digits: int) -> str:
     return f"{value:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
+def short(verdict: str) -> str:
+    """'better (ppl, KL, top-1)' -> '+ppl +KL +top-1'; 'within noise' -> '='."""
+    out = []
+    for part in verdict.split(";"):
+        word, _, names = part.strip().partition(" (")
+        sign = {"better": "+", "worse": "−"}.get(word)
+        if sign:
+            out += [sign + n.strip() for n in names.rstrip(")").split(",")]
+    return " ".join(out) or "="
+
+
+def wide(paths: list[str]) -> None:
+    """Budget x method rows; per run: ppl, KL and the paired verdict against that run's uniform."""
+    from bitalloc.report import versus
+
+    runs = [r for p in paths for r in json.loads(open(p, encoding="utf-8").read()).get("runs", [])]
+    labels = [f"{r['quantizer'].upper()} {r['tie_mode']}" for r in runs]
+    print("| budget | method | " + " | ".join(f"{l}: ppl, KL, vs uniform" for l in labels) + " |")
+    print("|---|---|" + "---|" * len(runs))
+    budgets = [e["budget"]["value"] for e in runs[0]["budgets"]]
+    for i, b in enumerate(budgets):
+        methods = ["uniform"] + [m for m in runs[0]["budgets"][i]["allocated"]]
+        methods += [m for r in runs for m in r["budgets"][i]["allocated"] if m not in methods]
+        for m in methods:
+            cells = []
+            for r in runs:
+                e = r["budgets"][i]
+                row = e["uniform"] if m == "uniform" else e["allocated"].get(m)
+                if row is None:
+                    cells.append("")
+                    continue
+                ppl = f"{row['ppl']:,.0f}" if row["ppl"] >= 1000 else f"{row['ppl']:.1f}"
+                tail = "" if m == "uniform" else ", " + short(versus(row, e["uniform"]))
+                cells.append(f"{ppl}, {row['kl']:.2f}{tail}")
+            name = f"uniform ({runs[0]['budgets'][i]['uniform']['option']})" if m == "uniform" else m
+            print(f"| {b:g} | {name} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     from bitalloc.report import versus
 
+    if sys.argv[1:2] == ["--wide"]:
+        wide(sys.argv[2:])
+        return
     for path in sys.argv[1:]:
         report = json.loads(open(path, encoding="utf-8").read())
         print(f"{path}")
