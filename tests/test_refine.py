@@ -159,3 +159,25 @@ def test_default_plans_are_never_worse_than_uniform_on_calibration_kl(loaded):
         assert got <= check.measure().kl + 1e-12, bpw
         check.restore()  # the model goes back to its own weights before the next plan measures it
         assert p.provenance["guard"]["kept"] in ("allocated", "uniform")
+
+
+def test_gptq_refinement_windows_lie_after_gptq_calibration_windows(loaded):
+    """With GPTQ, refinement and the guard measure on calibration tokens GPTQ
+    did not fit: the probe's windows start right after the calibration
+    windows' tokens; with RTN they start at the beginning."""
+    from bitalloc.calib import CalibSettings, calibration_windows
+    from bitalloc.text import calibration_text
+
+    calib = CalibSettings(2, 32)
+    text = calibration_text(None)
+    ids = loaded.tokenizer(text, add_special_tokens=False).input_ids
+    gptq = make_probe(loaded, _settings(quantizer="gptq", calib=calib), hessians={})
+    rtn = make_probe(loaded, _settings(calib=calib))
+    body = gptq.windows.shape[1] - (1 if gptq.windows[0, 0] == loaded.tokenizer.bos_token_id else 0)
+    first = gptq.windows[0, -body:].tolist()
+    assert first == ids[2 * 32: 2 * 32 + body]  # right after the 2 x 32 tokens GPTQ calibrates on
+    assert rtn.windows[0, -body:].tolist() == ids[:body]
+    fitted = calibration_windows(loaded.tokenizer, text, calib)  # what GPTQ's Hessians are measured on
+    fitted_body = fitted.shape[1] - (1 if fitted[0, 0] == loaded.tokenizer.bos_token_id else 0)
+    assert fitted[:, -fitted_body:].reshape(-1).tolist() == ids[: 2 * fitted_body] and 2 * fitted_body <= 2 * 32
+    assert gptq.windows.shape == rtn.windows.shape

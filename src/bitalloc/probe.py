@@ -51,9 +51,9 @@ class CalibrationProbe:
     between (``restore`` puts the original weights back)."""
 
     def __init__(self, model: nn.Module, tokenizer, inventory: Inventory, text: str, *, windows: int,
-                 seq_len: int, quantize_weight: QuantizeWeight):
+                 seq_len: int, quantize_weight: QuantizeWeight, skip_tokens: int = 0):
         self.model, self.inventory, self.quantize_weight = model, inventory, quantize_weight
-        self.windows = token_windows(tokenizer, text, EvalSettings(seq_len, windows, "auto"))  # (B, T)
+        self.windows = token_windows(tokenizer, text, EvalSettings(seq_len, windows, "auto"), skip_tokens)  # (B, T)
         self.original = {u.name: get_weight(model, u) for u in inventory.units}  # (out, in) each
         self._cache: dict[tuple[str, str], torch.Tensor] = {}
         self.current: dict[str, QuantOption | None] = {u.name: None for u in inventory.units}

@@ -196,7 +196,9 @@ def rtn_weight(unit, W, option: QuantOption, *, allow_ragged: bool = False, impo
 def make_probe(loaded, settings, hessians: dict | None = None) -> CalibrationProbe:
     """Calibration windows and reference log-probs for refinement and the
     guard; weights quantized by the plan's quantizer (GPTQ: one-shot, from
-    the calibration Hessians)."""
+    the calibration Hessians). With GPTQ the windows come after the tokens
+    GPTQ calibrates on: a plan measured on the very windows its quantizer
+    fitted looks better than it is (BENCHMARKS.md, 3.25 bpw with GPTQ)."""
     from bitalloc.text import calibration_text
 
     def gptq_weight(unit, W, option):
@@ -213,8 +215,10 @@ def make_probe(loaded, settings, hessians: dict | None = None) -> CalibrationPro
                                            importance=getattr(loaded, "importance", None)))
     text = calibration_text(settings.calib_text, settings.text_encoding)
     r = settings.refine
+    gptq = settings.quantizer == "gptq"
     return CalibrationProbe(loaded.model, loaded.tokenizer, loaded.inventory, text, windows=r.windows,
-                            seq_len=r.seq_len, quantize_weight=quantize_weight)
+                            seq_len=r.seq_len, quantize_weight=quantize_weight,
+                            skip_tokens=settings.calib.windows * settings.calib.seq_len if gptq else 0)
 
 
 def finish_plan(loaded, table_plan: Plan, table, settings, *, probe: CalibrationProbe | None = None,

@@ -74,18 +74,20 @@ def _adds_bos(tokenizer) -> bool:
     return bos is not None and tokenizer("a").input_ids[:1] == [bos]
 
 
-def token_windows(tokenizer, text: str, settings: EvalSettings) -> torch.Tensor:
-    """(windows, L) token ids: consecutive, non-overlapping slices of the text;
-    with BOS each row is [BOS] + seq_len - 1 text tokens."""
+def token_windows(tokenizer, text: str, settings: EvalSettings, skip: int = 0) -> torch.Tensor:
+    """(windows, L) token ids: consecutive, non-overlapping slices of the text
+    after its first ``skip`` tokens; with BOS each row is [BOS] + seq_len - 1
+    text tokens."""
     use_bos = settings.bos == "yes" or (settings.bos == "auto" and _adds_bos(tokenizer))
     if use_bos and tokenizer.bos_token_id is None:
         raise BitallocError("--bos yes was given but the tokenizer has no BOS token.")
     body = settings.seq_len - 1 if use_bos else settings.seq_len
-    ids = tokenizer(text, add_special_tokens=False).input_ids
+    ids = tokenizer(text, add_special_tokens=False).input_ids[skip:]
     available = len(ids) // body
     if available < settings.windows:
+        after = f" after the first {skip} (GPTQ's calibration windows)" if skip else ""
         raise BitallocError(
-            f"The text has {len(ids)} tokens: enough for {available} windows of {settings.seq_len}, not "
+            f"The text has {len(ids)} tokens{after}: enough for {available} windows of {settings.seq_len}, not "
             f"{settings.windows}. Use fewer --windows, a shorter --seq-len, or a longer --text."
         )
     rows = torch.tensor(ids[: settings.windows * body], dtype=torch.long).reshape(settings.windows, body)
