@@ -37,7 +37,7 @@ def wide(paths: list[str]) -> None:
 
     runs = [r for p in paths for r in json.loads(open(p, encoding="utf-8").read()).get("runs", [])]
     labels = [f"{r['quantizer'].upper()} {r['tie_mode']}" for r in runs]
-    print("| budget | method | " + " | ".join(f"{l}: ppl, KL, vs uniform" for l in labels) + " |")
+    print("| budget | method | " + " | ".join(f"{l}: ppl, KL, top-1, vs uniform" for l in labels) + " |")
     print("|---|---|" + "---|" * len(runs))
     budgets = [e["budget"]["value"] for e in runs[0]["budgets"]]
     for i, b in enumerate(budgets):
@@ -53,7 +53,7 @@ def wide(paths: list[str]) -> None:
                     continue
                 ppl = f"{row['ppl']:,.0f}" if row["ppl"] >= 1000 else f"{row['ppl']:.1f}"
                 tail = "" if m == "uniform" else ", " + short(versus(row, e["uniform"]))
-                cells.append(f"{ppl}, {row['kl']:.2f}{tail}")
+                cells.append(f"{ppl}, {row['kl']:.2f}, {row['top1']:.3f}{tail}")
             name = f"uniform ({runs[0]['budgets'][i]['uniform']['option']})" if m == "uniform" else m
             print(f"| {b:g} | {name} | " + " | ".join(cells) + " |")
 
