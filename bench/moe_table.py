@@ -42,7 +42,8 @@ def wide(paths: list[str]) -> None:
     budgets = [e["budget"]["value"] for e in runs[0]["budgets"]]
     for i, b in enumerate(budgets):
         methods = ["uniform"] + [m for m in runs[0]["budgets"][i]["allocated"]]
-        methods += [m for r in runs for m in r["budgets"][i]["allocated"] if m not in methods]
+        for r in runs:
+            methods += [m for m in r["budgets"][i]["allocated"] if m not in methods]
         for m in methods:
             cells = []
             for r in runs:
