@@ -102,8 +102,8 @@ def main() -> None:
                 row.update(quantizer=quantizer, budget=value, method=method, detail=detail, plan_seconds=plan_s)
                 uni_row = uni_row or row
                 row["verdict"] = "" if row is uni_row else versus(row, uni_row)
-                for other in row.get("other_texts", {}).values():
-                    other["verdict"] = "" if row is uni_row else versus(other, uni_row["other_texts"]["second"])
+                for name, other in row.get("other_texts", {}).items():
+                    other["verdict"] = "" if row is uni_row else versus(other, uni_row["other_texts"][name])
                 report["rows"].append(row)
                 print(f"{quantizer} {value:g} {method:24s} ppl {with_ci(row, 'ppl')}  KL {with_ci(row, 'kl', 4)}  "
                       f"top-1 {with_ci(row, 'top1')}  bpw {row['bpw']:.4f}  {row['verdict']}", flush=True)

@@ -314,14 +314,10 @@ def plan_row(loaded: Loaded, the_plan: Plan, bench: EvalBench, progress: bool, d
         **result.to_dict(),
         **({"provenance": the_plan.provenance} if the_plan.provenance else {}),
         **({"other_texts": other} if other else {}),
-        "bpw": sizes.quantized_bpw,
-        "code_bpw": sizes.code_bpw,
-        "model_bpw": sizes.model_bpw,
-        "model_mb": sizes.model_bytes / 1e6,
-        "objective": the_plan.objective,
+        "bpw": sizes.quantized_bpw, "code_bpw": sizes.code_bpw, "model_bpw": sizes.model_bpw,
+        "model_mb": sizes.model_bytes / 1e6, "objective": the_plan.objective,
         "options_used": sorted({o.name for o in the_plan.assignment.values()}),
-        "quantize_s": t_quant,
-        "seconds": time.perf_counter() - t0,
+        "quantize_s": t_quant, "seconds": time.perf_counter() - t0,
     }
 
 

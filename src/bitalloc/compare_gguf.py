@@ -102,9 +102,8 @@ def compare_gguf(loaded: api.Loaded, settings: GGUFCompareSettings, plan_setting
     ``checkpoint(report so far)`` after each preset, so a long run shows its
     results as they come."""
     from bitalloc.evaluate.llamacpp import evaluate_gguf, llamacpp_logprobs
-    from bitalloc.export.gguf import write_gguf
     from bitalloc.exporting import _arch, gguf_names, source_gguf
-    from bitalloc.refine import finish_plan, make_probe
+    from bitalloc.refine import make_probe
     from bitalloc.scorers import score
 
     t0 = time.perf_counter()
@@ -142,24 +141,30 @@ def compare_gguf(loaded: api.Loaded, settings: GGUFCompareSettings, plan_setting
         rows.append(base)
         s = replace(plan_settings, budget=Budget(float(size), "bytes", "model"))
         for scorer in settings.scorers:
-            t1 = time.perf_counter()
-            plan = api.solve_plan(inv, tables[scorer], replace(s, scorer=scorer), loaded.source.label)
-            plan = finish_plan(loaded, plan, tables[scorer], replace(s, scorer=scorer), probe=probe,
-                               progress=api._tqdm(progress))
-            out = str(Path(work) / f"bitalloc-{scorer}-{preset}.gguf")
-            types = {names[n]: o.name for n, o in plan.assignment.items()}
-            info = write_gguf(source, out, types, importance={names[n]: vectors[names[n]] for n, o in
-                                                              plan.assignment.items()
-                                                              if o.uses_importance and names[n] in vectors})
-            row = {"preset": preset, "method": f"bitalloc {plan.scorer}", "file": out,
-                   "tensor_bytes": info["tensor_data_bytes"], "plan_seconds": time.perf_counter() - t1,
-                   **evaluate_gguf(out, windows, reference).to_dict(),
-                   "types": _type_counts(types), "provenance": plan.provenance}
+            row = _plan_row(loaded, tables[scorer], replace(s, scorer=scorer), probe, source, names, vectors,
+                            str(Path(work) / f"bitalloc-{scorer}-{preset}.gguf"), progress)
+            row.update(preset=preset, **evaluate_gguf(row["file"], windows, reference).to_dict())
             row["vs_preset"] = versus(row, base)
             rows.append(row)
         if checkpoint is not None:
             checkpoint(report())
     return report()
+
+
+def _plan_row(loaded: api.Loaded, table, settings: api.PlanSettings, probe, source: str, names: dict[str, str],
+              vectors: dict, out: str, progress: bool) -> dict:
+    """Solve (and refine/guard) a plan at the preset's bytes and write it as a GGUF from the source."""
+    from bitalloc.export.gguf import write_gguf
+    from bitalloc.refine import finish_plan
+
+    t1 = time.perf_counter()
+    plan = api.solve_plan(loaded.inventory, table, settings, loaded.source.label)
+    plan = finish_plan(loaded, plan, table, settings, probe=probe, progress=api._tqdm(progress))
+    types = {names[n]: o.name for n, o in plan.assignment.items()}
+    info = write_gguf(source, out, types, importance={names[n]: vectors[names[n]] for n, o in plan.assignment.items()
+                                                      if o.uses_importance and names[n] in vectors})
+    return {"method": f"bitalloc {plan.scorer}", "file": out, "tensor_bytes": info["tensor_data_bytes"],
+            "plan_seconds": time.perf_counter() - t1, "types": _type_counts(types), "provenance": plan.provenance}
 
 
 def _type_counts(types: dict[str, str]) -> dict[str, int]:
