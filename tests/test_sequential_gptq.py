@@ -131,6 +131,26 @@ def test_the_calibration_text_runs_through_the_model_once(windows):
     assert len(calls) == len(windows) + 1  # one forward per window, plus one window to check the chain
 
 
+def test_the_gram_pass_stops_at_the_last_units_input(windows):
+    """Each block's down_proj (the last linear called) runs in the chain
+    check, once in the Gram pass (the window that finds the call order) and
+    once per window to push the quantized block on: the Gram pass stops
+    before it for the other windows. The last block is not pushed on."""
+    model = tiny_llama(num_hidden_layers=3)
+    inventory = find_units(model)
+    runs = {i: 0 for i in range(3)}
+    handles = [layer.mlp.down_proj.register_forward_hook(lambda *_, i=i: runs.__setitem__(i, runs[i] + 1))
+               for i, layer in enumerate(model.model.layers)]
+    try:
+        with restored(model):
+            quantize_sequential(model, inventory, uniform(inventory, "int3-g32-asym"), windows, _quantize_unit)
+    finally:
+        for h in handles:
+            h.remove()
+    n = len(windows)
+    assert runs == {0: 1 + 1 + n, 1: 1 + 1 + n, 2: 1 + 1}
+
+
 def test_layers_with_different_masks_are_refused_before_any_change(windows):
     # sliding-window attention in layers >= 1 only: layer 1 gets another mask than layer 0
     model = tiny_qwen2(use_sliding_window=True, sliding_window=8, max_window_layers=1)

@@ -140,7 +140,7 @@ class UnitGrams:
 
 
 class GramAccumulator:
-    """Forward hooks summing X^T X per module (each call's product in float32,
+    """Forward pre-hooks summing X^T X per module (each call's product in float32,
     twice as fast as float64 on CPU; the sums over calls in float64);
     ``hessians()`` gives 2 X^T X / n."""
 
@@ -148,7 +148,7 @@ class GramAccumulator:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (input seen, its X^T X)
-        self.handles = [model.get_submodule(n).register_forward_hook(self._hook(n)) for n in module_names]
+        self.handles = [model.get_submodule(n).register_forward_pre_hook(self._hook(n)) for n in module_names]
 
     def _gram(self, x: torch.Tensor) -> torch.Tensor:
         """X^T X of one input; modules fed the very same tensor (q/k/v,
@@ -161,7 +161,7 @@ class GramAccumulator:
         return gram
 
     def _hook(self, name: str):
-        def hook(_module, inputs, _output):
+        def hook(_module, inputs):  # before the module runs: a caller may stop the forward once inputs are seen
             gram = self._gram(inputs[0])
             if name in self.sums:
                 self.sums[name] += gram

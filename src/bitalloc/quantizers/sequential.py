@@ -212,15 +212,47 @@ def capture_block_inputs(model: nn.Module, stack: LayerStack, windows: torch.Ten
     return inputs
 
 
+def _last_input_module(model: nn.Module, units: list[Unit], run_first: Callable[[], object]) -> nn.Module | None:
+    """Run the first window, recording the order in which the units' linears
+    are called; the one called last, when every one is called exactly once
+    (no experts, no module run twice), else None."""
+    if any(u.lookup or u.index is not None for u in units):
+        return None
+    calls: list[str] = []
+    handles = [model.get_submodule(u.name).register_forward_pre_hook(lambda _m, _a, n=u.name: calls.append(n))
+               for u in units]
+    try:
+        run_first()
+    finally:
+        for h in handles:
+            h.remove()
+    once = len(calls) == len(units) and set(calls) == {u.name for u in units}
+    return model.get_submodule(calls[-1]) if once else None
+
+
+def _stop(_module, _args):
+    raise _StopForward
+
+
 @torch.no_grad()
 def block_hessians(model: nn.Module, block: nn.Module, units: list[Unit], inputs: BlockInputs) -> dict[str, torch.Tensor]:
-    """H = 2 X^T X / n of each unit's input, from the block's captured inputs."""
+    """H = 2 X^T X / n of each unit's input, from the block's captured inputs.
+    After the first window, each forward stops as soon as the last unit's
+    input is seen (its Gram hook runs first): the block's output is not needed."""
     acc = UnitGrams(model, units)
+    handle = None
     try:
-        for i in range(len(inputs.hidden)):
-            inputs.run(block, i)
+        last = _last_input_module(model, units, lambda: inputs.run(block, 0)) if inputs.hidden else None
+        handle = last.register_forward_pre_hook(_stop) if last is not None else None
+        for i in range(1, len(inputs.hidden)):
+            try:
+                inputs.run(block, i)
+            except _StopForward:
+                pass
     finally:
         acc.remove()
+        if handle is not None:
+            handle.remove()
     return acc.hessians()
 
 
