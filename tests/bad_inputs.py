@@ -185,6 +185,12 @@ CASES = (
     # ---- GGUF types as options, export, compare with llama.cpp presets --------------------
     C("gguf-with-bits", "plan --format gguf --bits 4 --bpw 5 --out {new}", "--bits would be ignored"),
     C("gguf-fine-groups", "plan --format gguf --fine-groups --bpw 5 --out {new}", "--fine-groups would be ignored"),
+    C("gguf-with-quality-recipe", "plan --format gguf --recipe quality --bpw 5 --out {new}",
+      "--recipe quality quantizes the integer menu with GPTQ"),
+    C("recipe-quality-group-sizes", "plan --recipe quality --group-sizes 64 --bpw 4 --out {new}",
+      "--group-sizes contradicts --recipe quality"),
+    C("recipe-quality-objective", "plan --recipe quality --refine-objective kl --bpw 4 --out {new}",
+      "--refine-objective 'kl' contradicts --recipe quality"),
     C("gguf-type-unknown", "plan --format gguf --types Q4_K,Q9_K --bpw 5 --out {new}", "Unknown or unsupported GGUF type"),
     C("types-without-gguf", "plan --types Q4_K --bpw 5 --out {new}", "add --format gguf"),
     C("gguf-with-gptq", "plan --format gguf --quantizer gptq --bpw 5 --out {new}", "not by GPTQ"),

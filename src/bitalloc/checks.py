@@ -90,7 +90,14 @@ def apply_recipe(args) -> None:
     name = getattr(args, "recipe", None)
     if not name:
         return
-    for key, value in RECIPES[name].items():
+    recipe = RECIPES[name]
+    if "gptq" in recipe.get("quantizer", ()) and getattr(args, "format", "int") == "gguf":
+        raise BitallocError(f"--recipe {name} quantizes the integer menu with GPTQ; GGUF types are quantized by "
+                            "ggml's own quantizers. With --format gguf use e.g. --scorer kl --refine-rounds 3.")
+    if recipe.get("fine_groups") and _given(args, "group_sizes"):
+        raise BitallocError(f"--group-sizes contradicts --recipe {name}, which uses the finer group-size menu "
+                            "(--fine-groups). Drop one of them.")
+    for key, value in recipe.items():
         given = getattr(args, key, None)
         if given not in (None, False) and given != value:
             flag = "--" + key.replace("_", "-")
