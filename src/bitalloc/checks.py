@@ -15,6 +15,7 @@ _SCORER_ONLY = (
     ("--probe-seq-len", "probe_seq_len", lambda a: _uses(a, "kl", "linearity"), "only kl and linearity probe"),
     ("--act-order", "act_order", lambda a: "gptq" in (a.quantizer or ()), "only GPTQ orders columns"),
     ("--gptq-sequential", "gptq_sequential", lambda a: "gptq" in (a.quantizer or ()), "it is a GPTQ setting"),
+    ("--gptq-one-shot", "gptq_one_shot", lambda a: "gptq" in (a.quantizer or ()), "it is a GPTQ setting"),
 )
 _CALIBRATED = ("hessian", "output", "taylor", "linearity", "kl", "salience", "baq", "pmq")
 
@@ -83,6 +84,11 @@ def refuse_ignored(args) -> None:
         raise BitallocError(f"--min-bits {args.min_bits} is above --max-bits {args.max_bits}; no option fits.")
 
 
+def _shown(value) -> str:
+    """An option's value as typed: a comma list for tuples."""
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
 def apply_recipe(args) -> None:
     """--recipe NAME sets its options; one given explicitly that contradicts it is an error."""
     from bitalloc.cli import RECIPES
@@ -101,7 +107,9 @@ def apply_recipe(args) -> None:
         given = getattr(args, key, None)
         if given not in (None, False) and given != value:
             flag = "--" + key.replace("_", "-")
-            raise BitallocError(f"{flag} {given!r} contradicts --recipe {name}, which sets {value!r}. Drop one of them.")
+            said = flag if isinstance(given, bool) else f"{flag} {_shown(given)}"
+            sets = "" if isinstance(value, bool) else f", which sets {_shown(value)}"
+            raise BitallocError(f"{said} contradicts --recipe {name}{sets}. Drop one of them.")
         setattr(args, key, value)
 
 

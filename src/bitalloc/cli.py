@@ -105,8 +105,13 @@ def _quantizer_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantizer", type=_quantizer_list,
                    help="rtn (round to nearest, default) or gptq (Hessian-aware); a comma list for compare")
     g.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
-    g.add_argument("--gptq-sequential", action="store_true",
-                   help="GPTQ: measure each layer's Hessians after the layers before it are quantized")
+    how = g.add_mutually_exclusive_group()
+    how.add_argument("--gptq-sequential", action="store_true",
+                     help="GPTQ (the default): each block's Hessians measured after the blocks before it are "
+                          "quantized, in one pass over the calibration text")
+    how.add_argument("--gptq-one-shot", action="store_true",
+                     help="GPTQ: every layer's Hessians from the unquantized model, layers quantized independently "
+                          "(faster; on SmolLM2 it loses to RTN end to end, BENCHMARKS.md)")
 
 
 def _calib_args(p: argparse.ArgumentParser) -> None:
@@ -136,7 +141,7 @@ RECIPES = {
     # quality: GPTQ-aware measured KL table over the finer group-size menu, refined in closed loop on calibration
     # NLL (windows disjoint from GPTQ's), sequential GPTQ. Each part was chosen from its 3.25 bpw measurement
     # (BENCHMARKS.md); fixed here before the recipe as a whole was evaluated.
-    "quality": {"scorer": ("kl",), "quantizer": ("gptq",), "gptq_sequential": True, "refine_rounds": 3,
+    "quality": {"scorer": ("kl",), "quantizer": ("gptq",), "gptq_one_shot": False, "refine_rounds": 3,
                 "fine_groups": True, "refine_objective": "nll"},
 }
 

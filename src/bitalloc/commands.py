@@ -37,7 +37,7 @@ def plan_settings(args, budget_value: float | None):
                               tuple(t.strip() for t in args.tie.split(",") if t.strip()))
     return PlanSettings(
         budget, _scorers_of(args)[0], args.solver, menu, constraints, args.keep_bits or (32 if gguf else 16),
-        quantizer=args.quantizer[0], act_order=args.act_order, sequential=args.gptq_sequential,
+        quantizer=args.quantizer[0], act_order=args.act_order, sequential=not args.gptq_one_shot,
         calib_text=args.calib_text, text_encoding=args.encoding,
         calib=CalibSettings(args.calib_windows, args.calib_seq_len),
         scorer_settings=ScorerSettings(alpha_gamma=args.alpha_gamma, alpha_fit=args.alpha_fit, alpha_farms=args.farms,
