@@ -128,6 +128,37 @@ def test_plans_come_back_guarded_and_refined_through_the_api(loaded, tmp_path):
     assert Plan.load(str(tmp_path / "plan.json")) == p
 
 
+def _rounds(plan):
+    return [{k: r[k] for k in ("index", "before", "after", "moves", "accepted")}
+            for r in plan.provenance["refinement"]["rounds"]]
+
+
+def test_refinement_continued_from_a_plan_file_equals_one_longer_refinement(loaded, tmp_path):
+    """Two rounds in one go, and one round continued by one more from the
+    saved plan (--refine-from): the same rounds and the same plan."""
+    from bitalloc.plan import Plan
+
+    one_go = api.plan(settings=_settings(3.25, guard=False), loaded=loaded, progress=False)
+    assert [r["accepted"] for r in _rounds(one_go)] == [True, True]  # else the comparison below proves less
+    one = replace(_settings(3.25, guard=False), refine=RefineSettings(rounds=1, windows=2, seq_len=64))
+    api.plan(settings=one, loaded=loaded, out=str(tmp_path / "first.json"), progress=False)
+    continued = api.plan(settings=one, loaded=loaded, start=Plan.load(str(tmp_path / "first.json")), progress=False)
+    assert continued.assignment == one_go.assignment
+    assert _rounds(continued) == _rounds(one_go)
+    assert continued.scorer == one_go.scorer
+
+
+def test_refine_from_refuses_a_plan_over_the_budget_or_off_the_menu(loaded, tmp_path):
+    from bitalloc.errors import BitallocError
+
+    wide = api.plan(settings=replace(_settings(4.5), refine=RefineSettings(rounds=0)), loaded=loaded, progress=False)
+    with pytest.raises(BitallocError, match="over this budget"):
+        api.plan(settings=_settings(3.25), loaded=loaded, start=wide, progress=False)
+    odd = replace(wide, assignment={**wide.assignment, loaded.inventory.units[0].name: QuantOption(7, 32)})
+    with pytest.raises(BitallocError, match="options outside this menu"):
+        api.plan(settings=_settings(4.5), loaded=loaded, start=odd, progress=False)
+
+
 def test_cli_run_with_refinement_and_recipe_conflicts(tiny_dir, text_file, tmp_path, capsys):
     out = str(tmp_path / "run.json")
     assert main(["--quiet", "run", "--model", tiny_dir, "--bpw", "3.5", "--text", text_file, "--windows", "2",

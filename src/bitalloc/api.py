@@ -21,7 +21,7 @@ from bitalloc.formats.menu import MenuSettings, keep_type_rules, resolve_menu
 from bitalloc.plan import QUANTIZERS, Plan
 from bitalloc.problem import Budget, Constraints, build_problem
 from bitalloc.baselines import llama_rule_plan, uniform_plan  # noqa: F401  (public API)
-from bitalloc.refine import RefineSettings, finish_plan, make_probe
+from bitalloc.refine import RefineSettings, finish_plan, make_probe, start_plan
 from bitalloc.evaluate.llamacpp import evaluate_in_llamacpp  # noqa: F401  (public API)
 from bitalloc.text import calibration_text
 from bitalloc.scorers import ScorerSettings, ScoringContext, check_scorer, score
@@ -179,9 +179,10 @@ def importance_record(settings: PlanSettings) -> dict:
 
 def plan(model: str | None = None, *, settings: PlanSettings, table_path: str | None = None,
          table: ErrorTable | None = None, save_table: str | None = None, out: str | None = None,
-         progress: bool = True, loaded: Loaded | None = None) -> Plan:
+         progress: bool = True, loaded: Loaded | None = None, start: Plan | None = None) -> Plan:
     """Score (or reuse a saved error table), solve, and write the plan file.
-    Everything that can fail without scoring is checked before scoring."""
+    Everything that can fail without scoring is checked before scoring.
+    ``start``: refine this plan's allocation instead of the table's plan."""
     loaded, settings = prepare(loaded or load(model, embeddings=settings.menu.embeddings), settings, progress)
     if table_path:
         table = ErrorTable.load(table_path)
@@ -199,8 +200,9 @@ def plan(model: str | None = None, *, settings: PlanSettings, table_path: str | 
     if save_table:
         table.save(save_table)
     hessians = ctx.hessians if settings.quantizer == "gptq" and (settings.guard or settings.refine.rounds) else None
-    result = finish_plan(loaded, solve_plan(loaded.inventory, table, settings, loaded.source.label), table, settings,
-                         hessians=hessians, progress=_tqdm(progress))
+    first = solve_plan(loaded.inventory, table, settings, loaded.source.label) if start is None else \
+        start_plan(start, loaded.inventory, table, settings)
+    result = finish_plan(loaded, first, table, settings, hessians=hessians, progress=_tqdm(progress))
     if ctx.notices:
         result = replace(result, provenance={**result.provenance, "notices": list(ctx.notices)})
     if out:

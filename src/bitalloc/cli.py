@@ -233,6 +233,10 @@ def _plan_parser(sub) -> argparse.ArgumentParser:
     sp.add_argument("--encoding", type=A.encoding, help="encoding of a --calib-text file (default utf-8)")
     sp.add_argument("--table", help="reuse a saved error table instead of scoring again (its menu is the menu)")
     sp.add_argument("--save-table", help="save the error table for reuse with other budgets")
+    sp.add_argument("--refine-from", metavar="PLAN", help="continue refining this plan file's allocation (one whose "
+                                                          "calibration objective was still falling) instead of the "
+                                                          "table's plan: its recorded rounds are kept, new ones "
+                                                          "appended; same model, menu and budget")
     sp.add_argument("--out", help="where to write the plan (JSON)")
     sp.add_argument("--dry-run", action="store_true", help="print sizes and the feasible range; write nothing")
     sp.add_argument("--json", help="also write the summary as JSON here")

@@ -61,6 +61,19 @@ def notices(items) -> None:
         print(f"notice: {n}", file=sys.stderr)
 
 
+def _refine_start(args, settings):
+    """The plan file of --refine-from, read before the model loads."""
+    if not args.refine_from:
+        return None
+    from bitalloc.plan import Plan
+
+    if not settings.refine.rounds:
+        raise BitallocError("--refine-from continues a refinement: give --refine-rounds N (N >= 1) too.")
+    if args.dry_run:
+        raise BitallocError("--refine-from would be ignored: --dry-run only prints sizes.")
+    return Plan.load(args.refine_from)
+
+
 def cmd_plan(args) -> None:
     from bitalloc import api
     from bitalloc.fileio import check_output_file
@@ -90,12 +103,13 @@ def cmd_plan(args) -> None:
     check_output_file(args.out, "bitalloc.plan", flag="--out", overwrite=args.overwrite)
     check_output_file(args.save_table, "bitalloc.error-table", flag="--save-table", overwrite=args.overwrite)
     settings = plan_settings(args, args.bpw)
+    start = _refine_start(args, settings)
     loaded = api.load(args.model, embeddings=settings.menu.embeddings)
     notices(loaded.inventory.notices)
     if args.dry_run:
         return _dry_run(loaded, settings, args)
     result = api.plan(settings=settings, table=table_file, save_table=args.save_table, out=args.out,
-                      progress=not args.quiet, loaded=loaded)
+                      progress=not args.quiet, loaded=loaded, start=start)
     sizes = result.sizes(api.with_plan_units(loaded, result).inventory)
     notices(result.provenance.get("notices", ()))
     counts: dict[str, int] = {}

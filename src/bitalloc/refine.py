@@ -221,6 +221,36 @@ def make_probe(loaded, settings, hessians: dict | None = None) -> CalibrationPro
                             skip_tokens=settings.calib.windows * settings.calib.seq_len if gptq else 0)
 
 
+def start_plan(start: Plan, inventory, table, settings) -> Plan:
+    """A plan file to continue refining (``--refine-from``): made for this
+    model, its options in the table's menu, one option per tied group, within
+    the budget. It takes the settings' quantizer and budget; its recorded
+    rounds stay in its provenance and new ones are appended."""
+    from bitalloc.problem import build_problem
+
+    start.check_model(inventory)
+    outside = sorted({o.name for o in start.assignment.values()} - {o.name for o in table.options})
+    if outside:
+        raise BitallocError(f"--refine-from: the plan uses options outside this menu ({', '.join(outside[:4])}); "
+                            "give the menu flags it was made with (e.g. --fine-groups).")
+    problem = build_problem(inventory, table.options, table.errors, settings.budget, settings.constraints,
+                            keep_bits=settings.keep_bits, allow_ragged=settings.menu.allow_ragged)
+    units = list(inventory.units)
+    for members in problem.groups:
+        if len({start.assignment[units[i].name].name for i in members}) > 1:
+            raise BitallocError(f"--refine-from: units {units[members[0]].name} and its tied units have different "
+                                "options in the plan; give the --tie settings it was made with.")
+    choice = assignment_choice(problem, units, start)
+    if not problem.allowed[np.arange(len(choice)), choice].all():
+        raise BitallocError("--refine-from: the plan breaks this command's --allow/--min-bits/--max-bits constraints.")
+    bits = int(problem.cost[np.arange(len(choice)), choice].sum())
+    if bits > problem.budget_bits:
+        raise BitallocError(f"--refine-from: the plan needs {bits:,} bits, over this budget's {problem.budget_bits:,} "
+                            f"(it was made for {start.budget}); give its budget.")
+    return replace(start, budget=settings.budget, keep_bits=settings.keep_bits, constraints=settings.constraints,
+                   quantizer=settings.quantizer, act_order=settings.act_order, sequential=settings.sequential)
+
+
 def finish_plan(loaded, table_plan: Plan, table, settings, *, probe: CalibrationProbe | None = None,
                 hessians: dict | None = None, progress: Callable | None = None) -> Plan:
     """The table's plan, refined by measurement if ``settings.refine.rounds``,
@@ -243,8 +273,11 @@ def finish_plan(loaded, table_plan: Plan, table, settings, *, probe: Calibration
                                     settings.refine, progress=progress)
             assignment = {inv.units[i].name: problem.options[int(choice[g])]
                           for g, members in enumerate(problem.groups) for i in members}
-            provenance["refinement"] = {**settings.refine.to_dict(), "rounds": [r.to_dict() for r in rounds]}
-            plan = replace(plan, assignment=assignment, scorer=f"{plan.scorer}+refined", provenance=provenance)
+            earlier = provenance.get("refinement", {}).get("rounds", [])  # a plan continued with --refine-from
+            rounds = [{**r.to_dict(), "index": len(earlier) + r.index} for r in rounds]
+            provenance["refinement"] = {**settings.refine.to_dict(), "rounds": earlier + rounds}
+            scorer = plan.scorer if plan.scorer.endswith("+refined") else f"{plan.scorer}+refined"
+            plan = replace(plan, assignment=assignment, scorer=scorer, provenance=provenance)
         if settings.guard and not any(o.mixed for o in plan.assignment.values()):
             uniform = _guard_uniform(loaded, table, settings, plan.model_label)
             if uniform is not None:
