@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from bitalloc.calib import GramAccumulator
-from bitalloc.gptq import gptq_quantize
+from bitalloc.quantizers.gptq import gptq_quantize
 from bitalloc.formats.affine import QuantOption
 from bitalloc.formats.affine_rtn import dequantize, quantize_rtn
 
@@ -144,7 +144,7 @@ def test_sequential_gptq_first_layer_equals_one_shot_and_reloads(tmp_path):
 def test_inverse_hessian_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
     """Checked against the textbook route: invert the damped H explicitly,
     then take its upper Cholesky factor (H^-1 = U^T U)."""
-    from bitalloc.gptq import inverse_hessian_factor
+    from bitalloc.quantizers.gptq import inverse_hessian_factor
 
     torch.manual_seed(3)
     X = torch.randn(300, 40, dtype=torch.float64)

@@ -149,7 +149,7 @@ def test_gptq_on_expert_slices_beats_rtn_on_routed_tokens(tmp_path):
     lower output error tr(dW H dW^T) summed over the experts."""
     from bitalloc.formats.affine import QuantOption
     from bitalloc.formats.affine_rtn import dequantize, fake_quantize
-    from bitalloc.gptq import gptq_quantize
+    from bitalloc.quantizers.gptq import gptq_quantize
     from bitalloc.units import get_weight
 
     loaded = api.load(save(build("MixtralConfig"), tmp_path / "m"))

@@ -60,7 +60,7 @@ def test_gptq_beats_rtn_on_real_layers(smol):
     """Layer output error tr(dW H dW^T) of GPTQ is below RTN's on SmolLM2's
     own layers, with H from a little calibration text."""
     from bitalloc.calib import CalibSettings, accumulate_hessians, calibration_windows
-    from bitalloc.gptq import gptq_quantize
+    from bitalloc.quantizers.gptq import gptq_quantize
     from bitalloc.formats.affine import QuantOption
     from bitalloc.formats.affine_rtn import dequantize, quantize_rtn
     from bitalloc.text import wiki_text

@@ -138,7 +138,7 @@ def test_compare_writes_table_plot_and_correlations(ctx, tmp_path):
 def test_kl_probes_quantize_as_the_plans_quantizer(ctx):
     """With GPTQ the kl table describes GPTQ's error: its probe entries equal
     the KL of the unit stored by GPTQ with its own Hessian, not by RTN."""
-    from bitalloc.gptq import gptq_quantize
+    from bitalloc.quantizers.gptq import gptq_quantize
     from bitalloc.formats.affine_rtn import dequantize
     from bitalloc.scorers import ScoringContext
 

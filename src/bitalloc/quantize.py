@@ -93,7 +93,7 @@ def _quantize_unit(model, unit: Unit, plan: Plan, H: torch.Tensor | None, import
     unit's Hessian; a token embedding read by lookup has none and is rounded
     to nearest, which is what GPTQ does without input correlation), or ggml's
     bytes for a GGUF type."""
-    from bitalloc.gptq import gptq_quantize
+    from bitalloc.quantizers.gptq import gptq_quantize
 
     W = get_weight(model, unit)  # (out, in)
     check_finite(W, unit)

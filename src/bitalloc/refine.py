@@ -202,7 +202,7 @@ def make_probe(loaded, settings, hessians: dict | None = None) -> CalibrationPro
     from bitalloc.text import calibration_text
 
     def gptq_weight(unit, W, option):
-        from bitalloc.gptq import gptq_quantize
+        from bitalloc.quantizers.gptq import gptq_quantize
         from bitalloc.formats.affine_rtn import dequantize
 
         H = hessians.get(unit.name)

@@ -17,7 +17,7 @@ import torch
 from bitalloc.calib import CalibSettings, cached_calibration, calibration_windows
 from bitalloc.errors import BitallocError, GroupSizeError
 from bitalloc.fileio import write_json
-from bitalloc.gptq import inverse_hessian_factor
+from bitalloc.quantizers.gptq import inverse_hessian_factor
 from bitalloc.formats import fits
 from bitalloc.formats.affine import QuantOption
 from bitalloc.formats.affine_rtn import fake_quantize
@@ -69,7 +69,7 @@ class ScoringContext:
         if imp is _MISSING or not fits(W.shape, option, allow_ragged=True):
             raise GroupSizeError(f"{option.name} cannot store {unit.name}.")
         if self.quantizer == "gptq" and unit.name in self.hessians:
-            from bitalloc.gptq import gptq_quantize
+            from bitalloc.quantizers.gptq import gptq_quantize
             from bitalloc.formats.affine_rtn import dequantize
 
             H = self.hessians[unit.name]
