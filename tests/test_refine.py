@@ -169,6 +169,42 @@ def test_cli_run_with_refinement_and_recipe_conflicts(tiny_dir, text_file, tmp_p
     assert "contradicts --recipe quality" in capsys.readouterr().err
 
 
+def test_cli_run_with_the_quality_recipe_uses_what_it_names(tiny_dir, text_file, tmp_path):
+    """`run --recipe quality`: the kl table, GPTQ, refinement on calibration
+    NLL and the guard on the same objective (the scorer was once taken
+    before the recipe was applied)."""
+    import json
+
+    out = str(tmp_path / "run.json")
+    assert main(["--quiet", "run", "--model", tiny_dir, "--bpw", "3.5", "--recipe", "quality", "--text", text_file,
+                 "--windows", "2", "--seq-len", "32", "--calib-windows", "2", "--calib-seq-len", "64",
+                 "--refine-windows", "2", "--refine-seq-len", "64", "--probe-windows", "1", "--probe-seq-len", "32",
+                 "--json", out]) == 0
+    report = json.loads(open(out, encoding="utf-8").read())
+    assert report["quantizer"] == "gptq"
+    (budget,) = report["budgets"]
+    assert list(budget["allocated"]) == ["kl"]
+    provenance = budget["allocated"]["kl"]["provenance"]
+    assert provenance["refinement"]["objective"] == "nll" and len(provenance["refinement"]["rounds"]) >= 1
+    assert provenance["guard"]["objective"] == "nll"
+
+
+def test_cli_compare_with_a_recipe_takes_its_scorer_and_quantizer(tiny_dir, text_file, tmp_path):
+    """compare's own defaults (every scorer, RTN and GPTQ) come after the
+    recipe's, so `compare --recipe quality` is not refused as contradicting
+    itself and compares the recipe's table with the baselines under GPTQ."""
+    import json
+
+    out = tmp_path / "cmp"
+    assert main(["--quiet", "compare", "--model", tiny_dir, "--recipe", "quality", "--budgets", "3.5", "--text",
+                 text_file, "--windows", "2", "--seq-len", "32", "--calib-windows", "2", "--calib-seq-len", "64",
+                 "--refine-windows", "2", "--refine-seq-len", "64", "--probe-windows", "1", "--probe-seq-len", "32",
+                 "--out", str(out)]) == 0
+    rows = json.loads((out / "compare.json").read_text(encoding="utf-8"))["rows"]
+    assert {r["quantizer"] for r in rows} == {"gptq"}
+    assert [r["method"] for r in rows] == ["uniform", "llama-rule", "kl"]
+
+
 def test_default_plans_are_never_worse_than_uniform_on_calibration_kl(loaded):
     """`bitalloc plan --bpw B` with no other option, B from 2.5 to 4.5: the
     plan returned measures no worse than the uniform plan of the same size on

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from bitalloc.checks import (
-    CALIB_FLAGS, INT_MENU_FLAGS, _given, _scorers_of, check_model_source, check_report_path, fill_defaults,
+    CALIB_FLAGS, INT_MENU_FLAGS, _given, apply_recipe, _scorers_of, check_model_source, check_report_path, fill_defaults,
     given_flags, prepare_planning, read_texts,
 )
 from bitalloc.errors import BitallocError
@@ -225,8 +225,8 @@ def cmd_run(args, *, budgets=None, scorers=None) -> dict:
     from bitalloc.report import run_report
 
     values = list(budgets or args.bpw or [None])
+    prepare_planning(args)  # first: a --recipe sets the scorer
     scorers = list(scorers or _scorers_of(args))
-    prepare_planning(args)
     check_plans_dir(args, [args.bytes] if args.bytes is not None else values, scorers)
     settings = plan_settings(args, values[0] if args.bytes is None else None)
     if args.bytes is not None:
@@ -257,8 +257,9 @@ def cmd_compare(args) -> None:
 
         GGUFCompareSettings(tuple(args.presets or ()))  # known preset names
         source_gguf(resolve_source(args.model))
+    apply_recipe(args)  # before compare's own defaults: a recipe names the scorer and quantizer
     args.budgets = args.budgets or (2.5, 3.0, 3.5, 4.0)
-    args.scorers = args.scorers or (("rtn-mse-rel", "kl") if gguf else "all")
+    args.scorers = args.scorers or (args.scorer if args.recipe else ("rtn-mse-rel", "kl") if gguf else "all")
     if args.quantizer is None:
         args.quantizer = ("rtn",) if gguf else ("rtn", "gptq")
     prepare_planning(args)
