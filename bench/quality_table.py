@@ -28,7 +28,7 @@ def table(report: dict) -> list[str]:
     head = ["budget", "quantizer", "method", "ppl [95 %]", "KL [95 %]", "top-1", "gap", "verdict"]
     if ref2:
         head += ["2nd text ppl [95 %]", "2nd KL", "2nd gap", "2nd verdict"]
-    head += ["s to plan"]
+    head += ["s to plan", "s to quantize"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     uniform: dict = {}
     for row in report["rows"]:
@@ -43,7 +43,7 @@ def table(report: dict) -> list[str]:
             o, uo = row["other_texts"]["second"], u["other_texts"]["second"]
             cells += [interval(o, "ppl", 2), f"{o['kl']:.4f}", "" if row is u else gap(o, uo, ref2),
                       o.get("verdict", "")]
-        cells.append(f"{row.get('plan_seconds', 0):.0f}")
+        cells += [f"{row.get('plan_seconds', 0):.0f}", f"{row.get('quantize_s', 0):.0f}"]
         out.append("| " + " | ".join(cells) + " |")
     rounds = [(row, row["provenance"]["refinement"]) for row in report["rows"]
               if "refinement" in row.get("provenance", {})]
