@@ -152,3 +152,21 @@ def test_kl_probes_quantize_as_the_plans_quantizer(ctx):
     rtn = _direct_kl(ctx, unit, fake_quantize(W, opt))
     assert table.distortion[2, ctx.options.index(opt)] == pytest.approx(expected, rel=1e-6)
     assert expected != pytest.approx(rtn, rel=1e-3)
+
+
+def test_kl_probes_follow_gptq_act_order(ctx):
+    """With --act-order the probes quantize as act-order GPTQ does, and their
+    measurements are cached apart from plain GPTQ's."""
+    from bitalloc.quantizers.gptq import gptq_quantize
+    from bitalloc.formats.affine_rtn import dequantize
+    from bitalloc.scorers import ScoringContext
+
+    g = ScoringContext(ctx.model, ctx.tokenizer, ctx.inventory, ctx.options, calib_text=ctx.calib_text,
+                       calib=ctx.calib, settings=ctx.settings, quantizer="gptq", act_order=True)
+    table = score(g, ["kl"])["kl"]
+    unit, opt = ctx.inventory.units[2], QuantOption(3, 64)
+    W, H = get_weight(ctx.model, unit), g.hessians[unit.name]
+    ordered = dequantize(gptq_quantize(W, H, opt, damp=ctx.settings.damp, act_order=True, allow_ragged=True)[0])
+    plain = dequantize(gptq_quantize(W, H, opt, damp=ctx.settings.damp, allow_ragged=True)[0])
+    assert not torch.equal(ordered, plain)  # else this test could not tell the two apart
+    assert table.distortion[2, ctx.options.index(opt)] == pytest.approx(_direct_kl(ctx, unit, ordered), rel=1e-6)

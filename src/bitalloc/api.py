@@ -149,7 +149,7 @@ def scoring_context(loaded: Loaded, settings: PlanSettings, options: Sequence[Qu
     return ScoringContext(loaded.model, loaded.tokenizer, loaded.inventory, options, calib_text=text,
                           calib=settings.calib, settings=settings.scorer_settings,
                           allow_ragged=settings.menu.allow_ragged, progress=_tqdm(progress),
-                          quantizer=settings.quantizer, importance=loaded.importance)
+                          quantizer=settings.quantizer, act_order=settings.act_order, importance=loaded.importance)
 
 
 def solve_plan(inventory: Inventory, table: ErrorTable, settings: PlanSettings, model_label: str) -> Plan:

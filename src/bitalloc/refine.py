@@ -208,7 +208,8 @@ def make_probe(loaded, settings, hessians: dict | None = None) -> CalibrationPro
         H = hessians.get(unit.name)
         if H is None:  # a token embedding read by lookup: GPTQ without input correlation is RTN
             return rtn_weight(unit, W, option, allow_ragged=settings.menu.allow_ragged)
-        return dequantize(gptq_quantize(W, H, option, allow_ragged=settings.menu.allow_ragged)[0])
+        return dequantize(gptq_quantize(W, H, option, act_order=settings.act_order,
+                                        allow_ragged=settings.menu.allow_ragged)[0])
 
     quantize_weight = gptq_weight if settings.quantizer == "gptq" and hessians is not None else (
         lambda unit, W, option: rtn_weight(unit, W, option, allow_ragged=settings.menu.allow_ragged,

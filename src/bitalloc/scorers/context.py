@@ -73,15 +73,17 @@ class ScoringContext:
             from bitalloc.formats.affine_rtn import dequantize
 
             H = self.hessians[unit.name]
-            return dequantize(gptq_quantize(W, H, option, damp=self.settings.damp, allow_ragged=True)[0])
+            return dequantize(gptq_quantize(W, H, option, damp=self.settings.damp, act_order=self.act_order,
+                                            allow_ragged=True)[0])
         return fake_quantize(W, option, allow_ragged=True, importance=imp)
 
     def __init__(self, model, tokenizer, inventory, options: Sequence[QuantOption], *, calib_text: str | None = None,
                  calib: CalibSettings = CalibSettings(), settings: ScorerSettings = ScorerSettings(),
                  allow_ragged: bool = False, progress: Callable | None = None, quantizer: str = "rtn",
-                 importance: dict[str, torch.Tensor] | None = None):
+                 act_order: bool = False, importance: dict[str, torch.Tensor] | None = None):
         self.model, self.tokenizer, self.inventory = model, tokenizer, inventory
         self.quantizer = quantizer  # the kl probes quantize as the plan will: RTN, or GPTQ with the unit's Hessian
+        self.act_order = act_order and quantizer == "gptq"  # GPTQ's column order, as the plan's
         self.options = tuple(options)
         self.calib_text, self.calib, self.settings = calib_text, calib, settings
         self.allow_ragged, self.progress = allow_ragged, progress

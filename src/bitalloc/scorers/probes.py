@@ -91,7 +91,8 @@ def score_kl(ctx: ScoringContext, name: str) -> ErrorTable:
                 out.append(float("nan"))
         return out
 
-    kind = ("kl" if ctx.quantizer == "rtn" else f"kl-{ctx.quantizer}") + _menu_key(ctx)
+    kind = ("kl" if ctx.quantizer == "rtn" else f"kl-{ctx.quantizer}") + ("-act" if ctx.act_order else "") \
+        + _menu_key(ctx)
     kls = ctx.measure_per_unit(kind, measure, len(probe_sets[0]))
     rel = ctx.reductions(["mse"])["mse"] / ctx.norms[:, None]  # (units, options)
     def probe_column(o: QuantOption) -> np.ndarray:
