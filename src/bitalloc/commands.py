@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from bitalloc.checks import (
-    CALIB_FLAGS, INT_MENU_FLAGS, _given, apply_recipe, _scorers_of, check_model_source, check_report_path, fill_defaults,
-    given_flags, prepare_planning, read_texts,
+    CALIB_FLAGS, INT_MENU_FLAGS, _given, _scorers_of, apply_recipe, check_model_source, check_report_path,
+    fill_defaults, given_flags, prepare_planning, read_texts,
 )
 from bitalloc.errors import BitallocError
 
