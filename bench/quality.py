@@ -40,6 +40,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--refine-candidates", type=int, default=48)
     p.add_argument("--refine-objective", default="kl")
     p.add_argument("--fine-groups", action="store_true")
+    p.add_argument("--no-imatrix", action="store_true", help="plain min/max scales (no importance-weighted search)")
     p.add_argument("--windows", type=int, default=16, help="evaluation windows")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--text", help="evaluation text file (default: evaluation half of the offline sample)")
@@ -57,15 +58,11 @@ def main() -> None:
                             a.refine_objective)
     budgets = [float(b) for b in a.budgets.split(",")]
     scorers = a.scorers.split(",")
-    base = api.PlanSettings(Budget(budgets[0]), menu=api.MenuSettings(fine=a.fine_groups), refine=refine, guard=False)
+    base = api.PlanSettings(Budget(budgets[0]), menu=api.MenuSettings(fine=a.fine_groups, imatrix=not a.no_imatrix),
+                            refine=refine, guard=False)
+    loaded, base = api.prepare(loaded, base)  # the importance matrix, unless --no-imatrix
     options, _ = api.preflight(loaded, base, budgets)
-    ctx = api.scoring_context(loaded, base, options)
-    seconds = {"load": time.perf_counter() - t0}
-    tables = {}
-    for s in scorers:
-        t = time.perf_counter()
-        tables[s] = api.score(ctx, [s])[s]
-        seconds[f"score {s}"] = time.perf_counter() - t
+    seconds = {"load and importance matrix": time.perf_counter() - t0}
     report, bench = api.reference_block(loaded, EvalSettings(a.seq_len, a.windows), a.text, 16, True)
     others = {}
     if a.second_text:
@@ -73,9 +70,16 @@ def main() -> None:
                                                        a.second_text, 16, True)
         report["second_text"] = {"text": second["text"], "reference": second["reference"]}
     report.update(menu=[o.name for o in options], refine=refine.to_dict(), seconds=seconds, rows=[],
+                  imatrix=base.menu.imatrix,
                   machine=f"{platform.machine()}, {platform.processor() or '?'}; see BENCHMARKS.md")
     for quantizer in a.quantizers.split(","):
         q = replace(base, quantizer=quantizer, sequential=quantizer == "gptq")
+        ctx = api.scoring_context(loaded, q, options)  # the tables probe with this quantizer, as the recipe does
+        tables = {}
+        for s in scorers:
+            t = time.perf_counter()
+            tables[s] = api.score(ctx, [s])[s]
+            seconds[f"score {s} ({quantizer})"] = time.perf_counter() - t
         hessians = ctx.hessians if quantizer == "gptq" else None
         bench.hessians = hessians
         if quantizer == "gptq":

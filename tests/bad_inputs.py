@@ -13,7 +13,7 @@ import io
 import json
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "bad-inputs.md"
@@ -101,13 +101,14 @@ CASES = (
     C("refine-from-not-a-plan", "plan --bpw 3 --refine-rounds 1 --refine-from {text} --out {new}", "is not valid JSON"),
     C("recipe-quality-one-shot", "plan --recipe quality --gptq-one-shot --bpw 4 --out {new}",
       "contradicts --recipe quality"),
-    C("calib-windows-data-free", "plan --bpw 3 --calib-windows 4 --out {new}", "--calib-windows would be ignored"),
+    C("calib-windows-data-free", "plan --bpw 3 --no-imatrix --calib-windows 4 --out {new}",
+      "--calib-windows would be ignored"),
     C("table-with-bits", "plan --bpw 3 --table {table} --bits 4 --out {new}", "--bits would be ignored"),
-    C("table-with-calib-text", "plan --bpw 3 --table {table} --calib-text {text} --out {new}",
+    C("table-with-calib-text", "plan --bpw 3 --table {table} --no-imatrix --calib-text {text} --out {new}",
       "--calib-text would be ignored"),
     C("dry-run-with-out", "plan --bpw 3 --dry-run --out {new}", "--dry-run writes nothing"),
     C("plan-without-out", "plan --bpw 3", "needs --out FILE"),
-    C("quantize-rtn-plan-with-calib", "quantize --plan {plan} --out {newdir} --calib-windows 4",
+    C("quantize-rtn-plan-with-calib", "quantize --plan {plain_plan} --out {newdir} --calib-windows 4",
       "--calib-windows would be ignored: the plan .* quantizes by RTN"),
     # ---- counts and lengths -------------------------------------------------
     C("calib-windows-0", "plan --bpw 3 --scorer hessian --calib-windows 0 --out {new}", "from 1 to"),
@@ -203,7 +204,6 @@ CASES = (
     C("types-without-gguf", "plan --types Q4_K --bpw 5 --out {new}", "add --format gguf"),
     C("gguf-with-gptq", "plan --format gguf --quantizer gptq --bpw 5 --out {new}", "not by GPTQ"),
     C("gguf-with-salience", "plan --format gguf --scorer salience --bpw 5 --out {new}", "cannot store"),
-    C("no-imatrix-int-menu", "plan --no-imatrix --bpw 4 --out {new}", "--no-imatrix would be ignored"),
     C("keep-type-without-embeddings", "plan --keep-type int8-pc-sym --bpw 4 --out {new}", "only with --embeddings"),
     C("keep-type-not-gguf-menu", "plan --format gguf --keep-type Q4_K --types Q8_0,F16 --bpw 9 --out {new}",
       "is not in the menu"),
@@ -293,11 +293,16 @@ def build_workspace(root: Path) -> dict[str, str]:
         ws[name] = str(folder)
 
     tiny, other = api.load(ws["tiny"]), api.load(ws["other"])
-    settings = api.PlanSettings(Budget(4.0))
+    from bitalloc.calib import CalibSettings
+
+    settings = api.PlanSettings(Budget(4.0), calib=CalibSettings(8, 128))  # fits the tiny model's 256 positions
     ws["plan"], ws["table"] = str(root / "plan.json"), str(root / "table.json")
     api.plan(settings=settings, loaded=tiny, out=ws["plan"], save_table=ws["table"], progress=False)
     ws["plan_other"], ws["table_other"] = str(root / "plan-other.json"), str(root / "table-other.json")
     api.plan(settings=settings, loaded=other, out=ws["plan_other"], save_table=ws["table_other"], progress=False)
+    ws["plain_plan"] = str(root / "plain-plan.json")  # made with --no-imatrix: RTN with plain min/max scales
+    api.plan(settings=replace(settings, menu=api.MenuSettings(imatrix=False)), loaded=tiny, out=ws["plain_plan"],
+             progress=False)
     plan, table = json.loads(Path(ws["plan"]).read_text()), json.loads(Path(ws["table"]).read_text())
     unit = next(iter(plan["units"]))
     variants = {

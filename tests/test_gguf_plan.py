@@ -251,7 +251,11 @@ def test_int_menu_with_embeddings_saves_and_reloads_identically(tmp_path, capsys
     plan = Plan.load(str(plan_path))
     assert "lm_head" in plan.assignment
     loaded = api.load(str(src), embeddings=True)
-    quantize_model(loaded.model, loaded.inventory, plan)
+    from bitalloc.calib import CalibSettings
+
+    calib = CalibSettings(**plan.provenance["importance"]["calib"])  # made with the importance matrix (default)
+    importance = api.ensure_importance(loaded, api.PlanSettings(plan.budget, calib=calib), progress=False)
+    quantize_model(loaded.model, loaded.inventory, plan, importance=importance)
     model, _, _ = load_quantized(str(out))
     expected = loaded.model.state_dict()
     for name, value in model.state_dict().items():

@@ -162,3 +162,16 @@ def test_inverse_hessian_factor_is_the_upper_cholesky_factor_of_the_damped_inver
     U32, dead32 = inverse_hessian_factor(H, 0.01, torch.float32)  # what GPTQ's float32 sweep uses
     assert U32.dtype == torch.float32 and torch.equal(dead32, dead)
     assert torch.allclose(U32.double(), expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("option", [QuantOption(3, 32), QuantOption(2, 32, True), QuantOption(3, 0, True)], ids=str)
+def test_gptq_search_with_diagonal_hessian_equals_weighted_rtn(option):
+    """Without input correlation GPTQ pushes no error, so with the search its
+    codes are RTN's with importance diag(H)."""
+    gen = torch.Generator().manual_seed(5)
+    W = torch.randn(24, 128, generator=gen)
+    d = torch.rand(128, generator=gen) ** 3 + 0.05
+    qw, _ = gptq_quantize(W, torch.diag(d), option, search=True)
+    ref = quantize_rtn(W, option, importance=d)
+    assert torch.equal(qw.codes, ref.codes) and torch.equal(qw.scales, ref.scales)
+    assert not torch.equal(ref.codes, quantize_rtn(W, option).codes)  # the search changed something

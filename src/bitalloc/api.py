@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from bitalloc.calib import CalibSettings
+from bitalloc.calib import CalibSettings, importance_record
 from bitalloc.errors import BitallocError
 from bitalloc.evaluate import EvalSettings, evaluate as evaluate_windows, reference_logprobs, reference_result, token_windows
 from bitalloc.loading import ModelSource, load_model, resolve_source
@@ -75,7 +75,7 @@ class Loaded:
     tokenizer: object
     source: ModelSource
     inventory: Inventory
-    importance: dict | None = None  # unit -> (in,) mean squared input (llama.cpp's imatrix), for GGUF types
+    importance: dict | None = None  # unit -> (in,) mean squared input (llama.cpp's imatrix)
 
 
 def load(model: str | None = None, *, embeddings: bool = False) -> Loaded:
@@ -87,8 +87,9 @@ def load(model: str | None = None, *, embeddings: bool = False) -> Loaded:
 def prepare(loaded: Loaded, settings: PlanSettings, progress: bool = True) -> tuple[Loaded, PlanSettings]:
     """What the menu needs before anything is measured: the embedding and
     output units (``menu.embeddings``), ``--keep-type`` as allow rules, and
-    for GGUF types the importance matrix from the calibration text, taken
-    from the model as loaded."""
+    the importance matrix from the calibration text, taken from the model as
+    loaded (integer options: for the weighted clipping search; a model without
+    a tokenizer has no text to calibrate on and is quantized without it)."""
     if settings.menu.embeddings and not loaded.inventory.embedding_units:
         loaded = replace(loaded, inventory=find_units(loaded.model, embeddings=True), importance=None)
     if settings.menu.keep_type:
@@ -96,7 +97,9 @@ def prepare(loaded: Loaded, settings: PlanSettings, progress: bool = True) -> tu
         rules = keep_type_rules(loaded.inventory, settings.menu, options)
         constraints = replace(settings.constraints, allow=tuple(settings.constraints.allow) + rules)
         settings = replace(settings, constraints=constraints)
-    if settings.menu.format == "gguf" and settings.menu.imatrix:
+    if settings.menu.imatrix and loaded.tokenizer is None and settings.menu.format == "int":
+        settings = replace(settings, menu=replace(settings.menu, imatrix=False))  # no text to calibrate on
+    if settings.menu.imatrix:
         ensure_importance(loaded, settings, progress)
     return loaded, settings
 
@@ -149,7 +152,8 @@ def scoring_context(loaded: Loaded, settings: PlanSettings, options: Sequence[Qu
     return ScoringContext(loaded.model, loaded.tokenizer, loaded.inventory, options, calib_text=text,
                           calib=settings.calib, settings=settings.scorer_settings,
                           allow_ragged=settings.menu.allow_ragged, progress=_tqdm(progress),
-                          quantizer=settings.quantizer, act_order=settings.act_order, importance=loaded.importance)
+                          quantizer=settings.quantizer, act_order=settings.act_order,
+                          importance=loaded.importance if settings.menu.imatrix else None)
 
 
 def solve_plan(inventory: Inventory, table: ErrorTable, settings: PlanSettings, model_label: str) -> Plan:
@@ -168,13 +172,6 @@ def solve_plan(inventory: Inventory, table: ErrorTable, settings: PlanSettings, 
                 solution.objective, settings.keep_bits, settings.menu.allow_ragged, settings.constraints,
                 quantizer=settings.quantizer, act_order=settings.act_order, sequential=settings.sequential,
                 column_bits=column_bits, model_content=inventory.content_id, provenance=importance_record(settings))
-
-
-def importance_record(settings: PlanSettings) -> dict:
-    """Where a GGUF plan's importance matrix comes from (export recomputes it from the same text)."""
-    if settings.menu.format != "gguf" or not settings.menu.imatrix:
-        return {}
-    return {"importance": {"calib": settings.calib.to_dict(), "text": settings.calib_text or "default calibration half"}}
 
 
 def plan(model: str | None = None, *, settings: PlanSettings, table_path: str | None = None,
@@ -212,10 +209,11 @@ def plan(model: str | None = None, *, settings: PlanSettings, table_path: str | 
 
 def _calibration_for(loaded: Loaded, the_plan: Plan, settings: PlanSettings | None, progress: bool) -> dict:
     """What quantize_model needs for this plan: Hessians (one-shot GPTQ) or
-    calibration windows (sequential GPTQ); nothing for RTN."""
-    if the_plan.quantizer != "gptq":
-        return {}
+    calibration windows (sequential GPTQ); for RTN the importance vectors if
+    the plan was made with them, else nothing."""
     s = settings or PlanSettings(the_plan.budget)
+    if the_plan.quantizer != "gptq":
+        return {"importance": ensure_importance(loaded, s, progress)} if "importance" in the_plan.provenance else {}
     if the_plan.sequential:
         from bitalloc.calib import calibration_windows
 

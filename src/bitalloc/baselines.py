@@ -8,6 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
+from bitalloc.calib import importance_record
 from bitalloc.errors import BitallocError
 from bitalloc.formats.affine import QuantOption
 from bitalloc.plan import Plan
@@ -44,7 +45,7 @@ def _baseline_plan(inventory: Inventory, assignments: list[dict[str, QuantOption
     return Plan(assignments[i], inventory.identity, model_label, settings.budget, f"{kind}:{names[i]}", kind,
                 objective(i), settings.keep_bits, settings.menu.allow_ragged, Constraints(),
                 quantizer=settings.quantizer, act_order=settings.act_order, sequential=settings.sequential,
-                model_content=inventory.content_id)
+                model_content=inventory.content_id, provenance=importance_record(settings))
 
 
 def uniform_plan(inventory: Inventory, options: Sequence[QuantOption], settings, model_label: str,

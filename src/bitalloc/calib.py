@@ -278,3 +278,12 @@ def importance_vectors(model: nn.Module, inventory: Inventory, tokenizer, text: 
     H = 2 X^T X / n, halved (none for a token embedding read by lookup)."""
     H = cached_hessians(model, inventory, tokenizer, text, settings, progress=progress)
     return {name: torch.diagonal(h).float() / 2 for name, h in H.items()}
+
+
+def importance_record(settings) -> dict:
+    """A plan's record of the importance matrix it was made with (``settings``
+    a PlanSettings): the calibration it comes from, which quantize and export
+    recompute it from; empty with --no-imatrix."""
+    if not settings.menu.imatrix:
+        return {}
+    return {"importance": {"calib": settings.calib.to_dict(), "text": settings.calib_text or "default calibration half"}}

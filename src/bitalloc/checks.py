@@ -21,7 +21,8 @@ _CALIBRATED = ("hessian", "output", "taylor", "linearity", "kl", "salience", "ba
 
 
 def _imatrix(args) -> bool:
-    return getattr(args, "format", "int") == "gguf" and not getattr(args, "no_imatrix", False)
+    """Whether the plan quantizes with the importance matrix (the default of both menus)."""
+    return not getattr(args, "no_imatrix", False)
 
 
 def _uses(args, *scorers: str) -> bool:
@@ -64,7 +65,8 @@ def refuse_ignored(args) -> None:
     needs_calib = "gptq" in (args.quantizer or ()) or any(s in _CALIBRATED for s in _scorers_of(args)) or _imatrix(args)
     if calib and not needs_calib:
         raise BitallocError(f"{calib[0]} would be ignored: nothing here calibrates (scorer(s) "
-                            f"{', '.join(_scorers_of(args))} are data-free and the quantizer is RTN).")
+                            f"{', '.join(_scorers_of(args))} are data-free, the quantizer is RTN and --no-imatrix "
+                            "turns the importance matrix off).")
     if args.format == "gguf":
         affine = given_flags(args, INT_MENU_FLAGS)
         if affine:
@@ -76,8 +78,6 @@ def refuse_ignored(args) -> None:
         if args.keep_type and args.keep_type.strip().upper() not in {t.name for t in menu}:
             raise BitallocError(f"--keep-type {args.keep_type} is not in the menu of GGUF types "
                                 f"({', '.join(t.name for t in menu)}).")
-    elif args.no_imatrix:
-        raise BitallocError("--no-imatrix would be ignored: only --format gguf quantizes with an importance matrix.")
     if getattr(args, "over", None) and getattr(args, "bytes", None) is not None:
         raise BitallocError("--over would be ignored: a --bytes budget always counts the whole model.")
     if args.min_bits and args.max_bits and args.min_bits > args.max_bits:
@@ -121,9 +121,12 @@ def fill_defaults(args) -> None:
             setattr(args, key, value)
 
 
-def check_model_source(model: str | None, lengths: dict[str, int], *, quantized: str | None = None) -> None:
+def check_model_source(model: str | None, lengths: dict[str, int], *, quantized: str | None = None,
+                       args=None, defaulted: frozenset[str] = frozenset()) -> None:
     """The model's files can be read, and window lengths fit its position
-    limit (from its config or GGUF header): all without loading it."""
+    limit (from its config or GGUF header): all without loading it. A length
+    in ``defaulted`` (left at its default, not typed) that does not fit is
+    shortened to the limit on ``args`` instead of refused."""
     from bitalloc.loading import ModelSource, check_source, position_limit, resolve_source
 
     source = ModelSource("dir", quantized) if quantized else resolve_source(model)
@@ -132,6 +135,9 @@ def check_model_source(model: str | None, lengths: dict[str, int], *, quantized:
     limit = position_limit(source)
     for flag, n in lengths.items():
         if limit is not None and n is not None and n > limit:
+            if flag in defaulted:
+                setattr(args, flag[2:].replace("-", "_"), limit)
+                continue
             raise BitallocError(f"{flag} {n} is longer than the model's position limit of {limit} tokens "
                                 f"({source.label}); use at most {limit}.")
 
@@ -157,16 +163,25 @@ def _calib_lengths(args) -> dict[str, int]:
     return out
 
 
+LENGTH_FLAGS = ("--calib-seq-len", "--refine-seq-len", "--probe-seq-len", "--seq-len")
+
+
+def defaulted_lengths(args) -> frozenset[str]:
+    """The window-length flags not given on this command line (call before fill_defaults)."""
+    return frozenset(f for f in LENGTH_FLAGS if getattr(args, f[2:].replace("-", "_"), None) is None)
+
+
 def prepare_planning(args) -> None:
     """Everything a planning command checks before it loads the model."""
     apply_recipe(args)
     refuse_ignored(args)
+    defaulted = defaulted_lengths(args)
     fill_defaults(args)
     check_report_path(args)
     lengths = _calib_lengths(args)
     if hasattr(args, "seq_len"):
         lengths["--seq-len"] = args.seq_len
-    check_model_source(args.model, lengths)
+    check_model_source(args.model, lengths, args=args, defaulted=defaulted)
     read_texts(args)
 
 

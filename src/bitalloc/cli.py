@@ -96,8 +96,9 @@ def _format_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-type", help="store the embedding/output units at this option instead of planning "
                                        "them, e.g. Q8_0 or int8-pc-sym (counted in the budget)")
     g.add_argument("--no-imatrix", action="store_true",
-                   help="--format gguf: quantize without llama.cpp's importance matrix (types that need one are "
-                        "then unavailable)")
+                   help="quantize without the importance matrix (mean squared input per column, from the "
+                        "calibration text): integer options then take plain min/max scales instead of the "
+                        "importance-weighted clipping search, and GGUF types that need one are unavailable")
 
 
 def _quantizer_args(p: argparse.ArgumentParser) -> None:

@@ -92,9 +92,12 @@ def cmd_plan(args) -> None:
         if menu_flags:
             raise BitallocError(f"{menu_flags[0]} would be ignored: --table fixes the menu to the options it was "
                                 "scored with. Drop it, or score again without --table.")
-        scoring_flags = [f for f, a in (("--calib-text", "calib_text"), ("--calib-windows", "calib_windows"),
-                                        ("--probe-windows", "probe_windows"), ("--alpha-gamma", "alpha_gamma"))
-                         if _given(args, a) and "gptq" not in (args.quantizer or ())]
+        imatrix = not args.no_imatrix  # the calibration text still gives the importance matrix
+        scoring_flags = [f for f, a, calib in (("--calib-text", "calib_text", True),
+                                               ("--calib-windows", "calib_windows", True),
+                                               ("--probe-windows", "probe_windows", False),
+                                               ("--alpha-gamma", "alpha_gamma", False))
+                         if _given(args, a) and "gptq" not in (args.quantizer or ()) and not (calib and imatrix)]
         if scoring_flags:
             raise BitallocError(f"{scoring_flags[0]} would be ignored: --table reuses measurements made earlier. "
                                 "Drop it, or score again without --table.")
@@ -158,12 +161,15 @@ def cmd_quantize(args) -> None:
 
     plan = Plan.load(args.plan)
     calib = given_flags(args, CALIB_FLAGS)
-    if calib and plan.quantizer != "gptq":
-        raise BitallocError(f"{calib[0]} would be ignored: the plan {args.plan!r} quantizes by RTN, which uses no "
-                            "calibration text.")
+    calibrated = plan.quantizer == "gptq" or "importance" in plan.provenance
+    if calib and not calibrated:
+        raise BitallocError(f"{calib[0]} would be ignored: the plan {args.plan!r} quantizes by RTN without an "
+                            "importance matrix (it was made with --no-imatrix), which uses no calibration text.")
+    if not calib:
+        recorded_calibration(args, plan)
     fill_defaults(args)
     check_output_dir(args.out, MANIFEST, SAVED_FORMAT, flag="--out", overwrite=args.overwrite)
-    check_model_source(args.model, {"--calib-seq-len": args.calib_seq_len} if plan.quantizer == "gptq" else {})
+    check_model_source(args.model, {"--calib-seq-len": args.calib_seq_len} if calibrated else {})
     read_texts(args)
     settings = api.PlanSettings(plan.budget, calib_text=args.calib_text, text_encoding=args.encoding,
                                 calib=CalibSettings(args.calib_windows, args.calib_seq_len))
@@ -174,6 +180,19 @@ def cmd_quantize(args) -> None:
     s = info["sizes"]
     print(f"wrote {info['out']}: model.safetensors {info['file_bytes'] / 1e6:.3f} MB on disk; plan realizes "
           f"{s['quantized_bpw']:.4f} bpw over the quantized units, {s['model_bpw']:.4f} over the whole model")
+
+
+def recorded_calibration(args, plan) -> None:
+    """The calibration a plan records (``provenance.importance``: windows,
+    length, text) as this command's, so that quantizing reproduces the plan's
+    importance matrix without the flags being typed again."""
+    recorded = plan.provenance.get("importance")
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("calib"), dict):
+        return
+    args.calib_windows = recorded["calib"].get("windows")
+    args.calib_seq_len = recorded["calib"].get("seq_len")
+    if recorded.get("text") not in (None, "default calibration half"):
+        args.calib_text = recorded["text"]
 
 
 def eval_settings(args):

@@ -55,6 +55,7 @@ def correlations(tables: dict, option: QuantOption) -> dict[str, float]:
 
 def compare(loaded: api.Loaded, settings: CompareSettings, plan_settings: api.PlanSettings, *,
             progress: bool = True) -> dict:
+    loaded, plan_settings = api.prepare(loaded, plan_settings, progress)
     options, notices = api.resolve_menu(loaded.inventory, plan_settings.menu)
     ctx = api.scoring_context(loaded, plan_settings, options, progress=progress)
     tables, score_s = {}, {}

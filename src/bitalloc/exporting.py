@@ -102,7 +102,7 @@ def cmd_export(args) -> None:
     from bitalloc import api
     from bitalloc.calib import CalibSettings
     from bitalloc.checks import CALIB_FLAGS, check_model_source, fill_defaults, given_flags, read_texts
-    from bitalloc.commands import notices
+    from bitalloc.commands import notices, recorded_calibration
     from bitalloc.fileio import check_output_file
     from bitalloc.plan import Plan
 
@@ -116,6 +116,8 @@ def cmd_export(args) -> None:
     if calib and not calibrated:
         raise BitallocError(f"{calib[0]} would be ignored: the plan {args.plan!r} was made without an importance "
                             "matrix (--no-imatrix), so nothing is calibrated.")
+    if not given_flags(args, CALIB_FLAGS):
+        recorded_calibration(args, plan)
     fill_defaults(args)
     outputs = [(p, f) for p, f in ((args.out, "--out"), (args.tensor_types, "--tensor-types"),
                                    (args.imatrix, "--imatrix")) if p]

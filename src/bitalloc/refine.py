@@ -209,11 +209,12 @@ def make_probe(loaded, settings, hessians: dict | None = None) -> CalibrationPro
         if H is None:  # a token embedding read by lookup: GPTQ without input correlation is RTN
             return rtn_weight(unit, W, option, allow_ragged=settings.menu.allow_ragged)
         return dequantize(gptq_quantize(W, H, option, act_order=settings.act_order,
-                                        allow_ragged=settings.menu.allow_ragged)[0])
+                                        allow_ragged=settings.menu.allow_ragged, search=settings.menu.imatrix)[0])
 
+    importance = getattr(loaded, "importance", None) if settings.menu.imatrix else None
     quantize_weight = gptq_weight if settings.quantizer == "gptq" and hessians is not None else (
         lambda unit, W, option: rtn_weight(unit, W, option, allow_ragged=settings.menu.allow_ragged,
-                                           importance=getattr(loaded, "importance", None)))
+                                           importance=importance))
     text = calibration_text(settings.calib_text, settings.text_encoding)
     r = settings.refine
     gptq = settings.quantizer == "gptq"

@@ -82,7 +82,7 @@ class QuantOption:
         return self.name
 
     # ---- the Format protocol (bitalloc.formats) ------------------------------
-    uses_importance = False  # round to nearest; GPTQ (quantizers) is where input statistics enter
+    uses_importance = True  # scales by the importance-weighted search (affine_rtn.search_qparams)
     requires_importance = False
 
     def available(self, shape: Sequence[int]) -> bool:
@@ -97,10 +97,11 @@ class QuantOption:
         return storage_bits(shape, self)
 
     def quantize(self, W, importance=None):
-        """Round-to-nearest codes, fp16 scales and zeros (``importance`` is not used)."""
+        """Round-to-nearest codes, fp16 scales and zeros; with ``importance``
+        (in,), each group's scale and zero by the weighted clipping search."""
         from bitalloc.formats.affine_rtn import quantize_rtn
 
-        return quantize_rtn(W, self)
+        return quantize_rtn(W, self, importance=importance)
 
     def dequantize(self, stored):
         from bitalloc.formats.affine_rtn import dequantize

@@ -4,6 +4,14 @@ Weights are 2-D (rows, cols) = (out, in); groups run along ``cols``. Scales
 and zero points are rounded to fp16 *before* the codes are chosen, so the
 codes, scales and zeros that are stored reproduce exactly the weight that was
 evaluated.
+
+Given an importance vector (llama.cpp's imatrix: the mean squared input of
+each column, from calibration text), each group's scale and zero point are
+the ones, among the min/max range shrunk by the factors of ``SHRINK_GRID``,
+whose importance-weighted squared error sum_j imp_j (w_j - deq_j)^2 is least
+(the unshrunk range wins ties): the clipping search of llama.cpp's and AWQ's
+quantizers, weighted by what the layer's output error actually depends on.
+The stored form is the same; only the values of scales and zeros change.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from bitalloc.formats.affine import QuantOption, group_count
 
 FP16_TINY = 2.0**-24  # smallest positive fp16 (subnormal)
 FP16_MAX = 65504.0
+SHRINK_GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))  # 1.0, 0.95, ..., 0.5 of the min/max range
 
 
 @dataclass(frozen=True)
@@ -91,6 +100,62 @@ def choose_qparams(Wg: torch.Tensor, option: QuantOption, bits: torch.Tensor | N
     return scale, torch.minimum(zero.clamp(min=0), qmax)
 
 
+def grouped_importance(importance: torch.Tensor, cols: int, group: int) -> torch.Tensor:
+    """(groups, group) importance of each column of each group; the padding
+    of a ragged tail weighs nothing."""
+    imp = importance.detach().float().reshape(1, -1)
+    if imp.shape[1] != cols:
+        raise BitallocError(f"An importance vector needs one value per input column ({cols}); got {imp.shape[1]}.")
+    groups = -(-cols // group)
+    imp = torch.cat([imp, imp.new_zeros(1, groups * group - cols)], dim=1)
+    return imp.reshape(groups, group)
+
+
+def weighted_error(Wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: torch.Tensor,
+                   weights: torch.Tensor) -> torch.Tensor:
+    """(rows, groups) sum over each group of weights * (w - deq)^2 for the
+    given (rows, groups) scale and zero, bits (groups,), weights (groups, g)."""
+    q = quantize_codes(Wg, scale[..., None], zero[..., None], bits[None, :, None])
+    return ((q - zero[..., None]) * scale[..., None] - Wg).pow(2).mul(weights[None]).sum(-1)
+
+
+def shrunk_qparams(Wg: torch.Tensor, option: QuantOption, bits: torch.Tensor, scale: torch.Tensor,
+                   zero: torch.Tensor, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero of the min/max range shrunk by ``factor``: the signed
+    scale times it (symmetric), or both ends times it (asymmetric)."""
+    if option.symmetric:
+        magnitude = (scale.abs() * factor).clamp(FP16_TINY, FP16_MAX)
+        return torch.where(scale < 0, -magnitude, magnitude).half().float(), zero
+    qmax = (2.0**bits - 1)[None, :]
+    wmin, wmax = Wg.amin(dim=-1) * factor, Wg.amax(dim=-1) * factor
+    s = ((wmax - wmin) / qmax).clamp(FP16_TINY, FP16_MAX).half().float()
+    return s, torch.minimum(torch.round(-wmin / s).clamp(min=0), qmax.expand_as(s))
+
+
+def search_qparams(Wg: torch.Tensor, option: QuantOption, bits: torch.Tensor,
+                   weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group, the scale and zero among the shrunk ranges of
+    ``SHRINK_GRID`` with the least importance-weighted squared error
+    (weights (groups, g)); the plain min/max range (factor 1) wins ties."""
+    base_scale, base_zero = scale, zero = choose_qparams(Wg, option, bits)
+    best = weighted_error(Wg, scale, zero, bits, weights)
+    for factor in SHRINK_GRID[1:]:
+        s, z = shrunk_qparams(Wg, option, bits, base_scale, base_zero, factor)
+        err = weighted_error(Wg, s, z, bits, weights)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
+    return scale, zero
+
+
+def group_qparams(Wg: torch.Tensor, option: QuantOption, bits: torch.Tensor,
+                  weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain min/max scales without importance; the weighted search with it."""
+    if weights is None:
+        return choose_qparams(Wg, option, bits)
+    return search_qparams(Wg, option, bits, weights)
+
+
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits) -> torch.Tensor:
     """Unsigned codes (as float) for weights w given broadcastable scale, zero and bits."""
     qmax = 2.0**bits - 1
@@ -99,13 +164,16 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
 
 
 def quantize_rtn(W: torch.Tensor, option: QuantOption, *, allow_ragged: bool = False,
-                 column_bits: tuple[int, ...] | None = None) -> QuantizedWeight:
-    """Round-to-nearest codes for W (rows, cols) under ``option``."""
+                 column_bits: tuple[int, ...] | None = None, importance: torch.Tensor | None = None) -> QuantizedWeight:
+    """Round-to-nearest codes for W (rows, cols) under ``option``; with
+    ``importance`` (cols,), each group's scale by the weighted search."""
     rows, cols = W.shape
     groups = group_count(cols, option, allow_ragged=allow_ragged and not option.mixed)
     bits = group_bits_of(option, groups, column_bits)  # (groups,)
-    Wg = grouped(W.detach().float(), group_size_of(cols, option))  # (rows, groups, g)
-    scale, zero = choose_qparams(Wg, option, bits)
+    g = group_size_of(cols, option)
+    Wg = grouped(W.detach().float(), g)  # (rows, groups, g)
+    weights = None if importance is None else grouped_importance(importance, cols, g)
+    scale, zero = group_qparams(Wg, option, bits, weights)
     q = quantize_codes(Wg, scale[..., None], zero[..., None], bits[None, :, None])
     return pack_weight(q.reshape(rows, -1)[:, :cols], scale, zero, option, column_bits)
 
@@ -132,13 +200,14 @@ def dequantize(qw: QuantizedWeight) -> torch.Tensor:
 def fake_quantize(W: torch.Tensor, option, *, allow_ragged: bool = False,
                   column_bits: tuple[int, ...] | None = None, importance: torch.Tensor | None = None) -> torch.Tensor:
     """W after a round trip through storage, in W's dtype. ``option`` is an
-    integer affine option (round to nearest) or any other format (a GGUF type:
-    ggml's own quantizer, weighing errors by ``importance`` (in,) when the
-    type uses one)."""
+    integer affine option (round to nearest, scales by the weighted search
+    given ``importance`` (in,)) or any other format (a GGUF type: ggml's own
+    quantizer, weighing errors by ``importance`` when the type uses one)."""
     if not isinstance(option, QuantOption):
         imp = importance if getattr(option, "uses_importance", False) else None
         return torch.from_numpy(option.dequantize(option.quantize(W, imp))).to(W.dtype)
-    return dequantize(quantize_rtn(W, option, allow_ragged=allow_ragged, column_bits=column_bits)).to(W.dtype)
+    stored = quantize_rtn(W, option, allow_ragged=allow_ragged, column_bits=column_bits, importance=importance)
+    return dequantize(stored).to(W.dtype)
 
 
 def pack_weight_codes(qw: QuantizedWeight) -> np.ndarray:

@@ -3,7 +3,11 @@ column's error onto the columns not yet quantized, weighted by the inverse
 Hessian of the layer's output error. Honours any option (bits, group size,
 symmetry); with ``act_order`` columns go in order of decreasing H_jj, with
 group scales fixed up front from the original weight ("static groups") so the
-stored format stays contiguous groups along the input dimension.
+stored format stays contiguous groups along the input dimension. With
+``search`` (plans made with the importance matrix) each group's scale and
+zero come from the clipping search weighted by diag(H) (over the updated
+weights when the group starts, or the original ones for static groups), the
+same search RTN makes with llama.cpp's importance vector.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import torch
 from bitalloc.errors import BitallocError
 
 from bitalloc.formats.affine import QuantOption, group_count
-from bitalloc.formats.affine_rtn import QuantizedWeight, choose_qparams, group_bits_of, group_size_of, grouped, pack_weight
+from bitalloc.formats.affine_rtn import (QuantizedWeight, group_bits_of, group_qparams, group_size_of,
+                                         grouped, grouped_importance, pack_weight)
 
 BLOCK = 128  # columns per lazy-update block; a multiple of every group size <= 128
 
@@ -58,9 +63,10 @@ def _shared_factor(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Te
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, option: QuantOption, *, damp: float = 0.01,
                   act_order: bool = False, allow_ragged: bool = False,
-                  column_bits: tuple[int, ...] | None = None) -> tuple[QuantizedWeight, float]:
+                  column_bits: tuple[int, ...] | None = None, search: bool = False) -> tuple[QuantizedWeight, float]:
     """Quantize W (rows, cols) given H (cols, cols) = 2 X^T X / n. Returns the
-    stored weight and GPTQ's loss sum((w - q)^2 / [chol(H^-1)]_jj^2) / 2."""
+    stored weight and GPTQ's loss sum((w - q)^2 / [chol(H^-1)]_jj^2) / 2.
+    ``search``: group scales by the clipping search weighted by diag(H)."""
     rows, cols = W.shape
     n_groups = group_count(cols, option, allow_ragged=allow_ragged and not option.mixed)
     gbits = group_bits_of(option, n_groups, column_bits)  # (groups,)
@@ -73,8 +79,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, option: QuantOption, *, damp
     static = act_order or g > BLOCK or BLOCK % g != 0
     scale = torch.zeros(rows, n_groups)
     zero = torch.zeros(rows, n_groups)
+    weights = grouped_importance(torch.diag(H).float(), cols, g) if search else None  # (groups, g)
     if static:
-        scale, zero = choose_qparams(grouped(W, g), option, gbits.float())
+        scale, zero = group_qparams(grouped(W, g), option, gbits.float(), weights)
     W, U = W[:, perm], U[perm][:, perm]
     qmax = (2.0**gbits - 1).tolist()  # (groups,) largest code
     codes = torch.zeros(rows, cols)
@@ -89,7 +96,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, option: QuantOption, *, damp
             col = int(perm[i1 + i])
             k = col // g
             if not static and col % g == 0:  # a group starts: its scale from the updated weights
-                s, z = choose_qparams(W1[:, i : i + g][:, None, :], option, gbits[k : k + 1].float())
+                Wk = W1[:, i : i + g][:, None, :]  # (rows, 1, width): a ragged last group is narrower
+                s, z = group_qparams(Wk, option, gbits[k : k + 1].float(),
+                                     None if weights is None else weights[k : k + 1, : Wk.shape[-1]])
                 scale[:, k], zero[:, k] = s[:, 0], z[:, 0]
             w, sk, zk = W1[:, i], scale[:, k], zero[:, k]
             q = torch.round(w / sk + zk).clamp_(0.0, qmax[k])  # as quantize_codes

@@ -74,7 +74,7 @@ class ScoringContext:
 
             H = self.hessians[unit.name]
             return dequantize(gptq_quantize(W, H, option, damp=self.settings.damp, act_order=self.act_order,
-                                            allow_ragged=True)[0])
+                                            allow_ragged=True, search=bool(self.importance))[0])
         return fake_quantize(W, option, allow_ragged=True, importance=imp)
 
     def __init__(self, model, tokenizer, inventory, options: Sequence[QuantOption], *, calib_text: str | None = None,
@@ -87,7 +87,9 @@ class ScoringContext:
         self.options = tuple(options)
         self.calib_text, self.calib, self.settings = calib_text, calib, settings
         self.allow_ragged, self.progress = allow_ragged, progress
-        self.importance = importance or {}  # unit -> (in,) mean squared input (llama.cpp's imatrix), GGUF types
+        # unit -> (in,) mean squared input (llama.cpp's imatrix): RTN's weighted clipping search, GGUF types;
+        # given, GPTQ searches its static scales by diag(H) (the plan's quantizer does the same)
+        self.importance = importance or {}
         self.notices: list[str] = []  # what calibration could not measure, for the report
         self._reductions: dict[str, np.ndarray] = {}
 

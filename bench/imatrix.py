@@ -1,0 +1,85 @@
+"""Plain min/max scales against the importance-weighted clipping search, one
+uniform option at a time, with RTN and with sequential GPTQ, on the embedded
+SmolLM2: perplexity, KL and top-1 with 95 % intervals on the evaluation half
+(and a second text), and a paired verdict of searched against plain.
+
+    .venv/bin/python bench/imatrix.py --options int3-g64-sym,int4-g64-sym,int2-g32-sym \\
+        --second-text /usr/share/common-licenses/GPL-3 --out bench/imatrix-smollm2.json
+
+Nothing here is tuned: the shrink grid and the weighting are fixed in
+``bitalloc.formats.affine_rtn``; the importance matrix comes from the
+calibration half, disjoint from both evaluation texts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from dataclasses import replace
+
+from bitalloc import api
+from bitalloc.calib import calibration_windows
+from bitalloc.evaluate import EvalSettings
+from bitalloc.fileio import write_json
+from bitalloc.formats.affine import QuantOption
+from bitalloc.problem import Budget
+from bitalloc.report import versus, with_ci
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--options", default="int3-g64-sym,int4-g64-sym")
+    p.add_argument("--quantizers", default="rtn,gptq")
+    p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--second-text", help="a second evaluation text, never calibrated on")
+    p.add_argument("--second-windows", type=int, default=14)
+    p.add_argument("--out", required=True)
+    return p.parse_args()
+
+
+def main() -> None:
+    a = parse()
+    t0 = time.perf_counter()
+    loaded = api.load(None)
+    base = api.PlanSettings(Budget(8.0), guard=False)
+    loaded, base = api.prepare(loaded, base)  # the importance matrix
+    report, bench = api.reference_block(loaded, EvalSettings(512, a.windows), None, 16, True)
+    others = {}
+    if a.second_text:
+        second, others["second"] = api.reference_block(loaded, EvalSettings(512, a.second_windows), a.second_text,
+                                                       16, True)
+        report["second_text"] = {"text": second["text"], "reference": second["reference"]}
+    report.update(rows=[], machine=f"{platform.machine()}; see BENCHMARKS.md", seconds={"setup": time.perf_counter() - t0})
+    bench.calib_windows = calibration_windows(loaded.tokenizer, api.calibration_text(None), base.calib)
+    for quantizer in a.quantizers.split(","):
+        for name in a.options.split(","):
+            option = QuantOption.parse(name)
+            plain_row = None
+            for imatrix in (False, True):
+                s = replace(base, quantizer=quantizer, sequential=quantizer == "gptq",
+                            menu=replace(base.menu, imatrix=imatrix))
+                plan = api.uniform_plan(loaded.inventory, [option], s, loaded.source.label)
+                row = api.plan_row(loaded, plan, bench, True, f"{quantizer} {name} imatrix={imatrix}", others)
+                row.update(quantizer=quantizer, option=name, imatrix=imatrix)
+                if plain_row is None:
+                    plain_row, row["verdict"] = row, ""
+                else:
+                    row["verdict"] = versus(row, plain_row)
+                    for key, other in row.get("other_texts", {}).items():
+                        other["verdict"] = versus(other, plain_row["other_texts"][key])
+                report["rows"].append(row)
+                print(f"{quantizer} {name:14s} {'searched' if imatrix else 'plain   '} ppl {with_ci(row, 'ppl')}  "
+                      f"KL {with_ci(row, 'kl', 4)}  top-1 {with_ci(row, 'top1')}  {row['quantize_s']:.0f} s  "
+                      f"{row['verdict']}", flush=True)
+                for key, other in row.get("other_texts", {}).items():
+                    print(f"    second text: ppl {with_ci(other, 'ppl')}  KL {with_ci(other, 'kl', 4)}  "
+                          f"top-1 {with_ci(other, 'top1')}  {other.get('verdict', '')}", flush=True)
+                write_json(a.out, report)
+    report["seconds"]["total"] = time.perf_counter() - t0
+    write_json(a.out, report)
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
