@@ -235,3 +235,46 @@ def test_mixed_column_plans_meet_budget_and_reload(loaded, tmp_path, scorer, qua
         expected = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     model, _, _ = load_quantized(info["out"])
     assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+
+
+def test_cli_quantize_uses_the_importance_matrix_the_plan_records(tiny_dir, text_file, tmp_path, capsys):
+    """A default plan records its calibration; `bitalloc quantize` stores RTN
+    with scales searched under E[x^2] per column, measured here by hooks on
+    the same calibration windows; a --no-imatrix plan stores plain scales."""
+    from bitalloc.calib import CalibSettings, calibration_windows
+    from bitalloc.formats.affine_rtn import dequantize, quantize_rtn
+    from bitalloc.units import get_weight
+
+    plans = {}
+    for flag in ((), ("--no-imatrix",)):
+        p = str(tmp_path / f"plan{len(flag)}.json")
+        calib = () if flag else ("--calib-text", text_file, "--calib-windows", "4", "--calib-seq-len", "64")
+        args = ["--quiet", "plan", "--model", tiny_dir, "--bpw", "3.5", *calib, "--no-guard", "--out", p, *flag]
+        assert main(args) == 0, capsys.readouterr().err
+        assert main(["--quiet", "quantize", "--model", tiny_dir, "--plan", p, "--out", p + ".q"]) == 0, \
+            capsys.readouterr().err
+        plans[bool(flag)] = (Plan.load(p), load_quantized(p + ".q")[0])
+    recorded = plans[False][0].provenance["importance"]
+    assert recorded["calib"] == {"windows": 4, "seq_len": 64} and recorded["text"] == text_file
+    assert "importance" not in plans[True][0].provenance
+    loaded = api.load(tiny_dir)
+    windows = calibration_windows(loaded.tokenizer, open(text_file).read(), CalibSettings(4, 64))
+    sums = {}
+    hooks = [loaded.model.get_submodule(u.name).register_forward_pre_hook(
+        lambda m, a, name=u.name: sums.setdefault(name, []).append(a[0].detach().reshape(-1, a[0].shape[-1])))
+        for u in loaded.inventory.units]
+    with torch.no_grad():
+        for row in windows:
+            loaded.model(row[None])
+    for h in hooks:
+        h.remove()
+    for unit in loaded.inventory.units:
+        W = get_weight(loaded.model, unit)
+        imp = torch.cat(sums[unit.name]).double().pow(2).mean(0).float()
+        for no_imatrix, (plan, model) in plans.items():
+            option = plan.assignment[unit.name]
+            expect = quantize_rtn(W, option, importance=None if no_imatrix else imp)
+            got = get_weight(model, unit)
+            assert torch.equal(got, dequantize(expect).to(got.dtype)), (unit.name, no_imatrix)
+    searched, plain = (get_weight(plans[k][1], loaded.inventory.units[0]) for k in (False, True))
+    assert not torch.equal(searched, plain)  # the search changed the stored weights

@@ -21,14 +21,16 @@ def score_reduction(ctx: ScoringContext, name: str) -> ErrorTable:
 
 
 def group_obs_errors(W: torch.Tensor, obs_weight: torch.Tensor, option: QuantOption,
-                     bits_range: Sequence[int]) -> np.ndarray:
+                     bits_range: Sequence[int], importance: torch.Tensor | None = None) -> np.ndarray:
     """(len(bits_range), groups): the OBS loss 1/2 sum d_j dW_ij^2 of each
-    column group when the whole tensor is quantized at each bit-width. The
-    loss is separable over column groups, so any mix is a sum of entries."""
+    column group when the whole tensor is quantized at each bit-width (scales
+    searched under ``importance`` when given, as the plan will quantize). The
+    loss is separable over column groups (so is the search), so any mix is a
+    sum of entries."""
     g = option.group_size
     out = []
     for b in bits_range:
-        dW = W - fake_quantize(W, QuantOption(b, g, option.symmetric))  # (out, in)
+        dW = W - fake_quantize(W, QuantOption(b, g, option.symmetric), importance=importance)  # (out, in)
         col = (dW.double() ** 2).sum(0) * obs_weight.double()  # (in,)
         out.append(0.5 * col.reshape(-1, g).sum(1).numpy())
     return np.array(out)
@@ -56,7 +58,7 @@ def score_mixed(ctx: ScoringContext, name: str) -> ErrorTable:
                 continue
             layout = (opt.group_size, opt.symmetric)
             if layout not in per_layout:
-                per_layout[layout] = group_obs_errors(W, d, opt, bits_range)
+                per_layout[layout] = group_obs_errors(W, d, opt, bits_range, ctx.importance_of(unit, opt))
             E = per_layout[layout]  # (bits, groups)
             cost = lambda bits: float(sum(E[b - MIN_BITS, k] for k, b in enumerate(bits)))  # noqa: E731
             sal = group_salience(W, d, opt.group_size)

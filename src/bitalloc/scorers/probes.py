@@ -36,11 +36,13 @@ def score_linearity(ctx: ScoringContext, name: str) -> ErrorTable:
 
 
 def _relative_error(ctx: ScoringContext, option: QuantOption) -> np.ndarray:
-    """(units,) ||W - RTN(W)||^2 / ||W||^2, a ragged last group allowed (as the kl probes do)."""
+    """(units,) ||W - RTN(W)||^2 / ||W||^2, a ragged last group allowed (as the
+    kl probes do), scales searched under the unit's importance vector if any."""
     out = []
     for u in ctx.inventory.units:
         W = get_weight(ctx.model, u)
-        out.append(float(((W - fake_quantize(W, option, allow_ragged=True)) ** 2).sum() / (W**2).sum()))
+        dW = W - fake_quantize(W, option, allow_ragged=True, importance=ctx.importance_of(u, option))
+        out.append(float((dW**2).sum() / (W**2).sum()))
     return np.array(out)
 
 
