@@ -115,8 +115,12 @@ def weighted_error(Wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bi
                    weights: torch.Tensor) -> torch.Tensor:
     """(rows, groups) sum over each group of weights * (w - deq)^2 for the
     given (rows, groups) scale and zero, bits (groups,), weights (groups, g)."""
-    q = quantize_codes(Wg, scale[..., None], zero[..., None], bits[None, :, None])
-    return ((q - zero[..., None]) * scale[..., None] - Wg).pow(2).mul(weights[None]).sum(-1)
+    s, z = scale[..., None], zero[..., None]
+    q = Wg / s  # the same arithmetic as quantize_codes and dequantize, in place on one buffer
+    q.add_(z).round_().clamp_(min=0)
+    torch.minimum(q, (2.0 ** bits - 1)[None, :, None], out=q)
+    q.sub_(z).mul_(s).sub_(Wg)
+    return q.mul_(q).mul_(weights[None]).sum(-1)
 
 
 def shrunk_qparams(Wg: torch.Tensor, option: QuantOption, bits: torch.Tensor, scale: torch.Tensor,
