@@ -5,6 +5,7 @@ SmolLM2: perplexity, KL and top-1 with 95 % intervals on the evaluation half
 
     .venv/bin/python bench/imatrix.py --options int3-g64-sym,int4-g64-sym,int2-g32-sym \\
         --second-text /usr/share/common-licenses/GPL-3 --out bench/imatrix-smollm2.json
+    .venv/bin/python bench/imatrix.py --table bench/imatrix-smollm2.json   # markdown for BENCHMARKS.md
 
 Nothing here is tuned: the shrink grid and the weighting are fixed in
 ``bitalloc.formats.affine_rtn``; the importance matrix comes from the
@@ -34,12 +35,38 @@ def parse() -> argparse.Namespace:
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--second-text", help="a second evaluation text, never calibrated on")
     p.add_argument("--second-windows", type=int, default=14)
-    p.add_argument("--out", required=True)
-    return p.parse_args()
+    p.add_argument("--out")
+    p.add_argument("--table", help="print a report written by --out as a markdown table, and exit")
+    a = p.parse_args()
+    if not (a.out or a.table):
+        p.error("give --out (measure) or --table (print a report)")
+    return a
+
+
+def interval(row: dict, key: str, digits: int) -> str:
+    lo, hi = row[f"{key}_ci"]
+    return f"{row[key]:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def markdown(report: dict) -> str:
+    lines = ["| quantizer | option | scales | ppl [95 %] | KL [95 %] | top-1 | verdict | 2nd text ppl [95 %] | 2nd KL | "
+             "2nd verdict | s to quantize |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        o = r.get("other_texts", {}).get("second", {})
+        second = [interval(o, "ppl", 2), f"{o['kl']:.4f}", o.get("verdict", "")] if o else ["", "", ""]
+        lines.append("| " + " | ".join([r["quantizer"], r["option"], "searched" if r["imatrix"] else "min/max",
+                                         interval(r, "ppl", 2), interval(r, "kl", 4), f"{r['top1']:.3f}",
+                                         r["verdict"], *second, f"{r['quantize_s']:.0f}"]) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     a = parse()
+    if a.table:
+        import json
+
+        print(markdown(json.load(open(a.table))))
+        return
     t0 = time.perf_counter()
     loaded = api.load(None)
     base = api.PlanSettings(Budget(8.0), guard=False)
