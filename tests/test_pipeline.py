@@ -278,3 +278,23 @@ def test_cli_quantize_uses_the_importance_matrix_the_plan_records(tiny_dir, text
             assert torch.equal(got, dequantize(expect).to(got.dtype)), (unit.name, no_imatrix)
     searched, plain = (get_weight(plans[k][1], loaded.inventory.units[0]) for k in (False, True))
     assert not torch.equal(searched, plain)  # the search changed the stored weights
+
+
+def test_default_window_lengths_fit_the_model_and_typed_ones_are_checked(tmp_path, capsys):
+    """A model with 64 positions: the default calibration and guard lengths
+    (512, 128) are shortened to 64 and recorded in the plan; a typed
+    --calib-seq-len 512 is refused with the limit."""
+    from conftest import char_tokenizer
+
+    src = tmp_path / "short"
+    tiny_llama(max_position_embeddings=64).save_pretrained(src)
+    char_tokenizer().save_pretrained(src)
+    out = tmp_path / "p.json"
+    assert main(["--quiet", "plan", "--model", str(src), "--bpw", "3.5", "--out", str(out)]) == 0, \
+        capsys.readouterr().err
+    plan = Plan.load(str(out))
+    assert plan.provenance["importance"]["calib"]["seq_len"] == 64
+    assert plan.provenance["guard"]["seq_len"] == 64
+    assert main(["--quiet", "plan", "--model", str(src), "--bpw", "3.5", "--calib-seq-len", "512",
+                 "--out", str(tmp_path / "q.json")]) == 2
+    assert "position limit of 64" in capsys.readouterr().err and not (tmp_path / "q.json").exists()
