@@ -37,6 +37,7 @@ def main() -> None:
     t0 = time.perf_counter()
     loaded = api.load(None)
     defaults = api.PlanSettings(Budget(3.5))  # the defaults of `bitalloc plan` (scorer rtn-mse-rel, guard on)
+    loaded, defaults = api.prepare(loaded, defaults)  # the importance matrix (default scales), as `plan` does
     options, _ = api.preflight(loaded, defaults)
     table = api.score(api.scoring_context(loaded, defaults, options), [defaults.scorer])[defaults.scorer]
     report, bench = api.reference_block(loaded, EvalSettings(a.seq_len, a.windows), None, 16, True)
