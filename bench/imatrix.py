@@ -25,7 +25,7 @@ from bitalloc.evaluate import EvalSettings
 from bitalloc.fileio import write_json
 from bitalloc.formats.affine import QuantOption
 from bitalloc.problem import Budget
-from bitalloc.report import versus, with_ci
+from bitalloc.report import measures, versus
 
 
 def parse() -> argparse.Namespace:
@@ -96,12 +96,10 @@ def main() -> None:
                     for key, other in row.get("other_texts", {}).items():
                         other["verdict"] = versus(other, plain_row["other_texts"][key])
                 report["rows"].append(row)
-                print(f"{quantizer} {name:14s} {'searched' if imatrix else 'plain   '} ppl {with_ci(row, 'ppl')}  "
-                      f"KL {with_ci(row, 'kl', 4)}  top-1 {with_ci(row, 'top1')}  {row['quantize_s']:.0f} s  "
-                      f"{row['verdict']}", flush=True)
-                for key, other in row.get("other_texts", {}).items():
-                    print(f"    second text: ppl {with_ci(other, 'ppl')}  KL {with_ci(other, 'kl', 4)}  "
-                          f"top-1 {with_ci(other, 'top1')}  {other.get('verdict', '')}", flush=True)
+                print(f"{quantizer} {name:14s} {'searched' if imatrix else 'plain   '} {measures(row)}  "
+                      f"{row['quantize_s']:.0f} s  {row['verdict']}", flush=True)
+                for other in row.get("other_texts", {}).values():
+                    print(f"    second text: {measures(other)}  {other.get('verdict', '')}", flush=True)
                 write_json(a.out, report)
     report["seconds"]["total"] = time.perf_counter() - t0
     write_json(a.out, report)

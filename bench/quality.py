@@ -26,7 +26,7 @@ from bitalloc.evaluate import EvalSettings
 from bitalloc.fileio import write_json
 from bitalloc.problem import Budget
 from bitalloc.refine import RefineSettings, finish_plan, make_probe
-from bitalloc.report import versus, with_ci
+from bitalloc.report import measures, versus
 
 
 def parse() -> argparse.Namespace:
@@ -109,12 +109,11 @@ def main() -> None:
                 for name, other in row.get("other_texts", {}).items():
                     other["verdict"] = "" if row is uni_row else versus(other, uni_row["other_texts"][name])
                 report["rows"].append(row)
-                print(f"{quantizer} {value:g} {method:24s} ppl {with_ci(row, 'ppl')}  KL {with_ci(row, 'kl', 4)}  "
-                      f"top-1 {with_ci(row, 'top1')}  bpw {row['bpw']:.4f}  {row['verdict']}", flush=True)
+                print(f"{quantizer} {value:g} {method:24s} {measures(row)}  bpw {row['bpw']:.4f}  {row['verdict']}",
+                      flush=True)
                 if "other_texts" in row:
                     o = row["other_texts"]["second"]
-                    print(f"    second text: ppl {with_ci(o, 'ppl')}  KL {with_ci(o, 'kl', 4)}  "
-                          f"top-1 {with_ci(o, 'top1')}  {o['verdict']}", flush=True)
+                    print(f"    second text: {measures(o)}  {o['verdict']}", flush=True)
             write_json(a.out, report)
     report["seconds"]["total"] = time.perf_counter() - t0
     write_json(a.out, report)

@@ -213,7 +213,9 @@ def _calibration_for(loaded: Loaded, the_plan: Plan, settings: PlanSettings | No
     the plan was made with them, else nothing."""
     s = settings or PlanSettings(the_plan.budget)
     if the_plan.quantizer != "gptq":
-        return {"importance": ensure_importance(loaded, s, progress)} if "importance" in the_plan.provenance else {}
+        from bitalloc.quantize import uses_importance
+
+        return {"importance": ensure_importance(loaded, s, progress)} if uses_importance(the_plan) else {}
     if the_plan.sequential:
         from bitalloc.calib import calibration_windows
 

@@ -280,10 +280,13 @@ def importance_vectors(model: nn.Module, inventory: Inventory, tokenizer, text: 
     return {name: torch.diagonal(h).float() / 2 for name, h in H.items()}
 
 
+DEFAULT_CALIB_LABEL = "default calibration half"  # a plan's record of the default calibration text
+
+
 def importance_record(settings) -> dict:
     """A plan's record of the importance matrix it was made with (``settings``
     a PlanSettings): the calibration it comes from, which quantize and export
     recompute it from; empty with --no-imatrix."""
     if not settings.menu.imatrix:
         return {}
-    return {"importance": {"calib": settings.calib.to_dict(), "text": settings.calib_text or "default calibration half"}}
+    return {"importance": {"calib": settings.calib.to_dict(), "text": settings.calib_text or DEFAULT_CALIB_LABEL}}

@@ -136,7 +136,7 @@ def check_model_source(model: str | None, lengths: dict[str, int], *, quantized:
     for flag, n in lengths.items():
         if limit is not None and n is not None and n > limit:
             if flag in defaulted:
-                setattr(args, flag[2:].replace("-", "_"), limit)
+                setattr(args, _attribute(flag), limit)
                 continue
             raise BitallocError(f"{flag} {n} is longer than the model's position limit of {limit} tokens "
                                 f"({source.label}); use at most {limit}.")
@@ -166,9 +166,13 @@ def _calib_lengths(args) -> dict[str, int]:
 LENGTH_FLAGS = ("--calib-seq-len", "--refine-seq-len", "--probe-seq-len", "--seq-len")
 
 
+def _attribute(flag: str) -> str:
+    return flag[2:].replace("-", "_")
+
+
 def defaulted_lengths(args) -> frozenset[str]:
     """The window-length flags not given on this command line (call before fill_defaults)."""
-    return frozenset(f for f in LENGTH_FLAGS if getattr(args, f[2:].replace("-", "_"), None) is None)
+    return frozenset(f for f in LENGTH_FLAGS if getattr(args, _attribute(f), None) is None)
 
 
 def prepare_planning(args) -> None:

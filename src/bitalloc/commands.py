@@ -157,11 +157,11 @@ def cmd_quantize(args) -> None:
     from bitalloc.calib import CalibSettings
     from bitalloc.fileio import check_output_dir
     from bitalloc.plan import Plan
-    from bitalloc.quantize import MANIFEST, SAVED_FORMAT
+    from bitalloc.quantize import MANIFEST, SAVED_FORMAT, uses_importance
 
     plan = Plan.load(args.plan)
     calib = given_flags(args, CALIB_FLAGS)
-    calibrated = plan.quantizer == "gptq" or "importance" in plan.provenance
+    calibrated = plan.quantizer == "gptq" or uses_importance(plan)
     if calib and not calibrated:
         raise BitallocError(f"{calib[0]} would be ignored: the plan {args.plan!r} quantizes by RTN without an "
                             "importance matrix (it was made with --no-imatrix), which uses no calibration text.")
@@ -186,12 +186,14 @@ def recorded_calibration(args, plan) -> None:
     """The calibration a plan records (``provenance.importance``: windows,
     length, text) as this command's, so that quantizing reproduces the plan's
     importance matrix without the flags being typed again."""
+    from bitalloc.calib import DEFAULT_CALIB_LABEL
+
     recorded = plan.provenance.get("importance")
     if not isinstance(recorded, dict) or not isinstance(recorded.get("calib"), dict):
         return
     args.calib_windows = recorded["calib"].get("windows")
     args.calib_seq_len = recorded["calib"].get("seq_len")
-    if recorded.get("text") not in (None, "default calibration half"):
+    if recorded.get("text") not in (None, DEFAULT_CALIB_LABEL):
         args.calib_text = recorded["text"]
 
 

@@ -43,6 +43,11 @@ def with_ci(row: dict, name: str, digits: int = 3, *, fixed: bool = False) -> st
     return point if not ci else f"{point} [{num(ci[0], digits, fixed=fixed)}, {num(ci[1], digits, fixed=fixed)}]"
 
 
+def measures(row: dict) -> str:
+    """Perplexity, KL and top-1 with their intervals, on one line."""
+    return f"ppl {with_ci(row, 'ppl')}  KL {with_ci(row, 'kl', 4)}  top-1 {with_ci(row, 'top1')}"
+
+
 def versus(row: dict, baseline: dict) -> str:
     """Paired verdict of ``row`` against ``baseline`` on ppl, KL and top-1;
     "n/a" when either lacks per-window sums (a report from an older version)."""
