@@ -73,10 +73,12 @@ def test_pack_unpack_round_trip_and_size(bits):
 
 # ---- importance-weighted clipping search ------------------------------------
 
-def _candidate(w: np.ndarray, bits: int, sym: bool, factor: float) -> np.ndarray:
-    """Dequantized group for one shrink factor, written from the rule in the
-    docs: symmetric, the signed peak over 2^(b-1) times the factor;
-    asymmetric, both ends of the range times the factor; fp16 scales; codes
+def _candidates(w: np.ndarray, imp: np.ndarray, bits: int, sym: bool, factor: float, steps: int) -> list[np.ndarray]:
+    """Dequantized group for one shrink factor and each of its least-squares
+    refits, written from the rule in the docs: symmetric, the signed peak
+    over 2^(b-1) times the factor; asymmetric, both ends of the range times
+    the factor; a refit keeps the codes and takes s = sum(imp w c) /
+    sum(imp c^2) with c = q - z (zero point fixed); fp16 scales; codes
     rounded in float32 as the stored weights are."""
     qmax, w = 2**bits - 1, w.astype(np.float32)
     if sym:
@@ -84,23 +86,31 @@ def _candidate(w: np.ndarray, bits: int, sym: bool, factor: float) -> np.ndarray
         peak = w[np.argmax(np.abs(w))]
         base = np.float16(abs(peak) / half)
         mag = np.float32(np.float16(np.float32(base) * np.float32(factor)))
-        s = -mag if peak > 0 else mag
-        q = np.clip(np.round(w / s + half), 0, qmax)
-        return (q - half) * s
-    lo, hi = w.min() * np.float32(factor), w.max() * np.float32(factor)
-    s = np.float32(np.float16((hi - lo) / np.float32(qmax)))
-    z = min(max(np.round(-lo / s), 0), qmax)
-    q = np.clip(np.round(w / s + z), 0, qmax)
-    return (q - z) * s
+        s, z = (-mag if peak > 0 else mag), half
+    else:
+        lo, hi = w.min() * np.float32(factor), w.max() * np.float32(factor)
+        s = np.float32(np.float16((hi - lo) / np.float32(qmax)))
+        z = min(max(np.round(-lo / s), 0), qmax)
+    out = []
+    for step in range(steps + 1):
+        c = np.clip(np.round(w / s + z), 0, qmax) - z
+        if step:
+            num, den = float((imp * w * c).sum()), float((imp * c * c).sum())
+            if den > 0 and num * s > 0:
+                s = np.float32(np.float16(num / den))
+            c = np.clip(np.round(w / s + z), 0, qmax) - z
+        out.append(c * s)
+    return out
 
 
 @pytest.mark.parametrize("option", [QuantOption(2, 16), QuantOption(3, 16, True), QuantOption(3, 0),
                                     QuantOption(4, 16, True)], ids=str)
 def test_weighted_search_picks_the_least_weighted_error_of_the_grid(option):
-    """Every group's weighted error is the least over the shrink grid (the
-    candidates computed here in float64 from the documented rule), and never
-    above plain min/max rounding's."""
-    from bitalloc.formats.affine_rtn import SHRINK_GRID
+    """Every group's weighted error is the least over the shrink grid and the
+    refits from each of its points (the candidates computed here in numpy from
+    the documented rule), never above plain min/max rounding's, and (for
+    these weights) below the shrink grid's alone somewhere."""
+    from bitalloc.formats.affine_rtn import REFIT_STEPS, SHRINK_GRID
 
     gen = torch.Generator().manual_seed(11)
     W = torch.randn(6, 48, generator=gen) * torch.linspace(0.5, 2.0, 48)
@@ -109,14 +119,19 @@ def test_weighted_search_picks_the_least_weighted_error_of_the_grid(option):
     plain = dequantize(quantize_rtn(W, option)).double().numpy()
     w64, i64 = W.double().numpy(), imp.double().numpy()
     g = 48 if option.group_size == 0 else option.group_size
+    refit_won = 0
     for r in range(6):
         for c in range(0, 48, g):
             w, i = w64[r, c : c + g], i64[c : c + g]
-            errs = [float((i * (_candidate(w, option.bits, option.symmetric, f).astype(np.float64) - w) ** 2).sum())
-                    for f in SHRINK_GRID]
+            chains = [_candidates(w, i, option.bits, option.symmetric, f, REFIT_STEPS) for f in SHRINK_GRID]
+            errs = [[float((i * (d.astype(np.float64) - w) ** 2).sum()) for d in chain] for chain in chains]
+            grid_only = min(e[0] for e in errs)
             chosen = float((i * (got[r, c : c + g] - w) ** 2).sum())
-            assert chosen == pytest.approx(min(errs), rel=1e-4, abs=1e-9)
+            assert chosen == pytest.approx(min(min(e) for e in errs), rel=1e-4, abs=1e-9)
             assert chosen <= float((i * (plain[r, c : c + g] - w) ** 2).sum()) * (1 + 1e-6) + 1e-12
+            assert chosen <= grid_only * (1 + 1e-6) + 1e-12
+            refit_won += chosen < grid_only * (1 - 1e-6)
+    assert refit_won > 0
 
 
 def test_weighted_search_lowers_the_output_error_of_a_layer():

@@ -258,3 +258,34 @@ def test_a_damaged_probe_cache_is_measured_again(tiny_dir, text_file, monkeypatc
     cache.write_text('{"version": 1, "units": {"model.layers.0.self_attn.q_proj": "oops", "bogus": [1, 2, 3]}}')
     again = score(api.scoring_context(loaded, settings, progress=None), ["kl"])["kl"]
     assert (again.distortion == first.distortion).all()
+
+
+def test_probe_cache_is_keyed_by_the_scales(tiny_dir, text_file, monkeypatch, tmp_path):
+    """kl probes measured with plain min/max scales are not reused for a plan
+    with the importance-weighted search (nor across search versions): each
+    gets its own cache file, and the searched table equals one measured with
+    no cache at all."""
+    from dataclasses import replace
+
+    from bitalloc.scorers import probes, score
+
+    monkeypatch.setenv("BITALLOC_CACHE", str(tmp_path / "cache"))
+    probe = api.ScorerSettings(probe_windows=1, probe_seq_len=32)
+    plain_settings = api.PlanSettings(Budget(4.0), scorer="kl", calib_text=text_file, scorer_settings=probe,
+                                      menu=replace(api.PlanSettings(Budget(4.0)).menu, imatrix=False))
+    loaded = api.load(tiny_dir)
+    plain = score(api.scoring_context(loaded, plain_settings, progress=None), ["kl"])["kl"]
+    loaded, searched_settings = api.prepare(loaded, replace(plain_settings, menu=replace(plain_settings.menu,
+                                                                                         imatrix=True)), False)
+    assert loaded.importance
+    searched = score(api.scoring_context(loaded, searched_settings, progress=None), ["kl"])["kl"]
+    cache = tmp_path / "cache" / "probes"
+    assert len(list(cache.iterdir())) == 2
+    assert not (plain.distortion == searched.distortion).all()
+    monkeypatch.setenv("BITALLOC_CACHE", str(tmp_path / "fresh"))
+    fresh = score(api.scoring_context(loaded, searched_settings, progress=None), ["kl"])["kl"]
+    assert (fresh.distortion == searched.distortion).all()
+    monkeypatch.setenv("BITALLOC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(probes, "SCALE_SEARCH_VERSION", 99)
+    score(api.scoring_context(loaded, searched_settings, progress=None), ["kl"])
+    assert len(list(cache.iterdir())) == 3

@@ -11,7 +11,13 @@ the ones, among the min/max range shrunk by the factors of ``SHRINK_GRID``,
 whose importance-weighted squared error sum_j imp_j (w_j - deq_j)^2 is least
 (the unshrunk range wins ties): the clipping search of llama.cpp's and AWQ's
 quantizers, weighted by what the layer's output error actually depends on.
-The stored form is the same; only the values of scales and zeros change.
+From each shrunk range the scale is also refitted ``REFIT_STEPS`` times, as
+llama.cpp's ``make_qx_quants`` does: keep the codes that rounding gives, take
+the scale that minimises the weighted error for those codes (weighted least
+squares, zero point fixed), round again; every refitted scale is a candidate
+too. Each step can only lower the error of its chain, so the search never
+does worse than the shrink grid alone. The stored form is the same; only the
+values of scales and zeros change.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from bitalloc.formats.affine import QuantOption, group_count
 FP16_TINY = 2.0**-24  # smallest positive fp16 (subnormal)
 FP16_MAX = 65504.0
 SHRINK_GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))  # 1.0, 0.95, ..., 0.5 of the min/max range
+REFIT_STEPS = 3  # least-squares scale refits from each shrunk range
+SCALE_SEARCH_VERSION = 2  # 1: shrink grid; 2: + refits. Part of measurement cache keys: bump on any change
 
 
 @dataclass(frozen=True)
@@ -111,16 +119,37 @@ def grouped_importance(importance: torch.Tensor, cols: int, group: int) -> torch
     return imp.reshape(groups, group)
 
 
+def centered_codes(Wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """(rows, groups, g) codes minus zero point, q - z, that rounding Wg under
+    the (rows, groups) scale and zero gives (the arithmetic of quantize_codes)."""
+    z = zero[..., None]
+    q = Wg / scale[..., None]
+    q.add_(z).round_().clamp_(min=0)
+    torch.minimum(q, (2.0 ** bits - 1)[None, :, None], out=q)
+    return q.sub_(z)
+
+
 def weighted_error(Wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: torch.Tensor,
                    weights: torch.Tensor) -> torch.Tensor:
     """(rows, groups) sum over each group of weights * (w - deq)^2 for the
     given (rows, groups) scale and zero, bits (groups,), weights (groups, g)."""
-    s, z = scale[..., None], zero[..., None]
-    q = Wg / s  # the same arithmetic as quantize_codes and dequantize, in place on one buffer
-    q.add_(z).round_().clamp_(min=0)
-    torch.minimum(q, (2.0 ** bits - 1)[None, :, None], out=q)
-    q.sub_(z).mul_(s).sub_(Wg)
-    return q.mul_(q).mul_(weights[None]).sum(-1)
+    d = centered_codes(Wg, scale, zero, bits).mul_(scale[..., None]).sub_(Wg)  # in place on one buffer
+    return d.mul_(d).mul_(weights[None]).sum(-1)
+
+
+def refit_scale(Wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: torch.Tensor,
+                weights: torch.Tensor) -> torch.Tensor:
+    """For the codes c = q - z that rounding under ``scale`` gives, the scale
+    minimising sum weights * (w - s c)^2: s = sum(weights w c) / sum(weights
+    c^2), in fp16. The old scale stays where that is undefined (no weighted
+    nonzero code) or would flip the scale's sign."""
+    c = centered_codes(Wg, scale, zero, bits)
+    wc = c * weights[None]
+    num, den = (wc * Wg).sum(-1), (wc * c).sum(-1)
+    fitted = num / den.clamp(min=torch.finfo(den.dtype).tiny)
+    magnitude = fitted.abs().clamp(FP16_TINY, FP16_MAX)
+    fitted = torch.where(scale < 0, -magnitude, magnitude).half().float()
+    return torch.where((den > 0) & (num * scale > 0), fitted, scale)
 
 
 def shrunk_qparams(Wg: torch.Tensor, option: QuantOption, bits: torch.Tensor, scale: torch.Tensor,
@@ -138,17 +167,25 @@ def shrunk_qparams(Wg: torch.Tensor, option: QuantOption, bits: torch.Tensor, sc
 
 def search_qparams(Wg: torch.Tensor, option: QuantOption, bits: torch.Tensor,
                    weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per group, the scale and zero among the shrunk ranges of
-    ``SHRINK_GRID`` with the least importance-weighted squared error
-    (weights (groups, g)); the plain min/max range (factor 1) wins ties."""
+    """Per group, the scale and zero with the least importance-weighted
+    squared error (weights (groups, g)) among the shrunk ranges of
+    ``SHRINK_GRID`` and the ``REFIT_STEPS`` least-squares refits from each;
+    the plain min/max range (factor 1, no refit) wins ties."""
     base_scale, base_zero = scale, zero = choose_qparams(Wg, option, bits)
-    best = weighted_error(Wg, scale, zero, bits, weights)
-    for factor in SHRINK_GRID[1:]:
-        s, z = shrunk_qparams(Wg, option, bits, base_scale, base_zero, factor)
-        err = weighted_error(Wg, s, z, bits, weights)
-        better = err < best
-        best = torch.where(better, err, best)
-        scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
+    best = None
+    for factor in SHRINK_GRID:
+        s, z = (base_scale, base_zero) if factor == 1.0 else \
+            shrunk_qparams(Wg, option, bits, base_scale, base_zero, factor)
+        for step in range(REFIT_STEPS + 1):
+            if step:
+                s = refit_scale(Wg, s, z, bits, weights)
+            err = weighted_error(Wg, s, z, bits, weights)
+            if best is None:
+                best = err
+                continue
+            better = err < best
+            best = torch.where(better, err, best)
+            scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
     return scale, zero
 
 

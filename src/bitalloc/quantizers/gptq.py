@@ -66,7 +66,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, option: QuantOption, *, damp
                   column_bits: tuple[int, ...] | None = None, search: bool = False) -> tuple[QuantizedWeight, float]:
     """Quantize W (rows, cols) given H (cols, cols) = 2 X^T X / n. Returns the
     stored weight and GPTQ's loss sum((w - q)^2 / [chol(H^-1)]_jj^2) / 2.
-    ``search``: group scales by the clipping search weighted by diag(H)."""
+    ``search``: group scales by the clipping search (with refits) weighted by diag(H)."""
     rows, cols = W.shape
     n_groups = group_count(cols, option, allow_ragged=allow_ragged and not option.mixed)
     gbits = group_bits_of(option, n_groups, column_bits)  # (groups,)

@@ -11,7 +11,7 @@ import torch
 from bitalloc.errors import GroupSizeError
 from bitalloc.formats import storage_bits
 from bitalloc.formats.affine import QuantOption
-from bitalloc.formats.affine_rtn import fake_quantize
+from bitalloc.formats.affine_rtn import SCALE_SEARCH_VERSION, fake_quantize
 from bitalloc.scorers.context import ScoringContext, make_table
 from bitalloc.scoring import ErrorTable
 from bitalloc.units import get_weight
@@ -65,12 +65,17 @@ def unit_probes(ctx: ScoringContext, i: int) -> list:
 
 
 def _menu_key(ctx: ScoringContext) -> str:
-    """'' on an integer menu (fixed probe options); otherwise a key naming the
-    menu and whether an importance matrix is used, since both decide what
-    each unit's probes are and how they quantize."""
-    if all(isinstance(o, QuantOption) for o in ctx.options):
-        return ""
+    """What decides how each unit's probes quantize besides the kind: '' on
+    an integer menu with plain min/max scales; with an importance matrix, its
+    digest and the version of the scale search (``SCALE_SEARCH_VERSION``), so
+    probes measured with other scales are never reused; on a GGUF menu, the
+    menu and the matrix, since both decide what each unit's probes are."""
     imatrix = sum(float(v.double().sum()) for v in ctx.importance.values())  # 0 without one
+    if all(isinstance(o, QuantOption) for o in ctx.options):
+        if not ctx.importance:
+            return ""
+        digest = hashlib.sha256(f"imatrix={imatrix:.9g}".encode()).hexdigest()[:8]
+        return f"-search{SCALE_SEARCH_VERSION}-{digest}"
     text = ",".join(o.name for o in ctx.options) + f";imatrix={imatrix:.9g}"
     return "-gguf-" + hashlib.sha256(text.encode()).hexdigest()[:8]
 
