@@ -70,8 +70,9 @@ def export_gguf(plan_path: str, out: str, *, model: str | None = None, settings=
     source = source_gguf(loaded.source)
     names = gguf_names(loaded.inventory, loaded.model.config.num_hidden_layers, _arch(source))
     settings = settings or api.PlanSettings(the_plan.budget)
-    uses = "importance" in the_plan.provenance
-    importance = api.ensure_importance(loaded, settings, progress) if uses else {}
+    from bitalloc.quantize import uses_importance
+
+    importance = api.ensure_importance(loaded, settings, progress) if uses_importance(the_plan) else {}
     types = {names[n]: o.name for n, o in the_plan.assignment.items()}
     vectors = {names[n]: v.numpy() for n, v in importance.items()
                if n in the_plan.assignment and the_plan.assignment[n].uses_importance}
@@ -104,14 +105,14 @@ def cmd_export(args) -> None:
     from bitalloc.checks import CALIB_FLAGS, check_model_source, fill_defaults, given_flags, read_texts
     from bitalloc.commands import notices, recorded_calibration
     from bitalloc.fileio import check_output_file
-    from bitalloc.plan import Plan
-
     from bitalloc.loading import resolve_source
+    from bitalloc.plan import Plan
+    from bitalloc.quantize import uses_importance
 
     plan = Plan.load(args.plan)
     check_plan_types(plan, args.plan)
     source_gguf(resolve_source(args.model))
-    calibrated = "importance" in plan.provenance
+    calibrated = uses_importance(plan)
     calib = given_flags(args, CALIB_FLAGS + (("--imatrix", "imatrix"),))
     if calib and not calibrated:
         raise BitallocError(f"{calib[0]} would be ignored: the plan {args.plan!r} was made without an importance "

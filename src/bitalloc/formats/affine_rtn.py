@@ -133,17 +133,20 @@ def weighted_error(Wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bi
                    weights: torch.Tensor) -> torch.Tensor:
     """(rows, groups) sum over each group of weights * (w - deq)^2 for the
     given (rows, groups) scale and zero, bits (groups,), weights (groups, g)."""
-    d = centered_codes(Wg, scale, zero, bits).mul_(scale[..., None]).sub_(Wg)  # in place on one buffer
+    return codes_error(Wg, centered_codes(Wg, scale, zero, bits), scale, weights)
+
+
+def codes_error(Wg: torch.Tensor, c: torch.Tensor, scale: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(rows, groups) weighted squared error of centered codes c under scale."""
+    d = (c * scale[..., None]).sub_(Wg)
     return d.mul_(d).mul_(weights[None]).sum(-1)
 
 
-def refit_scale(Wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: torch.Tensor,
-                weights: torch.Tensor) -> torch.Tensor:
-    """For the codes c = q - z that rounding under ``scale`` gives, the scale
-    minimising sum weights * (w - s c)^2: s = sum(weights w c) / sum(weights
-    c^2), in fp16. The old scale stays where that is undefined (no weighted
-    nonzero code) or would flip the scale's sign."""
-    c = centered_codes(Wg, scale, zero, bits)
+def refit_scale(Wg: torch.Tensor, c: torch.Tensor, scale: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """For centered codes c = q - z, the scale minimising sum weights *
+    (w - s c)^2: s = sum(weights w c) / sum(weights c^2), in fp16. The old
+    scale stays where that is undefined (no weighted nonzero code) or would
+    flip the scale's sign."""
     wc = c * weights[None]
     num, den = (wc * Wg).sum(-1), (wc * c).sum(-1)
     fitted = num / den.clamp(min=torch.finfo(den.dtype).tiny)
@@ -177,15 +180,16 @@ def search_qparams(Wg: torch.Tensor, option: QuantOption, bits: torch.Tensor,
         s, z = (base_scale, base_zero) if factor == 1.0 else \
             shrunk_qparams(Wg, option, bits, base_scale, base_zero, factor)
         for step in range(REFIT_STEPS + 1):
-            if step:
-                s = refit_scale(Wg, s, z, bits, weights)
-            err = weighted_error(Wg, s, z, bits, weights)
+            c = centered_codes(Wg, s, z, bits)  # rounding under s: scored, then refitted
+            err = codes_error(Wg, c, s, weights)
             if best is None:
                 best = err
-                continue
-            better = err < best
-            best = torch.where(better, err, best)
-            scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
+            else:
+                better = err < best
+                best = torch.where(better, err, best)
+                scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
+            if step < REFIT_STEPS:
+                s = refit_scale(Wg, c, s, weights)
     return scale, zero
 
 
