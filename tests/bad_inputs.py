@@ -124,7 +124,7 @@ CASES = (
     C("run-windows-past-the-text", M + " run --bpw 4 --windows 5000 --seq-len 64 --text {text}", "enough for",
       loads=True),
     C("calib-text-too-short", M + " plan --bpw 4 --scorer hessian --calib-text {short} --calib-seq-len 64 --out {new}",
-      "Use fewer --windows", loads=True),
+      "Use fewer --calib-windows", loads=True),
     C("bos-maybe", "eval --bos maybe", "invalid choice: 'maybe'"),
     # ---- text -----------------------------------------------------------------
     C("text-missing", "eval --text {missing}", "does not exist"),

@@ -13,6 +13,7 @@ import pytest
 
 from bitalloc import api
 from bitalloc.cli import main
+from bitalloc.errors import BitallocError
 from bitalloc.formats.affine import QuantOption
 from bitalloc.problem import Budget, Problem, build_problem
 from bitalloc.refine import RefineSettings, assignment_choice, frontier_neighbours, guard, local_choice, make_probe, refine
@@ -228,23 +229,46 @@ def test_default_plans_are_never_worse_than_uniform_on_calibration_kl(loaded):
         assert p.provenance["guard"]["kept"] in ("allocated", "uniform")
 
 
-def test_gptq_refinement_windows_lie_after_gptq_calibration_windows(loaded):
-    """With GPTQ, refinement and the guard measure on calibration tokens GPTQ
-    did not fit: the probe's windows start right after the calibration
-    windows' tokens; with RTN they start at the beginning."""
+def test_gptq_refinement_windows_lie_between_gptq_calibration_windows(loaded):
+    """Calibration windows (importance matrix, GPTQ's Hessians) are spread
+    evenly over the text; with GPTQ, refinement and the guard measure in the
+    gaps they leave (tokens GPTQ did not fit), round-robin after each one;
+    with RTN they start at the beginning. Positions checked against the
+    text's own token ids."""
     from bitalloc.calib import CalibSettings, calibration_windows
     from bitalloc.text import calibration_text
 
     calib = CalibSettings(2, 32)
     text = calibration_text(None)
     ids = loaded.tokenizer(text, add_special_tokens=False).input_ids
-    gptq = make_probe(loaded, _settings(quantizer="gptq", calib=calib), hessians={})
+    bos = 1 if loaded.tokenizer(text[:50]).input_ids[:1] == [loaded.tokenizer.bos_token_id] else 0
+    fitted = calibration_windows(loaded.tokenizer, text, calib)
+    stride, fb = len(ids) // 2, 32 - bos
+    assert fitted[:, bos:].tolist() == [ids[:fb], ids[stride : stride + fb]]
+    settings = _settings(quantizer="gptq", calib=calib)
+    gptq = make_probe(loaded, settings, hessians={})
     rtn = make_probe(loaded, _settings(calib=calib))
-    body = gptq.windows.shape[1] - (1 if gptq.windows[0, 0] == loaded.tokenizer.bos_token_id else 0)
-    first = gptq.windows[0, -body:].tolist()
-    assert first == ids[2 * 32: 2 * 32 + body]  # right after the 2 x 32 tokens GPTQ calibrates on
-    assert rtn.windows[0, -body:].tolist() == ids[:body]
-    fitted = calibration_windows(loaded.tokenizer, text, calib)  # what GPTQ's Hessians are measured on
-    fitted_body = fitted.shape[1] - (1 if fitted[0, 0] == loaded.tokenizer.bos_token_id else 0)
-    assert fitted[:, -fitted_body:].reshape(-1).tolist() == ids[: 2 * fitted_body] and 2 * fitted_body <= 2 * 32
+    n, L = gptq.windows.shape
+    body = L - bos
+    starts = [(k % 2) * stride + fb + (k // 2) * body for k in range(n)]
+    assert gptq.windows[:, bos:].tolist() == [ids[s : s + body] for s in starts]
+    taken = {i for s in starts for i in range(s, s + body)}
+    assert not taken & {i for s in (0, stride) for i in range(s, s + fb)}  # no token GPTQ was fitted on
+    assert rtn.windows[0, bos:].tolist() == ids[:body]
     assert gptq.windows.shape == rtn.windows.shape
+
+
+def test_spread_windows_need_room_and_say_which_flags():
+    from bitalloc.evaluate import EvalSettings, spread_windows
+    from conftest import char_tokenizer
+
+    tok, text = char_tokenizer(), "abcdefghij" * 10  # 100 tokens
+    rows = spread_windows(tok, text, EvalSettings(10, 4))
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert rows.tolist() == [ids[s : s + 10] for s in (0, 25, 50, 75)]
+    with pytest.raises(BitallocError, match="enough for 10 windows of 10, not 11"):
+        spread_windows(tok, text, EvalSettings(10, 11))
+    held = spread_windows(tok, text, EvalSettings(5, 6), clear_of=EvalSettings(10, 4))
+    assert held.tolist() == [ids[s : s + 5] for s in (10, 35, 60, 85, 15, 40)]
+    with pytest.raises(BitallocError, match="leave room for 12 held-out windows of 5, not 13"):
+        spread_windows(tok, text, EvalSettings(5, 13), clear_of=EvalSettings(10, 4), flags="fewer --refine-windows")

@@ -262,7 +262,8 @@ def test_a_damaged_probe_cache_is_measured_again(tiny_dir, text_file, monkeypatc
 
 def test_probe_cache_is_keyed_by_the_scales(tiny_dir, text_file, monkeypatch, tmp_path):
     """kl probes measured with plain min/max scales are not reused for a plan
-    with the importance-weighted search (nor across search versions): each
+    with the importance-weighted search (nor across search versions or
+    calibration windows): each
     gets its own cache file, and the searched table equals one measured with
     no cache at all."""
     from dataclasses import replace
@@ -289,3 +290,7 @@ def test_probe_cache_is_keyed_by_the_scales(tiny_dir, text_file, monkeypatch, tm
     monkeypatch.setattr(probes, "SCALE_SEARCH_VERSION", 99)
     score(api.scoring_context(loaded, searched_settings, progress=None), ["kl"])
     assert len(list(cache.iterdir())) == 3
+    from bitalloc.calib import CalibSettings  # other calibration windows (GPTQ probes use their Hessians)
+
+    score(api.scoring_context(loaded, replace(plain_settings, calib=CalibSettings(3, 32)), progress=None), ["kl"])
+    assert len(list(cache.iterdir())) == 4

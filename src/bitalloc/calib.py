@@ -16,10 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitalloc.errors import BitallocError
-from bitalloc.evaluate import EvalSettings, token_windows
+from bitalloc.evaluate import EvalSettings, spread_windows
 from bitalloc.fileio import write_atomic
 from bitalloc.text import cache_dir
 from bitalloc.units import Inventory
+
+
+CALIB_LAYOUT = "spread"  # calibration windows spread over the text (cache keys and plan records name it)
 
 
 @dataclass(frozen=True)
@@ -29,14 +32,16 @@ class CalibSettings:
 
     def key(self, identity: str, text: str) -> str:
         digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-        return f"{identity}-{digest}-{self.windows}x{self.seq_len}"
+        return f"{identity}-{digest}-{self.windows}x{self.seq_len}-{CALIB_LAYOUT}"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def calibration_windows(tokenizer, text: str, settings: CalibSettings) -> torch.Tensor:
-    return token_windows(tokenizer, text, EvalSettings(settings.seq_len, settings.windows, "auto"))
+    """The windows the importance matrix and GPTQ's Hessians are measured
+    on: spread evenly over the calibration text (``spread_windows``)."""
+    return spread_windows(tokenizer, text, EvalSettings(settings.seq_len, settings.windows, "auto"))
 
 
 def unit_modules(inventory: Inventory) -> list[str]:
@@ -289,4 +294,5 @@ def importance_record(settings) -> dict:
     recompute it from; empty with --no-imatrix."""
     if not settings.menu.imatrix:
         return {}
-    return {"importance": {"calib": settings.calib.to_dict(), "text": settings.calib_text or DEFAULT_CALIB_LABEL}}
+    return {"importance": {"calib": settings.calib.to_dict(), "text": settings.calib_text or DEFAULT_CALIB_LABEL,
+                           "layout": CALIB_LAYOUT}}

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bitalloc.evaluate import EvalSettings, token_windows
+from bitalloc.evaluate import EvalSettings, spread_windows, token_windows
 from bitalloc.formats.affine import QuantOption
 from bitalloc.units import Inventory, Unit, get_weight, layer_index, set_weight
 
@@ -51,9 +51,12 @@ class CalibrationProbe:
     between (``restore`` puts the original weights back)."""
 
     def __init__(self, model: nn.Module, tokenizer, inventory: Inventory, text: str, *, windows: int,
-                 seq_len: int, quantize_weight: QuantizeWeight, skip_tokens: int = 0):
+                 seq_len: int, quantize_weight: QuantizeWeight, clear_of: EvalSettings | None = None):
         self.model, self.inventory, self.quantize_weight = model, inventory, quantize_weight
-        self.windows = token_windows(tokenizer, text, EvalSettings(seq_len, windows, "auto"), skip_tokens)  # (B, T)
+        settings = EvalSettings(seq_len, windows, "auto")
+        # the text's first windows; with clear_of, in the gaps between those (spread) calibration windows
+        self.windows = token_windows(tokenizer, text, settings) if clear_of is None else \
+            spread_windows(tokenizer, text, settings, clear_of, "fewer --refine-windows, a shorter --refine-seq-len")
         self.original = {u.name: get_weight(model, u) for u in inventory.units}  # (out, in) each
         self._cache: dict[tuple[str, str], torch.Tensor] = {}
         self.current: dict[str, QuantOption | None] = {u.name: None for u in inventory.units}

@@ -196,9 +196,11 @@ def rtn_weight(unit, W, option: QuantOption, *, allow_ragged: bool = False, impo
 def make_probe(loaded, settings, hessians: dict | None = None) -> CalibrationProbe:
     """Calibration windows and reference log-probs for refinement and the
     guard; weights quantized by the plan's quantizer (GPTQ: one-shot, from
-    the calibration Hessians). With GPTQ the windows come after the tokens
-    GPTQ calibrates on: a plan measured on the very windows its quantizer
-    fitted looks better than it is (BENCHMARKS.md, 3.25 bpw with GPTQ)."""
+    the calibration Hessians). With GPTQ the windows lie in the gaps between
+    the (spread) windows GPTQ calibrates on: a plan measured on the very
+    windows its quantizer fitted looks better than it is (BENCHMARKS.md,
+    3.25 bpw with GPTQ)."""
+    from bitalloc.evaluate import EvalSettings
     from bitalloc.text import calibration_text
 
     def gptq_weight(unit, W, option):
@@ -220,7 +222,7 @@ def make_probe(loaded, settings, hessians: dict | None = None) -> CalibrationPro
     gptq = settings.quantizer == "gptq"
     return CalibrationProbe(loaded.model, loaded.tokenizer, loaded.inventory, text, windows=r.windows,
                             seq_len=r.seq_len, quantize_weight=quantize_weight,
-                            skip_tokens=settings.calib.windows * settings.calib.seq_len if gptq else 0)
+                            clear_of=EvalSettings(settings.calib.seq_len, settings.calib.windows) if gptq else None)
 
 
 def start_plan(start: Plan, inventory, table, settings) -> Plan:

@@ -74,26 +74,66 @@ def _adds_bos(tokenizer) -> bool:
     return bos is not None and tokenizer("a").input_ids[:1] == [bos]
 
 
-def token_windows(tokenizer, text: str, settings: EvalSettings, skip: int = 0) -> torch.Tensor:
-    """(windows, L) token ids: consecutive, non-overlapping slices of the text
-    after its first ``skip`` tokens; with BOS each row is [BOS] + seq_len - 1
-    text tokens."""
+def _text_ids(tokenizer, text: str, settings: EvalSettings) -> tuple[list[int], int, bool]:
+    """(token ids of the text, text tokens per window, whether rows start with BOS)."""
     use_bos = settings.bos == "yes" or (settings.bos == "auto" and _adds_bos(tokenizer))
     if use_bos and tokenizer.bos_token_id is None:
         raise BitallocError("--bos yes was given but the tokenizer has no BOS token.")
     body = settings.seq_len - 1 if use_bos else settings.seq_len
-    ids = tokenizer(text, add_special_tokens=False).input_ids[skip:]
+    return tokenizer(text, add_special_tokens=False).input_ids, body, use_bos
+
+
+def _rows(tokenizer, ids: list[int], starts: list[int], body: int, use_bos: bool) -> torch.Tensor:
+    rows = torch.tensor([ids[s : s + body] for s in starts], dtype=torch.long).reshape(len(starts), body)
+    if use_bos:
+        rows = torch.cat([torch.full((len(starts), 1), tokenizer.bos_token_id, dtype=torch.long), rows], dim=1)
+    return rows
+
+
+def token_windows(tokenizer, text: str, settings: EvalSettings, skip: int = 0) -> torch.Tensor:
+    """(windows, L) token ids: consecutive, non-overlapping slices of the text
+    after its first ``skip`` tokens; with BOS each row is [BOS] + seq_len - 1
+    text tokens."""
+    ids, body, use_bos = _text_ids(tokenizer, text, settings)
+    ids = ids[skip:]
     available = len(ids) // body
     if available < settings.windows:
-        after = f" after the first {skip} (GPTQ's calibration windows)" if skip else ""
+        after = f" after the first {skip}" if skip else ""
         raise BitallocError(
             f"The text has {len(ids)} tokens{after}: enough for {available} windows of {settings.seq_len}, not "
             f"{settings.windows}. Use fewer --windows, a shorter --seq-len, or a longer --text."
         )
-    rows = torch.tensor(ids[: settings.windows * body], dtype=torch.long).reshape(settings.windows, body)
-    if use_bos:
-        rows = torch.cat([torch.full((settings.windows, 1), tokenizer.bos_token_id, dtype=torch.long), rows], dim=1)
-    return rows
+    return _rows(tokenizer, ids, [i * body for i in range(settings.windows)], body, use_bos)
+
+
+def spread_windows(tokenizer, text: str, settings: EvalSettings, clear_of: EvalSettings | None = None,
+                   flags: str = "fewer --calib-windows, a shorter --calib-seq-len or a longer --calib-text"
+                   ) -> torch.Tensor:
+    """(windows, L) token ids spread over the whole text, for calibration: the
+    token stream is cut into ``settings.windows`` equal strides and each
+    window is the start of its stride, so the windows sample every part of
+    the text (many articles), not its first pages. With ``clear_of`` (the
+    spread windows to keep clear of, e.g. those GPTQ was fitted on), the
+    windows lie in the gaps those leave instead, round-robin: the k-th right
+    after window k mod W of ``clear_of``, later rounds further into the gap."""
+    ids, body, use_bos = _text_ids(tokenizer, text, settings)
+    if clear_of is None:
+        stride = len(ids) // settings.windows
+        if stride < body:
+            raise BitallocError(f"The text has {len(ids)} tokens: enough for {len(ids) // body} windows of "
+                                f"{settings.seq_len}, not {settings.windows}. Use {flags}.")
+        return _rows(tokenizer, ids, [i * stride for i in range(settings.windows)], body, use_bos)
+    held = clear_of.windows
+    fitted = clear_of.seq_len - (1 if use_bos else 0)
+    stride = len(ids) // held
+    room = held * max(stride - fitted, 0) // body
+    if room < settings.windows:
+        raise BitallocError(
+            f"The text has {len(ids)} tokens: its {held} calibration windows of {clear_of.seq_len} (spread over "
+            f"it) leave room for {room} held-out windows of {settings.seq_len}, not {settings.windows}. Use {flags}, "
+            "fewer --calib-windows or a longer --calib-text.")
+    starts = [(k % held) * stride + fitted + (k // held) * body for k in range(settings.windows)]
+    return _rows(tokenizer, ids, starts, body, use_bos)
 
 
 @torch.no_grad()

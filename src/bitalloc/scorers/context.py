@@ -213,7 +213,8 @@ class ScoringContext:
 
     # ---- probe measurements (cached on disk, resumable) -------------------
     def _probe_cache(self, kind: str) -> Path:
-        key = f"{kind}-{self.inventory.content_id}-{self.settings.key()}-{hashlib.sha256(self._need_text().encode()).hexdigest()[:10]}"
+        calib = self.calib.key(self.inventory.content_id, self._need_text())  # GPTQ probes use its Hessians
+        key = f"{kind}-{self.settings.key()}-{hashlib.sha256(calib.encode()).hexdigest()[:10]}"
         return Path(cache_dir()) / "probes" / f"{key}.json"
 
     def measure_per_unit(self, kind: str, measure: Callable[[int], list[float]], width: int) -> dict[str, list[float]]:
