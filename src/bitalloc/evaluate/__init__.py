@@ -90,17 +90,14 @@ def _rows(tokenizer, ids: list[int], starts: list[int], body: int, use_bos: bool
     return rows
 
 
-def token_windows(tokenizer, text: str, settings: EvalSettings, skip: int = 0) -> torch.Tensor:
+def token_windows(tokenizer, text: str, settings: EvalSettings) -> torch.Tensor:
     """(windows, L) token ids: consecutive, non-overlapping slices of the text
-    after its first ``skip`` tokens; with BOS each row is [BOS] + seq_len - 1
-    text tokens."""
+    from its start; with BOS each row is [BOS] + seq_len - 1 text tokens."""
     ids, body, use_bos = _text_ids(tokenizer, text, settings)
-    ids = ids[skip:]
     available = len(ids) // body
     if available < settings.windows:
-        after = f" after the first {skip}" if skip else ""
         raise BitallocError(
-            f"The text has {len(ids)} tokens{after}: enough for {available} windows of {settings.seq_len}, not "
+            f"The text has {len(ids)} tokens: enough for {available} windows of {settings.seq_len}, not "
             f"{settings.windows}. Use fewer --windows, a shorter --seq-len, or a longer --text."
         )
     return _rows(tokenizer, ids, [i * body for i in range(settings.windows)], body, use_bos)

@@ -129,13 +129,6 @@ def centered_codes(Wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bi
     return q.sub_(z)
 
 
-def weighted_error(Wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: torch.Tensor,
-                   weights: torch.Tensor) -> torch.Tensor:
-    """(rows, groups) sum over each group of weights * (w - deq)^2 for the
-    given (rows, groups) scale and zero, bits (groups,), weights (groups, g)."""
-    return codes_error(Wg, centered_codes(Wg, scale, zero, bits), scale, weights)
-
-
 def codes_error(Wg: torch.Tensor, c: torch.Tensor, scale: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """(rows, groups) weighted squared error of centered codes c under scale."""
     d = (c * scale[..., None]).sub_(Wg)
