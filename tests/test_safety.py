@@ -5,12 +5,14 @@ are caught on load, and the same inputs give the same bytes."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -294,3 +296,61 @@ def test_probe_cache_is_keyed_by_the_scales(tiny_dir, text_file, monkeypatch, tm
 
     score(api.scoring_context(loaded, replace(plain_settings, calib=CalibSettings(3, 32)), progress=None), ["kl"])
     assert len(list(cache.iterdir())) == 4
+
+
+def test_the_weight_error_sweep_is_cached_and_keyed(tiny_dir, text_file, monkeypatch, tmp_path):
+    """The sweep's reductions are read back from disk (the quantizer is not
+    run again), each cached row equals the error computed directly for that
+    unit and option, an interrupted sweep measures only the missing units,
+    and other scales, search versions or calibration get other files."""
+    from dataclasses import replace
+
+    from bitalloc.calib import CalibSettings
+    from bitalloc.formats.affine_rtn import fake_quantize
+    from bitalloc.scorers import context, score
+    from bitalloc.units import get_weight
+
+    monkeypatch.setenv("BITALLOC_CACHE", str(tmp_path / "cache"))
+    cache = tmp_path / "cache" / "errors"
+    base = api.PlanSettings(Budget(4.0), scorer="taylor", calib_text=text_file, calib=CalibSettings(2, 32))
+    base = replace(base, menu=replace(base.menu, bits=(3, 4)))  # 12 options: four sweeps stay cheap
+    loaded, settings = api.prepare(api.load(tiny_dir), base, False)
+    first = score(api.scoring_context(loaded, settings, progress=None), ["rtn-mse", "taylor"])
+    assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["mse", "taylor"]
+
+    calls = []
+    real = context.fake_quantize
+    monkeypatch.setattr(context, "fake_quantize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = score(api.scoring_context(loaded, settings, progress=None), ["rtn-mse", "taylor"])
+    assert calls == []
+    assert all(np.array_equal(again[k].distortion, first[k].distortion, equal_nan=True) for k in first)
+    table = again["rtn-mse"]
+    unit = loaded.inventory.units[3]
+    j = next(j for j, o in enumerate(table.options) if o.name == "int3-g32-asym")
+    W = get_weight(loaded.model, unit)
+    direct = float(((W - fake_quantize(W, table.options[j], importance=loaded.importance[unit.name])).double() ** 2).sum())
+    assert table.distortion[table.unit_names.index(unit.name), j] == direct
+
+    [mse] = cache.glob("mse-*.json")  # an interrupted sweep: two units missing
+    data = json.loads(mse.read_text())
+    missing = [u.name for u in loaded.inventory.units[:2]]
+    for name in missing:
+        del data["units"][name]
+    mse.write_text(json.dumps(data))
+    calls.clear()
+    resumed = score(api.scoring_context(loaded, settings, progress=None), ["rtn-mse"])["rtn-mse"]
+    fitting = sum(1 for u in loaded.inventory.units[:2] for j in range(len(table.options))
+                  if not np.isnan(first["rtn-mse"].distortion[table.unit_names.index(u.name), j]))
+    assert len(calls) == fitting and np.array_equal(resumed.distortion, first["rtn-mse"].distortion, equal_nan=True)
+
+    plain = replace(settings, menu=replace(settings.menu, imatrix=False))
+    score(api.scoring_context(api.load(tiny_dir), plain, progress=None), ["rtn-mse"])  # min/max scales
+    assert len(list(cache.glob("mse-*.json"))) == 2
+    version = context.SCALE_SEARCH_VERSION
+    monkeypatch.setattr(context, "SCALE_SEARCH_VERSION", 99)
+    score(api.scoring_context(loaded, settings, progress=None), ["rtn-mse"])
+    assert len(list(cache.glob("mse-*.json"))) == 3
+    monkeypatch.setattr(context, "SCALE_SEARCH_VERSION", version)
+    other = replace(settings, calib=CalibSettings(3, 32))  # taylor reads calibration; mse does not
+    score(api.scoring_context(loaded, other, progress=None), ["rtn-mse", "taylor"])
+    assert len(list(cache.glob("mse-*.json"))) == 3 and len(list(cache.glob("taylor-*.json"))) == 2

@@ -20,12 +20,13 @@ from bitalloc.fileio import write_json
 from bitalloc.quantizers.gptq import inverse_hessian_factor
 from bitalloc.formats import fits
 from bitalloc.formats.affine import QuantOption
-from bitalloc.formats.affine_rtn import fake_quantize
+from bitalloc.formats.affine_rtn import SCALE_SEARCH_VERSION, fake_quantize
 from bitalloc.scoring import ErrorTable
 from bitalloc.text import cache_dir
 from bitalloc.units import check_finite, get_weight, unit_view
 
 PROBE_FORMAT_VERSION = 2  # 2: the reference is taken before any weight changes (v1 was not)
+SWEEP_FORMAT_VERSION = 1  # cache files of the weight-error sweep
 _MISSING = object()  # a format needs an importance vector that this unit lacks
 
 
@@ -182,34 +183,65 @@ class ScoringContext:
         return np.array([float((get_weight(self.model, u).double() ** 2).sum()) for u in self.inventory.units])
 
     def _sweep(self, kinds: list[str]) -> None:
+        """Fill the reductions ``kinds`` for every unit and option: read from
+        the sweep's cache files where present, measured (and cached, every few
+        units, so an interrupted sweep resumes) where not."""
         units = self.inventory.units
-        out = {k: np.full((len(units), len(self.options)), np.nan) for k in kinds}
-        extra = {"obs": lambda: self.obs_weights, "output": lambda: self.hessians, "taylor": lambda: self.gradients}
-        data = {k: extra[k]() for k in kinds if k in extra}
         lookup = [u.name for u in units if u.lookup]
         if lookup and {"obs", "output"} & set(kinds):
             raise BitallocError(f"The hessian and output scorers need every unit's input Gram matrix; the token "
                                 f"embedding {lookup[0]!r} is read by lookup and has none. Use rtn-mse, rtn-mse-rel, "
                                 "taylor, kl or linearity, or keep the embedding out of the plan.")
-        for i, unit in enumerate(self.iterate(units, "scoring (RTN errors)")):
-            W = get_weight(self.model, unit)  # (out, in)
-            check_finite(W, unit)
-            for j, opt in enumerate(self.options):
-                imp = self.importance_of(unit, opt)
-                if not fits(W.shape, opt, allow_ragged=self.allow_ragged) or imp is _MISSING:
-                    continue
-                dW = W - fake_quantize(W, opt, allow_ragged=self.allow_ragged, importance=imp)  # (out, in)
-                sq = dW.double() ** 2
+        for unit in units:  # also where every row is cached: weights changed in place keep their content id
+            check_finite(get_weight(self.model, unit), unit)
+        paths = {k: self._sweep_cache(k) for k in kinds}
+        names = {u.name for u in units}
+        done = {k: _cached_measurements(paths[k], names, len(self.options), SWEEP_FORMAT_VERSION) for k in kinds}
+        todo = [i for i, u in enumerate(units) if any(u.name not in done[k] for k in kinds)]
+        for n, i in enumerate(self.iterate(todo, "scoring (RTN errors)") if todo else ()):
+            for k, row in self._unit_errors(units[i], kinds).items():
+                done[k][units[i].name] = row
+            if n % 10 == 9 or n == len(todo) - 1:
                 for k in kinds:
-                    if k == "mse":
-                        out[k][i, j] = float(sq.sum())
-                    elif k == "obs":
-                        out[k][i, j] = 0.5 * float((sq.sum(0) * data["obs"][unit.name].double()).sum())
-                    elif k == "output":
-                        out[k][i, j] = float(((dW @ data["output"][unit.name]) * dW).sum(dtype=torch.float64))
-                    elif k == "taylor":
-                        out[k][i, j] = float((data["taylor"][unit.name] * dW).abs().sum(dtype=torch.float64))
-        self._reductions.update(out)
+                    write_json(paths[k], {"version": SWEEP_FORMAT_VERSION, "units": done[k]})
+        self._reductions.update({k: np.array([done[k][u.name] for u in units], dtype=float).reshape(len(units), -1)
+                                 for k in kinds})
+
+    def _unit_errors(self, unit, kinds: list[str]) -> dict[str, list[float]]:
+        """One unit's row of each reduction: every option's quantization error
+        W - Q(W), reduced; NaN where the option does not fit."""
+        extra = {"obs": lambda: self.obs_weights, "output": lambda: self.hessians, "taylor": lambda: self.gradients}
+        data = {k: extra[k]()[unit.name] for k in kinds if k in extra}
+        out = {k: [float("nan")] * len(self.options) for k in kinds}
+        W = get_weight(self.model, unit)  # (out, in)
+        for j, opt in enumerate(self.options):
+            imp = self.importance_of(unit, opt)
+            if not fits(W.shape, opt, allow_ragged=self.allow_ragged) or imp is _MISSING:
+                continue
+            dW = W - fake_quantize(W, opt, allow_ragged=self.allow_ragged, importance=imp)  # (out, in)
+            sq = dW.double() ** 2
+            for k in kinds:
+                if k == "mse":
+                    out[k][j] = float(sq.sum())
+                elif k == "obs":
+                    out[k][j] = 0.5 * float((sq.sum(0) * data["obs"].double()).sum())
+                elif k == "output":
+                    out[k][j] = float(((dW @ data["output"]) * dW).sum(dtype=torch.float64))
+                elif k == "taylor":
+                    out[k][j] = float((data["taylor"] * dW).abs().sum(dtype=torch.float64))
+        return out
+
+    def _sweep_cache(self, kind: str) -> Path:
+        """The cache file of one reduction: keyed by the weights, the menu, the
+        ragged rule and the scales (importance digest, search version); the
+        reductions that read calibration (obs, output, taylor) also by the
+        scorer settings and the calibration."""
+        parts = [kind, self.inventory.content_id, ",".join(o.name for o in self.options),
+                 f"ragged={self.allow_ragged}", importance_digest(self.importance), f"search{SCALE_SEARCH_VERSION}"]
+        if kind != "mse":
+            parts += [self.settings.key(), self.calib.key(self.inventory.content_id, self._need_text())]
+        key = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+        return Path(cache_dir()) / "errors" / f"{kind}-{key}.json"
 
     # ---- probe measurements (cached on disk, resumable) -------------------
     def _probe_cache(self, kind: str) -> Path:
@@ -256,13 +288,26 @@ def fill_unreached_experts(H: dict[str, torch.Tensor], units) -> tuple[dict[str,
     return out, [u.name for u in missing]
 
 
-def _cached_measurements(path: Path, names: set[str], width: int) -> dict[str, list[float]]:
-    """The valid entries of a probe cache file (none if it is damaged)."""
+def importance_digest(importance: dict[str, torch.Tensor]) -> str:
+    """A digest of every unit's importance vector (its exact values); 'none'
+    without an importance matrix."""
+    if not importance:
+        return "none"
+    h = hashlib.sha256()
+    for name in sorted(importance):
+        h.update(name.encode())
+        h.update(importance[name].detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _cached_measurements(path: Path, names: set[str], width: int,
+                         version: int = PROBE_FORMAT_VERSION) -> dict[str, list[float]]:
+    """The valid entries of a probe or sweep cache file (none if it is damaged)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     except (OSError, UnicodeDecodeError, ValueError):
         return {}
-    units = data.get("units") if isinstance(data, dict) and data.get("version") == PROBE_FORMAT_VERSION else None
+    units = data.get("units") if isinstance(data, dict) and data.get("version") == version else None
     if not isinstance(units, dict):
         return {}
 
