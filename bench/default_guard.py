@@ -6,7 +6,8 @@ and both plans evaluated on the evaluation half (intervals, paired verdict).
     .venv/bin/python bench/default_guard.py --out bench/default-guard-smollm2.json
 
 The default table (`rtn-mse-rel`, data-free) is scored once and reused for
-every budget, exactly as `bitalloc plan --bpw B` would score it.
+every budget, exactly as `bitalloc plan --bpw B` would score it;
+`--scorer NAME` measures the same with another table (a candidate default).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--budgets", default="2.5,2.75,3.0,3.25,3.5,3.75,4.0,4.25,4.5")
     p.add_argument("--windows", type=int, default=8, help="evaluation windows")
     p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--scorer", default=None, help="another table than the default, everything else as `plan`")
     p.add_argument("--out", required=True)
     return p.parse_args()
 
@@ -37,6 +39,8 @@ def main() -> None:
     t0 = time.perf_counter()
     loaded = api.load(None)
     defaults = api.PlanSettings(Budget(3.5))  # the defaults of `bitalloc plan` (scorer rtn-mse-rel, guard on)
+    if a.scorer:
+        defaults = replace(defaults, scorer=a.scorer)
     loaded, defaults = api.prepare(loaded, defaults)  # the importance matrix (default scales), as `plan` does
     options, _ = api.preflight(loaded, defaults)
     table = api.score(api.scoring_context(loaded, defaults, options), [defaults.scorer])[defaults.scorer]
