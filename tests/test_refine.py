@@ -120,6 +120,38 @@ def test_guard_keeps_uniform_when_the_allocation_is_worse(loaded):
     assert kept.assignment == uniform.assignment and record["kept"] == "allocated"
 
 
+def test_a_plan_the_guard_replaced_says_so_with_both_measurements(loaded, tiny_dir, tmp_path, monkeypatch, capsys):
+    """The notice names the table, both calibration measurements as the
+    guard recorded them, the sample and the ways to a stronger allocation;
+    `bitalloc plan` prints it; a kept allocation gets none."""
+    from bitalloc import refine as refine_module
+    from bitalloc.refine import guard_notice
+
+    settings = _settings(4.25)
+    uniform = api.uniform_plan(loaded.inventory, api.resolve_menu(loaded.inventory, settings.menu)[0], settings, "t")
+    worse = replace(uniform, assignment={u.name: QuantOption(2, 32) for u in loaded.inventory.units}, scorer="bad")
+    kept, record = guard(make_probe(loaded, settings), worse, uniform)
+    notice = guard_notice(record, kept.scorer)
+    a, u = record["allocated"]["kl"], record["uniform"]["kl"]
+    assert notice.startswith("the guard measured the bad allocation worse than the uniform plan")
+    assert f"kl {a:.4f} vs {u:.4f}" in notice and f"{settings.refine.windows} x {settings.refine.seq_len}" in notice
+    assert "--scorer taylor" in notice and "--recipe quality" in notice and "--no-guard" in notice
+    assert guard_notice({**record, "kept": "allocated"}, "bad") is None
+    assert "--scorer taylor" not in guard_notice(record, "taylor (guard: uniform kept)")  # already used
+    assert "--recipe quality" not in guard_notice(record, "kl+refined (guard: uniform kept)")
+
+    real = refine_module.guard
+
+    def always_uniform(probe, allocated, uni, objective="kl"):
+        _, rec = real(probe, allocated, uni, objective)
+        return replace(uni, scorer=f"{allocated.scorer} (guard: uniform kept)"), {**rec, "kept": "uniform"}
+
+    monkeypatch.setattr(refine_module, "guard", always_uniform)
+    capsys.readouterr()
+    assert main(["--quiet", "plan", "--model", tiny_dir, "--bpw", "4.25", "--out", str(tmp_path / "p.json")]) == 0
+    assert "notice: the guard measured the rtn-mse-rel allocation worse" in capsys.readouterr().err
+
+
 def test_plans_come_back_guarded_and_refined_through_the_api(loaded, tmp_path):
     p = api.plan(settings=_settings(3.25), loaded=loaded, out=str(tmp_path / "plan.json"), progress=False)
     assert p.sizes(loaded.inventory).quantized_bpw <= 3.25

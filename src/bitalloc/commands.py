@@ -115,6 +115,10 @@ def cmd_plan(args) -> None:
                       progress=not args.quiet, loaded=loaded, start=start)
     sizes = result.sizes(api.with_plan_units(loaded, result).inventory)
     notices(result.provenance.get("notices", ()))
+    if result.provenance.get("guard"):
+        from bitalloc.refine import guard_notice
+
+        notices([n for n in [guard_notice(result.provenance["guard"], result.scorer)] if n])
     counts: dict[str, int] = {}
     for opt in result.assignment.values():
         counts[opt.name] = counts.get(opt.name, 0) + 1
