@@ -131,14 +131,14 @@ def test_a_plan_the_guard_replaced_says_so_with_both_measurements(loaded, tiny_d
     uniform = api.uniform_plan(loaded.inventory, api.resolve_menu(loaded.inventory, settings.menu)[0], settings, "t")
     worse = replace(uniform, assignment={u.name: QuantOption(2, 32) for u in loaded.inventory.units}, scorer="bad")
     kept, record = guard(make_probe(loaded, settings), worse, uniform)
-    notice = guard_notice(record, kept.scorer)
+    notice = guard_notice(record, "bad")
     a, u = record["allocated"]["kl"], record["uniform"]["kl"]
     assert notice.startswith("the guard measured the bad allocation worse than the uniform plan")
     assert f"kl {a:.4f} vs {u:.4f}" in notice and f"{settings.refine.windows} x {settings.refine.seq_len}" in notice
     assert "--scorer taylor" in notice and "--recipe quality" in notice and "--no-guard" in notice
     assert guard_notice({**record, "kept": "allocated"}, "bad") is None
-    assert "--scorer taylor" not in guard_notice(record, "taylor (guard: uniform kept)")  # already used
-    assert "--recipe quality" not in guard_notice(record, "kl+refined (guard: uniform kept)")
+    assert "--scorer taylor" not in guard_notice(record, "taylor")  # already used
+    assert "--recipe quality" not in guard_notice(record, "kl")
 
     real = refine_module.guard
 

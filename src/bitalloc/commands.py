@@ -77,6 +77,7 @@ def _refine_start(args, settings):
 def cmd_plan(args) -> None:
     from bitalloc import api
     from bitalloc.fileio import check_output_file
+    from bitalloc.refine import guard_notice
     from bitalloc.report import table
 
     if args.dry_run and (args.out or args.table or args.save_table):
@@ -115,10 +116,7 @@ def cmd_plan(args) -> None:
                       progress=not args.quiet, loaded=loaded, start=start)
     sizes = result.sizes(api.with_plan_units(loaded, result).inventory)
     notices(result.provenance.get("notices", ()))
-    if result.provenance.get("guard"):
-        from bitalloc.refine import guard_notice
-
-        notices([n for n in [guard_notice(result.provenance["guard"], result.scorer)] if n])
+    notices(n for n in [guard_notice(result.provenance.get("guard", {}), settings.scorer)] if n)
     counts: dict[str, int] = {}
     for opt in result.assignment.values():
         counts[opt.name] = counts.get(opt.name, 0) + 1

@@ -178,14 +178,13 @@ def guard(probe: CalibrationProbe, allocated: Plan, uniform: Plan,
     return allocated, record
 
 
-def guard_notice(record: dict, scorer: str) -> str | None:
-    """What to tell a user whose allocation the guard replaced by the uniform
-    plan (None when the allocation was kept): both measurements, and where a
-    better allocation may come from."""
+def guard_notice(record: dict, table: str) -> str | None:
+    """What to tell a user whose ``table`` allocation the guard replaced by
+    the uniform plan (None when the allocation was kept, or no guard ran):
+    both measurements, and where a better allocation may come from."""
     if record.get("kept") != "uniform":
         return None
     objective = record["objective"]
-    table = scorer.split(" (guard:", 1)[0]
     ways = [w for w, used in (("--scorer taylor (needs a backward pass through the model)", table.startswith("taylor")),
                               ("--recipe quality (measured tables, refinement and GPTQ; much slower)",
                                table.startswith("kl"))) if not used]

@@ -12,7 +12,7 @@ from bitalloc.errors import GroupSizeError
 from bitalloc.formats import storage_bits
 from bitalloc.formats.affine import QuantOption
 from bitalloc.formats.affine_rtn import SCALE_SEARCH_VERSION, fake_quantize
-from bitalloc.scorers.context import ScoringContext, make_table
+from bitalloc.scorers.context import ScoringContext, importance_digest, make_table
 from bitalloc.scoring import ErrorTable
 from bitalloc.units import get_weight
 
@@ -70,13 +70,12 @@ def _menu_key(ctx: ScoringContext) -> str:
     digest and the version of the scale search (``SCALE_SEARCH_VERSION``), so
     probes measured with other scales are never reused; on a GGUF menu, the
     menu and the matrix, since both decide what each unit's probes are."""
-    imatrix = sum(float(v.double().sum()) for v in ctx.importance.values())  # 0 without one
+    imatrix = importance_digest(ctx.importance)
     if all(isinstance(o, QuantOption) for o in ctx.options):
         if not ctx.importance:
             return ""
-        digest = hashlib.sha256(f"imatrix={imatrix:.9g}".encode()).hexdigest()[:8]
-        return f"-search{SCALE_SEARCH_VERSION}-{digest}"
-    text = ",".join(o.name for o in ctx.options) + f";imatrix={imatrix:.9g}"
+        return f"-search{SCALE_SEARCH_VERSION}-{imatrix[:8]}"
+    text = ",".join(o.name for o in ctx.options) + f";imatrix={imatrix}"
     return "-gguf-" + hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
