@@ -178,8 +178,10 @@ CASES = (
     C("run-plans-dir-user-file", "run --bpw 3.5 --plans-dir {plans_dir}", "--plans-dir file .* was not written by bitalloc"),
     C("compare-out-user-file", "compare --out {user_file}", "is an existing file"),
     C("compare-out-user-folder", "compare --out {folder}", "holds files bitalloc did not write"),
-    C("demo-json-user-file", "demo --json {user_file}", "--json .* was not written by bitalloc"),
+    C("demo-out-user-file", "demo --out {user_file}", "is an existing file"),
+    C("demo-out-user-folder", "demo --out {folder}", "holds files bitalloc did not write"),
     C("demo-windows-0", "demo --windows 0", "from 1 to"),
+    C("demo-unknown-preset", "demo --preset Q9_K", "invalid choice: 'Q9_K'"),
     # ---- quantized folders ------------------------------------------------------------
     C("quantized-missing", "eval --quantized {missing}", "is not a folder"),
     C("quantized-without-manifest", "eval --quantized {folder}", "no bitalloc.json"),

@@ -52,10 +52,34 @@ def _permute(W: np.ndarray, n_head: int) -> np.ndarray:
     return W.reshape(n_head, 2, W.shape[0] // n_head // 2, *W.shape[1:]).swapaxes(1, 2).reshape(W.shape)
 
 
-def write_tiny_gguf(model, path, *, permute: bool = True, skip_keys: tuple[str, ...] = ()) -> None:
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: byte -> the character that stands for it."""
+    shown = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+             *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    hidden = [b for b in range(256) if b not in shown]
+    return {**{b: chr(b) for b in shown}, **{b: chr(256 + n) for n, b in enumerate(hidden)}}
+
+
+def _add_byte_tokenizer(writer, vocab: int) -> None:
+    """A byte-level BPE vocabulary of ``vocab`` tokens that transformers and
+    llama.cpp both read: bytes 0..vocab-3 (token id = byte value), one merge
+    (" t") and an end-of-text token, which is also BOS."""
+    alphabet = _byte_alphabet()
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list([alphabet[b] for b in range(vocab - 2)] + ["\u0120t", "<|endoftext|>"])
+    writer.add_token_types([1] * (vocab - 1) + [3])
+    writer.add_token_merges(["\u0120 t"])
+    writer.add_bos_token_id(vocab - 1)
+    writer.add_eos_token_id(vocab - 1)
+
+
+def write_tiny_gguf(model, path, *, permute: bool = True, skip_keys: tuple[str, ...] = (),
+                    tokenizer: bool = False) -> None:
     """A HF Llama as an F32 GGUF file that llama.cpp loads; with an empty
     array in its metadata, which gguf-py's own writer refuses (the exporter's
-    writer allows it; GGUFReader checks the bytes)."""
+    writer allows it; GGUFReader checks the bytes). ``tokenizer``: with a
+    byte-level vocabulary, so text can be evaluated on it."""
     from bitalloc.export.gguf import _writer
 
     cfg = model.config
@@ -74,7 +98,8 @@ def write_tiny_gguf(model, path, *, permute: bool = True, skip_keys: tuple[str, 
         "layer_norm_rms_eps": (writer.add_layer_norm_rms_eps, cfg.rms_norm_eps),
         "vocab_size": (writer.add_vocab_size, cfg.vocab_size),
         "file_type": (writer.add_file_type, int(gguf.LlamaFileType.ALL_F32)),
-        "tokenizer_model": (writer.add_tokenizer_model, "none"),
+        "tokenizer_model": ((lambda v: _add_byte_tokenizer(writer, cfg.vocab_size)) if tokenizer else
+                            writer.add_tokenizer_model, "none"),
     }
     for key, (add, value) in keys.items():
         if key not in skip_keys:

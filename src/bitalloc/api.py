@@ -13,7 +13,9 @@ import numpy as np
 
 from bitalloc.calib import CalibSettings, importance_record
 from bitalloc.errors import BitallocError
-from bitalloc.evaluate import EvalSettings, evaluate as evaluate_windows, reference_logprobs, reference_result, token_windows
+from bitalloc.evaluate import (
+    EvalSettings, evaluate as evaluate_windows, reference_logprobs, reference_result, token_windows, window_logprobs,
+)
 from bitalloc.loading import ModelSource, load_model, resolve_source
 from bitalloc.formats import is_gguf
 from bitalloc.formats.affine import QuantOption
@@ -22,7 +24,6 @@ from bitalloc.plan import QUANTIZERS, Plan
 from bitalloc.problem import Budget, Constraints, build_problem
 from bitalloc.baselines import llama_rule_plan, uniform_plan  # noqa: F401  (public API)
 from bitalloc.refine import RefineSettings, finish_plan, make_probe, start_plan
-from bitalloc.evaluate.llamacpp import evaluate_in_llamacpp  # noqa: F401  (public API)
 from bitalloc.text import calibration_text
 from bitalloc.scorers import ScorerSettings, ScoringContext, check_scorer, score
 from bitalloc.scoring import ErrorTable
@@ -285,6 +286,43 @@ def evaluate(model: str | None = None, *, quantized: str | None = None, referenc
         reference = reference_logprobs(ref.model, windows, progress=_tqdm(progress))
     result = evaluate_windows(m, windows, reference, progress=_tqdm(progress))
     return {"model": name, "text": label, "settings": settings.to_dict(), "result": result.to_dict()}
+
+
+def evaluate_in_llamacpp(gguf: str, *, reference_model: str | None = None, text_path: str | None = None,
+                         settings: EvalSettings | None = None, progress: bool = True,
+                         encoding: str = "utf-8") -> dict:
+    """Perplexity of a GGUF file run by llama.cpp itself; with
+    ``reference_model``, KL and top-1 against it: a .gguf reference runs in
+    llama.cpp too (same runtime on both sides), anything else in transformers."""
+    from bitalloc.evaluate.llamacpp import LlamaCpp
+    from bitalloc.loading import load_tokenizer
+
+    settings = settings or EvalSettings()
+    text, label = eval_text(text_path, encoding)
+    source = resolve_source(gguf)
+    tok = load_tokenizer(source)
+    if tok is None:
+        raise BitallocError(f"{gguf} holds no tokenizer that transformers can read; it cannot be evaluated on text.")
+    windows = token_windows(tok, text, settings)
+    with LlamaCpp(progress=_tqdm(progress)) as runner:
+        reference = None
+        if reference_model is not None:
+            ref_source = resolve_source(reference_model or None)
+            if ref_source.gguf_file:
+                reference = runner.logprobs(f"{ref_source.path}/{ref_source.gguf_file}", windows, desc="reference")
+            else:
+                ref = load(reference_model)
+                logprobs = (window_logprobs(ref.model, row) for row in _iter(windows, progress, "reference"))
+                reference = runner.store(logprobs, windows, "transformers")
+        result = runner.evaluate(f"{source.path}/{source.gguf_file}", windows, reference)
+        notices = list(runner.notices)
+    return {"model": source.label, "runtime": "llama.cpp", "reference_runtime": reference and reference.runtime,
+            "text": label, "settings": settings.to_dict(), "result": result.to_dict(), "notices": notices}
+
+
+def _iter(items, progress: bool, desc: str):
+    bar = _tqdm(progress)
+    return bar(list(items), desc=desc, unit="window") if bar else items
 
 
 @dataclass

@@ -68,8 +68,8 @@ class ExpertGrams:
     both halves of ``gate_up_proj[e]``, act(gate) * up for ``down_proj[e]``. Also the routing
     statistics: tokens per expert and the routing-weight mass they carried."""
 
-    def __init__(self, model: nn.Module, module_name: str, units: list):
-        self.name, self.module = module_name, model.get_submodule(module_name)
+    def __init__(self, model: nn.Module, module_name: str, units: list, *, diagonal: bool = False):
+        self.name, self.module, self.diagonal = module_name, model.get_submodule(module_name), diagonal
         for pname in {u.param.rsplit(".", 1)[1] for u in units}:
             if pname not in ("gate_up_proj", "down_proj") or getattr(self.module, pname).dim() != 3:
                 raise BitallocError(f"Expert parameter {module_name}.{pname} is not the fused (E, out, in) "
@@ -90,7 +90,7 @@ class ExpertGrams:
         if not names:
             return
         X = X.detach().float()  # (n, in)
-        G = (X.T @ X).double()  # as GramAccumulator: float32 per call, float64 sums
+        G = _gram(X, self.diagonal)  # as GramAccumulator: float32 per call, float64 sums
         for name in names:
             self.sums[name] = self.sums[name] + G if name in self.sums else G
             self.counts[name] = self.counts.get(name, 0) + X.shape[0]
@@ -120,12 +120,14 @@ class ExpertGrams:
 
 class UnitGrams:
     """Input Gram matrices of any units: hooks on linears, and ``ExpertGrams``
-    on experts modules. ``hessians()`` omits experts no token reached."""
+    on experts modules. ``hessians()`` omits experts no token reached. With
+    ``diagonal`` only their diagonals (sum of x_j^2 per input column: the
+    importance matrix), at a fraction of the cost and memory."""
 
-    def __init__(self, model: nn.Module, units):
+    def __init__(self, model: nn.Module, units, *, diagonal: bool = False):
         units = [u for u in units if not u.lookup]
-        self.linears = GramAccumulator(model, [u.name for u in units if u.index is None])
-        self.experts = [ExpertGrams(model, name, us) for name, us in expert_modules(units).items()]
+        self.linears = GramAccumulator(model, [u.name for u in units if u.index is None], diagonal=diagonal)
+        self.experts = [ExpertGrams(model, name, us, diagonal=diagonal) for name, us in expert_modules(units).items()]
 
     def remove(self) -> None:
         self.linears.remove()
@@ -144,12 +146,19 @@ class UnitGrams:
                 for e in self.experts}
 
 
+def _gram(X: torch.Tensor, diagonal: bool) -> torch.Tensor:
+    """X^T X (in, in) of one call's tokens X (n, in) in float32, as float64
+    for summing over calls; with ``diagonal`` only its diagonal (in,), sum of x_j^2."""
+    return ((X * X).sum(0) if diagonal else X.T @ X).double()
+
+
 class GramAccumulator:
     """Forward pre-hooks summing X^T X per module (each call's product in float32,
     twice as fast as float64 on CPU; the sums over calls in float64);
-    ``hessians()`` gives 2 X^T X / n."""
+    ``hessians()`` gives 2 X^T X / n (its diagonal only with ``diagonal``)."""
 
-    def __init__(self, model: nn.Module, module_names: list[str]):
+    def __init__(self, model: nn.Module, module_names: list[str], *, diagonal: bool = False):
+        self.diagonal = diagonal
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (input seen, its X^T X)
@@ -161,7 +170,7 @@ class GramAccumulator:
         if self._last is not None and self._last[0] is x:
             return self._last[1]
         X = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, in)
-        gram = (X.T @ X).double()  # (in, in): one call's tokens in float32, summed over calls in float64
+        gram = _gram(X, self.diagonal)  # (in, in), or (in,): one call's tokens in float32, summed in float64
         self._last = (x, gram)
         return gram
 
@@ -214,11 +223,14 @@ def accumulate_hessians(model: nn.Module, inventory: Inventory, windows: torch.T
 
 
 def accumulate_calibration(model: nn.Module, inventory: Inventory, windows: torch.Tensor, *,
-                           progress: Callable | None = None) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """Hessians of every unit and, for MoE models, the routing statistics."""
-    acc = UnitGrams(model, inventory.units)
+                           progress: Callable | None = None, diagonal: bool = False
+                           ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Hessians of every unit (only their diagonals with ``diagonal``) and,
+    for MoE models, the routing statistics."""
+    acc = UnitGrams(model, inventory.units, diagonal=diagonal)
     try:
-        rows = progress(list(windows), desc="calibrating (X^T X)", unit="window") if progress else windows
+        desc = "calibrating (imatrix)" if diagonal else "calibrating (X^T X)"
+        rows = progress(list(windows), desc=desc, unit="window") if progress else windows
         for row in rows:
             model(row[None, :])
     finally:
@@ -279,10 +291,40 @@ def _valid_routing(routing, inventory: Inventory) -> bool:
 
 def importance_vectors(model: nn.Module, inventory: Inventory, tokenizer, text: str, settings: CalibSettings, *,
                        progress: Callable | None = None) -> dict[str, torch.Tensor]:
-    """llama.cpp's importance vectors E[x_j^2] per unit: the diagonal of
-    H = 2 X^T X / n, halved (none for a token embedding read by lookup)."""
-    H = cached_hessians(model, inventory, tokenizer, text, settings, progress=progress)
-    return {name: torch.diagonal(h).float() / 2 for name, h in H.items()}
+    """llama.cpp's importance vectors E[x_j^2] per unit (the diagonal of
+    H = 2 X^T X / n, halved; none for a token embedding read by lookup), from
+    their own calibration pass, which accumulates only the diagonals, and
+    cached on disk like the Hessians (never taken from cached Hessians, whose
+    float32 products round differently: the vectors must not depend on what
+    else was measured before)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    path = Path(cache_dir()) / "imatrix" / f"{settings.key(inventory.content_id, text)}.safetensors"
+    if path.is_file():
+        try:
+            cached = load_file(str(path))
+        except Exception:  # safetensors raises its own error type for a damaged header
+            cached = None
+        if cached is not None and _valid_importance(cached, inventory):
+            return cached
+    diag, _ = accumulate_calibration(model, inventory, calibration_windows(tokenizer, text, settings),
+                                     progress=progress, diagonal=True)
+    vectors = {name: d / 2 for name, d in diag.items()}
+    write_atomic(path, lambda tmp: save_file(_unshared(vectors), tmp, metadata={"format": json.dumps(
+        {"kind": "bitalloc.imatrix", "version": 1})}))
+    return vectors
+
+
+def _valid_importance(vectors: dict[str, torch.Tensor], inventory: Inventory) -> bool:
+    """One finite, non-negative (in,) vector per unit that has inputs (experts no token reached may lack one)."""
+    units = [u for u in inventory.units if not u.lookup]
+    names = {u.name for u in units}
+    if not set(vectors) <= names or not {u.name for u in units if u.index is None} <= set(vectors):
+        return False
+    return all(vectors[u.name].shape == (u.shape[1],) and bool(torch.isfinite(vectors[u.name]).all())
+               and bool((vectors[u.name] >= 0).all()) for u in units if u.name in vectors)
 
 
 DEFAULT_CALIB_LABEL = "default calibration half"  # a plan's record of the default calibration text

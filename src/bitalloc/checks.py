@@ -13,6 +13,7 @@ _SCORER_ONLY = (
     ("--farms", "farms", lambda a: _uses(a, "alpha", "alpha-rel"), "only the alpha scorers use it"),
     ("--probe-windows", "probe_windows", lambda a: _uses(a, "kl", "linearity"), "only kl and linearity probe"),
     ("--probe-seq-len", "probe_seq_len", lambda a: _uses(a, "kl", "linearity"), "only kl and linearity probe"),
+    ("--kl-probes", "kl_probes", lambda a: _uses(a, "kl"), "only the kl scorer probes options"),
     ("--act-order", "act_order", lambda a: "gptq" in (a.quantizer or ()), "only GPTQ orders columns"),
     ("--gptq-sequential", "gptq_sequential", lambda a: "gptq" in (a.quantizer or ()), "it is a GPTQ setting"),
     ("--gptq-one-shot", "gptq_one_shot", lambda a: "gptq" in (a.quantizer or ()), "it is a GPTQ setting"),

@@ -41,7 +41,8 @@ def plan_settings(args, budget_value: float | None):
         calib_text=args.calib_text, text_encoding=args.encoding,
         calib=CalibSettings(args.calib_windows, args.calib_seq_len),
         scorer_settings=ScorerSettings(alpha_gamma=args.alpha_gamma, alpha_fit=args.alpha_fit, alpha_farms=args.farms,
-                                       probe_windows=args.probe_windows, probe_seq_len=args.probe_seq_len),
+                                       probe_windows=args.probe_windows, probe_seq_len=args.probe_seq_len,
+                                       kl_probes=args.kl_probes),
         refine=RefineSettings(args.refine_rounds, args.refine_windows, args.refine_seq_len, args.refine_candidates,
                               args.refine_objective),
         guard=not args.no_guard,
@@ -97,6 +98,7 @@ def cmd_plan(args) -> None:
         scoring_flags = [f for f, a, calib in (("--calib-text", "calib_text", True),
                                                ("--calib-windows", "calib_windows", True),
                                                ("--probe-windows", "probe_windows", False),
+                                               ("--kl-probes", "kl_probes", False),
                                                ("--alpha-gamma", "alpha_gamma", False))
                          if _given(args, a) and "gptq" not in (args.quantizer or ()) and not (calib and imatrix)]
         if scoring_flags:
@@ -227,6 +229,7 @@ def cmd_eval(args) -> None:
     else:
         out = api.evaluate(args.model, quantized=args.quantized, reference_model=reference, text_path=args.text,
                            encoding=args.encoding, settings=eval_settings(args), progress=not args.quiet)
+    notices(out.get("notices", ()))
     r = out["result"]
     extra = "" if r["kl"] is None else f"  KL {r['kl']:.5f} nats/token  top-1 {r['top1']:.4f}"
     print(f"{out['model']}: perplexity {r['ppl']:.4f} over {r['tokens']} tokens{extra}")
@@ -301,13 +304,39 @@ def cmd_compare(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from bitalloc.cli import DEMO_BUDGETS, DEMO_SCORERS, build_parser
+    """llama.cpp's preset against bitalloc's plan of llama.cpp types at its
+    exact size, on the embedded model; both files run by llama.cpp on the same
+    windows of evaluation text. The settings are fixed (``cli.DEMO_*``), so
+    the command alone reproduces what it prints."""
+    import time
 
-    ns = build_parser().parse_args(["run"])
-    ns.windows, ns.seq_len, ns.json, ns.quiet, ns.overwrite = args.windows, args.seq_len, args.json, args.quiet, \
-        args.overwrite
-    ns.scorer = DEMO_SCORERS
-    cmd_run(ns, budgets=list(DEMO_BUDGETS))
+    from bitalloc import api
+    from bitalloc.cli import DEMO_KL_PROBES, DEMO_TYPES
+    from bitalloc.compare_gguf import GGUFCompareSettings, compare_gguf, headline, write_report
+    from bitalloc.evaluate import EvalSettings
+    from bitalloc.evaluate.llamacpp import LlamaCppCrash
+    from bitalloc.fileio import check_output_dir
+    from bitalloc.problem import Budget
+    from bitalloc.scorers import ScorerSettings
+
+    check_output_dir(args.out, "compare.json", "bitalloc.report", flag="--out", overwrite=args.overwrite,
+                     own=frozenset({"compare.md", "gguf"}))
+    t0 = time.perf_counter()
+    settings = GGUFCompareSettings((args.preset,), ("kl",), EvalSettings(args.seq_len, args.windows))
+    plan = api.PlanSettings(Budget(1.0, "bytes", "model"), scorer="kl", keep_bits=32,  # the preset's size replaces it
+                            menu=api.MenuSettings(format="gguf", types=DEMO_TYPES, embeddings=True),
+                            scorer_settings=ScorerSettings(kl_probes=DEMO_KL_PROBES))
+    loaded = api.load(None, embeddings=True)
+    try:
+        report = compare_gguf(loaded, settings, plan, f"{args.out}/gguf", progress=not args.quiet,
+                              checkpoint=lambda partial: write_report(partial, args.out))
+    except LlamaCppCrash as crash:
+        raise LlamaCppCrash(f"{crash} The rows measured before it are in {args.out}/compare.md.", path=crash.path,
+                            signal_name=crash.signal_name) from None
+    notices(report["notices"])
+    print(headline(report, time.perf_counter() - t0))
+    for path in write_report(report, args.out):
+        print(f"wrote {path}")
 
 
 def cmd_export(args) -> None:

@@ -11,22 +11,20 @@ against the preset on the same windows."""
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from bitalloc import api
 from bitalloc.errors import BitallocError
 from bitalloc.evaluate import EvalSettings, token_windows
 from bitalloc.fileio import write_json
+from bitalloc.formats.gguf_types import PRESETS
 from bitalloc.problem import Budget
 from bitalloc.report import table, versus, with_ci
 from bitalloc.stats import method_note
 
-PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ4_XS", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")
 
 
 @dataclass(frozen=True)
@@ -42,72 +40,29 @@ class GGUFCompareSettings:
             raise BitallocError(f"Unknown llama.cpp preset {bad[0]!r}; choose from {', '.join(PRESETS)}.")
 
 
-def make_preset(source: str, out: str, preset: str, vectors: dict, threads: int = 2) -> None:
-    """``llama_model_quantize`` of ``source`` to the preset, with the
-    importance vectors (GGUF name -> (in,) float32) as its imatrix."""
-    import llama_cpp
-    import numpy as np
-
-    entries = (llama_cpp.llama_model_imatrix_data * (len(vectors) + 1))()  # a NULL name ends the list
-    keep = []  # the arrays must outlive the call
-    for entry, (name, v) in zip(entries, vectors.items()):
-        v = np.ascontiguousarray(v, dtype=np.float32)
-        keep.append((name.encode(), v))
-        entry.name, entry.size, entry.data = keep[-1][0], v.size, v.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{preset}")
-    params.allow_requantize, params.nthread = True, threads
-    if vectors:
-        params.imatrix = entries
-    with _captured_stderr() as log:  # llama.cpp prints a line per tensor that falls back to another type
-        status = llama_cpp.llama_model_quantize(source.encode(), out.encode(), ctypes.byref(params))
-    if status != 0:
-        tail = " ".join("".join(log).split()[-40:])
-        raise BitallocError(f"llama.cpp could not make the {preset} preset of {source}: {tail}")
-
-
-@contextlib.contextmanager
-def _captured_stderr():
-    """File descriptor 2 (where llama.cpp's C code writes) sent to a temporary
-    file for the block; its text is appended to the yielded list afterwards,
-    so a failure can quote it."""
-    import os
-    import sys
-    import tempfile
-
-    sys.stderr.flush()
-    saved = os.dup(2)
-    captured: list[str] = []
-    with tempfile.TemporaryFile(mode="w+") as log:
-        os.dup2(log.fileno(), 2)
-        try:
-            yield captured
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            log.seek(0)
-            captured.append(log.read())
-
-
 def tensor_bytes(path: str) -> int:
-    from gguf import GGUFReader
+    from bitalloc.gguf_header import read_gguf_header
 
-    return sum(int(t.n_bytes) for t in GGUFReader(path).tensors)
+    return read_gguf_header(path).tensor_data_bytes
 
 
 def compare_gguf(loaded: api.Loaded, settings: GGUFCompareSettings, plan_settings: api.PlanSettings, work: str, *,
                  text_path: str | None = None, encoding: str = "utf-8", progress: bool = True,
                  checkpoint: Callable[[dict], None] | None = None) -> dict:
     """Every preset and each scorer's plan at its size, run by llama.cpp;
-    ``checkpoint(report so far)`` after each preset, so a long run shows its
-    results as they come."""
-    from bitalloc.evaluate.llamacpp import evaluate_gguf, llamacpp_logprobs
+    ``checkpoint(report so far)`` after each file, so a long run shows its
+    results as they come. A crash inside llama.cpp (``LlamaCppCrash``) is
+    raised after the report of the rows finished so far has been checkpointed."""
+    from bitalloc.evaluate.llamacpp import LlamaCpp, LlamaCppCrash
     from bitalloc.exporting import _arch, gguf_names, source_gguf
     from bitalloc.refine import make_probe
     from bitalloc.scorers import score
 
     t0 = time.perf_counter()
     source = source_gguf(loaded.source)
+    if loaded.tokenizer is None:
+        raise BitallocError(f"{loaded.source.label} holds no tokenizer that transformers can read; comparing files "
+                            "needs text to run them on. Use a GGUF file with its tokenizer.")
     loaded, plan_settings = api.prepare(loaded, plan_settings, progress)
     inv = loaded.inventory
     names = gguf_names(inv, loaded.model.config.num_hidden_layers, _arch(source))
@@ -118,37 +73,75 @@ def compare_gguf(loaded: api.Loaded, settings: GGUFCompareSettings, plan_setting
     seconds = {"tables": time.perf_counter() - t0}
     text, label = api.eval_text(text_path, encoding)
     windows = token_windows(loaded.tokenizer, text, settings.eval)
-    reference = llamacpp_logprobs(source, windows, progress=api._tqdm(progress))
-    def report() -> dict:
+    rows: list[dict] = []
+
+    def report(stopped: str | None = None) -> dict:
         return {"model": loaded.source.label, "source": source, "text": label, "eval": settings.eval.to_dict(),
-                "menu": [o.name for o in options], "notices": list(inv.notices) + notices, "rows": rows,
+                "menu": [o.name for o in options],
+                "notices": list(inv.notices) + notices + list(runner.notices), "rows": rows,
                 "seconds": {**seconds, "total": time.perf_counter() - t0},
                 "note": "every file run by llama.cpp; KL and top-1 against the source GGUF run by llama.cpp; sizes "
                         "are tensor data bytes (metadata apart); bitalloc's budget is the preset's exact tensor data "
                         "bytes",
                 "method": method_note(settings.eval.windows, rows[0]["tokens"] if rows else 0,
-                                      baseline="the llama.cpp preset of the same size", column="vs preset")}
+                                      baseline="the llama.cpp preset of the same size", column="vs preset"),
+                **({"stopped": stopped} if stopped else {})}
 
     probe = make_probe(loaded, plan_settings) if plan_settings.guard or plan_settings.refine.rounds else None
-    rows = []
     Path(work).mkdir(parents=True, exist_ok=True)
-    for preset in settings.presets:
-        path = str(Path(work) / f"preset-{preset}.gguf")
-        make_preset(source, path, preset, vectors, settings.threads)
+    with LlamaCpp(n_threads=settings.threads, progress=api._tqdm(progress)) as runner:
+        try:
+            reference = runner.logprobs(source, windows, desc="llama.cpp reference")
+            bench = _Bench(loaded, plan_settings, tables, probe, source, names, vectors, work, runner, windows,
+                           reference, progress)
+            for preset in settings.presets:
+                for row in bench.preset_rows(preset, settings):
+                    rows.append(row)
+                    if checkpoint is not None:
+                        checkpoint(report())
+        except LlamaCppCrash as crash:
+            if checkpoint is not None:
+                checkpoint(report(stopped=str(crash)))
+            raise
+        return report()
+
+
+@dataclass(frozen=True)
+class _Bench:
+    """What every preset's rows share: the model and its tables, the source
+    file and its names, llama.cpp and the reference on the windows."""
+
+    loaded: api.Loaded
+    plan_settings: api.PlanSettings
+    tables: dict
+    probe: object
+    source: str
+    names: dict[str, str]
+    vectors: dict
+    work: str
+    runner: object
+    windows: object
+    reference: object
+    progress: bool
+
+    def preset_rows(self, preset: str, settings: GGUFCompareSettings) -> Iterator[dict]:
+        """The preset's row, then each scorer's plan at its exact size, each
+        as soon as llama.cpp has measured it."""
+        path = str(Path(self.work) / f"preset-{preset}.gguf")
+        self.runner.quantize(self.source, path, preset, self.vectors)
         size = tensor_bytes(path)
         base = {"preset": preset, "method": f"llama.cpp {preset}", "file": path, "tensor_bytes": size,
-                **evaluate_gguf(path, windows, reference).to_dict()}
-        rows.append(base)
-        s = replace(plan_settings, budget=Budget(float(size), "bytes", "model"))
+                **self.runner.evaluate(path, self.windows, self.reference, desc=f"llama.cpp {preset}").to_dict()}
+        yield base
+        s = replace(self.plan_settings, budget=Budget(float(size), "bytes", "model"))
         for scorer in settings.scorers:
-            row = _plan_row(loaded, tables[scorer], replace(s, scorer=scorer), probe, source, names, vectors,
-                            str(Path(work) / f"bitalloc-{scorer}-{preset}.gguf"), progress)
-            row.update(preset=preset, **evaluate_gguf(row["file"], windows, reference).to_dict())
+            row = _plan_row(self.loaded, self.tables[scorer], replace(s, scorer=scorer), self.probe, self.source,
+                            self.names, self.vectors, str(Path(self.work) / f"bitalloc-{scorer}-{preset}.gguf"),
+                            self.progress)
+            row.update(preset=preset, **self.runner.evaluate(row["file"], self.windows, self.reference,
+                                                             desc=f"llama.cpp bitalloc {scorer}").to_dict())
             row["vs_preset"] = versus(row, base)
-            rows.append(row)
-        if checkpoint is not None:
-            checkpoint(report())
-    return report()
+            yield row
 
 
 def _plan_row(loaded: api.Loaded, table, settings: api.PlanSettings, probe, source: str, names: dict[str, str],
@@ -189,8 +182,39 @@ def markdown(report: dict) -> str:
                      with_ci(r, "kl", 4, fixed=True), kl_change(r, preset), with_ci(r, "top1", 3, fixed=True),
                      r.get("vs_preset", "")])
     headers = ["method", "MB (tensor data)", "ppl [95 %]", "KL [95 %]", "KL vs preset", "top-1 [95 %]", "vs preset"]
+    stopped = f"\nstopped early: {report['stopped']}" if report.get("stopped") else ""
     return (f"model: {report['model']} (reference: the source GGUF run by llama.cpp)\ntext: {report['text']}\n"
-            + table(headers, rows) + "\n" + report["method"])
+            + table(headers, rows) + "\n" + report["method"] + stopped)
+
+
+def headline(report: dict, seconds: float) -> str:
+    """What `bitalloc demo` prints: the comparison of the first preset with
+    bitalloc's file, the table, the verdict in words, the files and the time."""
+    from bitalloc.stats import WindowSums, compare_windows
+
+    preset, ours = report["rows"][0], report["rows"][1]
+    diffs = compare_windows(WindowSums.from_dict(ours["window_sums"]), WindowSums.from_dict(preset["window_sums"]))
+    said = {"better": [], "worse": [], "within noise": []}
+    for metric, d in diffs.items():
+        said[d.verdict].append({"ppl": "perplexity", "kl": "KL", "top1": "top-1"}[metric])
+    verdict = "; ".join(f"{word} on {', '.join(names)}" for word, names in said.items() if names)
+    ev = report["eval"]
+    mix = ", ".join(f"{n} x {t}" for t, n in sorted(ours["types"].items(), key=lambda kv: -kv[1]))
+    return "\n".join([
+        f"bitalloc demo: {report['model']}",
+        f"llama.cpp's {preset['preset']} preset against bitalloc's plan of llama.cpp types at exactly its size; both "
+        f"files run by llama.cpp on {ev['windows']} windows x {ev['seq_len']} tokens of {report['text']}, which no "
+        "step calibrated on. Reference: the source GGUF run by llama.cpp (its weights already sit on a 4-bit grid; "
+        "it is not an fp16 original).", "", markdown(report), "",
+        f"bitalloc's file at {ours['tensor_bytes'] / 1e6:.3f} MB (the preset: {preset['tensor_bytes'] / 1e6:.3f} MB): "
+        f"KL {ours['kl']:.4f} against {preset['kl']:.4f} ({kl_change(ours, preset)}), top-1 {ours['top1']:.3f} "
+        f"against {preset['top1']:.3f}, perplexity {ours['ppl']:.2f} against {preset['ppl']:.2f}: {verdict} (95 % "
+        f"interval of the paired difference over {ev['windows']} windows).",
+        f"bitalloc's mix: {mix}.",
+        f"files: {preset['file']} (llama.cpp's), {ours['file']} (bitalloc's); run either with llama.cpp "
+        "(llama-cli -m FILE, or llama_cpp.Llama(model_path=FILE)).",
+        f"took {seconds / 60:.1f} min ({report['seconds']['tables']:.0f} s of it for the error table).",
+    ])
 
 
 def write_report(report: dict, out_dir: str) -> list[str]:
@@ -208,12 +232,18 @@ def cmd_compare_gguf(args) -> None:
     """`bitalloc compare --format gguf` after the command's checks (commands.cmd_compare)."""
     from bitalloc.checks import _scorers_of
     from bitalloc.commands import eval_settings, plan_settings
+    from bitalloc.evaluate.llamacpp import LlamaCppCrash
 
     settings = GGUFCompareSettings(tuple(args.presets or PRESETS), _scorers_of(args), eval_settings(args))
     plan = plan_settings(args, 1.0)  # each preset's size replaces this budget
     loaded = api.load(args.model, embeddings=True)
-    report = compare_gguf(loaded, settings, plan, f"{args.out}/gguf", text_path=args.text, encoding=args.encoding,
-                          progress=not args.quiet, checkpoint=lambda partial: write_report(partial, args.out))
+    try:
+        report = compare_gguf(loaded, settings, plan, f"{args.out}/gguf", text_path=args.text,
+                              encoding=args.encoding, progress=not args.quiet,
+                              checkpoint=lambda partial: write_report(partial, args.out))
+    except LlamaCppCrash as crash:
+        raise LlamaCppCrash(f"{crash} The rows measured before it are in {args.out}/compare.md and compare.json.",
+                            path=crash.path, signal_name=crash.signal_name) from None
     print(markdown(report))
     for path in write_report(report, args.out):
         print(f"wrote {path}")

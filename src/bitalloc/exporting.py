@@ -48,10 +48,9 @@ def source_gguf(src) -> str:
 
 
 def _arch(path: str) -> str:
-    from gguf import GGUFReader
+    from bitalloc.gguf_header import read_gguf_header
 
-    field = GGUFReader(path).get_field("general.architecture")
-    return str(field.contents()) if field is not None else "llama"
+    return read_gguf_header(path).architecture or "llama"
 
 
 def export_gguf(plan_path: str, out: str, *, model: str | None = None, settings=None, tensor_types: str | None = None,

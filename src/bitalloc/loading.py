@@ -98,14 +98,14 @@ def check_gguf(path: str | Path) -> None:
         what = "is empty" if not magic else "does not start with the GGUF magic bytes"
         raise BitallocError(f"The GGUF file {str(path)!r} {what}: it is not a GGUF model. Pass a valid .gguf file.")
     try:
-        from gguf import GGUFReader
+        from bitalloc.gguf_header import read_gguf_header
 
-        reader = GGUFReader(str(path))
+        header = read_gguf_header(path)
         size = path.stat().st_size
-        for t in reader.tensors:  # a truncated file ends before some tensor's data
-            if t.data_offset + t.n_bytes > size:
+        for t in header.tensors:  # a truncated file ends before some tensor's data
+            if t.offset + t.n_bytes > size:
                 raise ValueError(f"tensor {t.name} runs past the end of the file")
-    except Exception as e:  # gguf-py raises many kinds (ValueError, struct errors, IndexError) on damage
+    except Exception as e:  # a damaged header raises ValueError, struct errors, UnicodeDecodeError, KeyError
         raise BitallocError(f"The GGUF file {str(path)!r} is damaged or truncated ({e.__class__.__name__}: "
                             f"{_one_line(e)}). Download or convert it again.") from None
 
@@ -146,14 +146,11 @@ def position_limit(source: ModelSource) -> int | None:
     """The model's longest sequence (max_position_embeddings, or the GGUF's
     context_length), read without loading the model; None if not stated."""
     if source.gguf_file:
-        from gguf import GGUFReader
+        from bitalloc.gguf_header import read_gguf_header
 
         check_gguf(Path(source.path) / source.gguf_file)
-        reader = GGUFReader(str(Path(source.path) / source.gguf_file))
-        for name, field in reader.fields.items():
-            if name.endswith(".context_length") and field.data:
-                return int(field.parts[field.data[0]][0])
-        return None
+        limit = read_gguf_header(Path(source.path) / source.gguf_file).field("context_length")
+        return int(limit) if isinstance(limit, int) and limit > 0 else None
     config = Path(source.path) / "config.json"
     if source.kind != "dir" or not config.is_file():
         return None

@@ -257,10 +257,12 @@ def _write_file(path: str, reader, plans: list[_TensorPlan], importance: Mapping
 
 def _verify(path: str, plans: list[_TensorPlan]) -> dict[str, int]:
     """Read the new file back: the planned types, in order, at the predicted sizes."""
-    from gguf import GGUFReader
+    from gguf import GGMLQuantizationType
 
-    tensors = GGUFReader(path).tensors
-    got = [(t.name, t.tensor_type.name, int(t.n_bytes)) for t in tensors]
+    from bitalloc.gguf_header import read_gguf_header
+
+    tensors = read_gguf_header(path).tensors
+    got = [(t.name, GGMLQuantizationType(t.type_id).name, t.n_bytes) for t in tensors]
     want = [(p.name, p.type_name, p.nbytes) for p in plans]
     if got != want:
         bad = next(((g, w) for g, w in zip(got, want) if g != w), (len(got), len(want)))

@@ -219,11 +219,46 @@ def quantize_rows(type_name: str | GgmlType, W: Any, importance: Any = None) -> 
         return out
     ggml = _ggml()
     ggml.lib.ggml_quantize_init(t.type_id)
-    written = ggml.lib.ggml_quantize_chunk(t.type_id, W.ctypes.data, out.ctypes.data, 0, rows, cols,
-                                           None if imp is None else imp.ctypes.data)
+    imp_ptr = None if imp is None else imp.ctypes.data
+
+    def chunk(first: int, last: int) -> int:  # rows [first, last); ggml offsets the output by first rows itself
+        return ggml.lib.ggml_quantize_chunk(t.type_id, W.ctypes.data, out.ctypes.data, first * cols, last - first,
+                                            cols, imp_ptr)
+
+    bounds = _row_chunks(rows, cols, _threads())
+    if len(bounds) == 1:
+        written = chunk(*bounds[0])
+    else:  # ctypes releases the GIL: the chunks run in parallel, as llama-quantize's threads do
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(bounds)) as pool:
+            written = sum(pool.map(lambda b: chunk(*b), bounds))
     if written != out.size:
         raise BitallocError(f"ggml wrote {written} bytes for {t.name} where {out.size} were expected.")
     return out
+
+
+MIN_CHUNK_WEIGHTS = 1 << 16  # below this a thread costs more than it saves
+
+
+def _threads() -> int:
+    """Threads for ggml's quantizers: OMP_NUM_THREADS where set (as torch
+    reads it), else the CPUs this process may use."""
+    import os
+
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _row_chunks(rows: int, cols: int, threads: int) -> list[tuple[int, int]]:
+    """[first, last) row ranges, at most ``threads``, each of at least
+    MIN_CHUNK_WEIGHTS weights where the tensor allows. ggml quantizes each row
+    on its own, so the bytes do not depend on the split."""
+    n = max(1, min(threads, rows, rows * cols // MIN_CHUNK_WEIGHTS))
+    edges = [rows * k // n for k in range(n + 1)]
+    return [(a, b) for a, b in zip(edges, edges[1:])]
 
 
 def dequantize_rows(type_name: str | GgmlType, data: Any, n_per_row: int) -> np.ndarray:

@@ -25,6 +25,9 @@ GGUF_TYPE_NAMES: tuple[str, ...] = (
     "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
     "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "F16",
 )
+# llama.cpp's presets (llama-quantize's file types) that `compare --format gguf` and the demo measure against.
+PRESETS: tuple[str, ...] = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ4_XS", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M",
+                            "Q6_K")
 # ggml's quantizers for these discard the importance vector (ggml-quants.c:
 # quantize_q8_0 rounds each block to nearest; F16 is a cast).
 _IGNORES_IMPORTANCE = frozenset({"Q8_0", "F16"})

@@ -39,6 +39,7 @@ class ScorerSettings:
     probe_seq_len: int = 128
     noise_levels: tuple[float, ...] = (0.01, 0.05)  # relative MSE of injected noise (linearity)
     kl_probe_options: tuple[str, ...] = ("int2-g64-asym", "int3-g64-asym", "int4-g64-asym")
+    kl_probes: int = 3  # options measured per unit (1: the middle one, KL taken proportional to the error)
     damp: float = 0.01
     taylor_windows: int = 4
     seed: int = 0
@@ -46,6 +47,8 @@ class ScorerSettings:
     def __post_init__(self) -> None:
         if self.alpha_fit not in ("hill", "ks"):
             raise BitallocError(f"The 'alpha_fit' parameter must be 'hill' or 'ks'. Got {self.alpha_fit!r} instead.")
+        if self.kl_probes not in (1, 2, 3):
+            raise BitallocError(f"The 'kl_probes' parameter must be 1, 2 or 3. Got {self.kl_probes!r} instead.")
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]

@@ -51,17 +51,20 @@ def unit_probes(ctx: ScoringContext, i: int) -> list:
     options on an integer affine menu; on any other menu (GGUF types, whose
     availability differs per unit) three of the unit's own fitting options,
     the cheapest, the median and the third quartile by stored bits, leaving
-    out 16-bit storage, whose KL is too small to fit a power law to."""
+    out 16-bit storage, whose KL is too small to fit a power law to. With
+    ``kl_probes`` below 3 the middle one is kept first, then the cheapest."""
     if all(isinstance(o, QuantOption) for o in ctx.options):
-        return [QuantOption.parse(o) for o in ctx.settings.kl_probe_options]
-    unit = ctx.inventory.units[i]
-    rel = ctx.reductions(["mse"])["mse"][i]
-    fitting = sorted((o for j, o in enumerate(ctx.options) if np.isfinite(rel[j]) and o.bits < 16),
-                     key=lambda o: storage_bits(unit.shape, o))
-    if not fitting:
-        fitting = [o for j, o in enumerate(ctx.options) if np.isfinite(rel[j])]
-    picks = [fitting[0], fitting[len(fitting) // 2], fitting[(3 * len(fitting)) // 4]]
-    return picks
+        picks = [QuantOption.parse(o) for o in ctx.settings.kl_probe_options]
+    else:
+        unit = ctx.inventory.units[i]
+        rel = ctx.reductions(["mse"])["mse"][i]
+        fitting = sorted((o for j, o in enumerate(ctx.options) if np.isfinite(rel[j]) and o.bits < 16),
+                         key=lambda o: storage_bits(unit.shape, o))
+        if not fitting:
+            fitting = [o for j, o in enumerate(ctx.options) if np.isfinite(rel[j])]
+        picks = [fitting[0], fitting[len(fitting) // 2], fitting[(3 * len(fitting)) // 4]]
+    keep = sorted((1, 0, 2)[: ctx.settings.kl_probes])
+    return [picks[k] for k in keep]
 
 
 def _menu_key(ctx: ScoringContext) -> str:
