@@ -26,10 +26,12 @@ class Case:
     expect: str  # regex the message must match
     loads: bool = False  # True: refused after the model is loaded (it depends on the model)
     code: int = 2
+    env: tuple[tuple[str, str], ...] = ()  # environment variables ({name} fields as in argv)
 
 
-def C(id, argv, expect, **kw) -> Case:
+def C(id, argv, expect, *, env: dict | None = None, **kw) -> Case:
     words = argv.split()
+    kw["env"] = tuple((env or {}).items())
     if words[:1] == ["--model"]:  # M + " plan ...": the command first, as a user types it
         words = [words[2], *words[:2], *words[3:]]
     return Case(id, tuple(words), expect, **kw)
@@ -78,7 +80,7 @@ CASES = (
     C("min-above-max", "plan --bpw 3 --min-bits 6 --max-bits 4 --out {new}", "above --max-bits"),
     C("scorer-unknown", "plan --bpw 3 --scorer magic --out {new}", "unknown scorer 'magic'"),
     C("solver-unknown", "plan --bpw 3 --solver magic --out {new}", "invalid choice: 'magic'"),
-    C("keep-bits-8", "plan --bpw 3 --keep-bits 8 --out {new}", "invalid choice: 8"),
+    C("keep-bits-8", "plan --bpw 3 --keep-bits 8 --out {new}", "must be one of 16, 32; got '8'"),
     C("allow-without-equals", "plan --bpw 3 --allow novalue --out {new}", "UNIT_PATTERN=OPTION_PATTERN"),
     C("allow-empty-pattern", "plan --bpw 3 --allow =int4* --out {new}", "needs a unit pattern"),
     C("allow-matches-no-unit", M + " plan --bpw 4 --allow *.nomatch=int4* --out {new}", "matches no unit",
@@ -155,7 +157,7 @@ CASES = (
     C("plan-option-unknown", "quantize --plan {plan_option_unknown} --out {newdir}", "Unknown option name 'int4'"),
     C("plan-budget-inf", "quantize --plan {plan_budget_inf} --out {newdir}", "'value' must be a finite number"),
     C("plan-version-99", "quantize --plan {plan_version} --out {newdir}", "version 99"),
-    C("plan-other-model", M + " quantize --plan {plan_other} --out {newdir}", "made for another model", loads=True),
+    C("plan-other-model", M + " quantize --plan {plan_other} --out {newdir}", "was made for another model"),
     C("quantize-without-plan", "quantize --out {newdir}", "required: --plan"),
     # ---- error tables --------------------------------------------------------------
     C("table-missing", "plan --bpw 3 --table {missing} --out {new}", "does not exist"),
@@ -182,6 +184,50 @@ CASES = (
     C("demo-out-user-folder", "demo --out {folder}", "holds files bitalloc did not write"),
     C("demo-windows-0", "demo --windows 0", "from 1 to"),
     C("demo-unknown-preset", "demo --preset Q9_K", "invalid choice: 'Q9_K'"),
+    # ---- inputs that pass the schema but lie ----------------------------------------------
+    C("quantized-wrong-packed-size", "eval --quantized {q_int2_codes} --seq-len 64",
+      r"q_proj\.(qweight|scales|zeros) as \w+ \[[\d, ]+\]; int\d-\S+ on \[64, 64\] stores", loads=True),
+    C("quantized-nan-scale", "eval --quantized {q_nan_scale} --seq-len 64", r"non-finite values \(NaN or infinity\) in .*\.scales",
+      loads=True),
+    C("quantized-extra-tensor", "eval --quantized {q_extra_tensor} --seq-len 64", "tensors its plan does not describe", loads=True),
+    C("checkpoint-missing-tensor", "plan --model {missing_tensor} --bpw 4 --out {new}",
+      r"lacks tensors its config calls for: model\.layers\.1\.mlp\.down_proj\.weight", loads=True),
+    C("checkpoint-unexpected-tensor", "plan --model {extra_tensor} --bpw 4 --out {new}",
+      "holds tensors its config has no place for: extra.weight", loads=True),
+    C("table-negative-distortion", "plan --table {table_negative} --bpw 4 --out {new}",
+      "distortions are finite and at least 0"),
+    C("table-negative-importance", "plan --table {table_negative_importance} --bpw 4 --out {new}",
+      "has importance -5.0; importances are finite and at least 0"),
+    C("plan-edited-budget", M + " quantize --plan {plan_edited_budget} --out {newdir}",
+      "more than its budget of 2 bpw over the quantized weights: the file was edited", loads=True),
+    C("plan-extra-unit", M + " quantize --plan {plan_extra_unit} --out {newdir}",
+      "assigns 1 unit\\(s\\) this model does not have", loads=True),
+    C("plan-duplicate-key", "quantize --plan {plan_duplicate_key} --out {newdir}", "holds the key .* twice"),
+    C("plan-nested-deep", "quantize --plan {plan_nested} --out {newdir}", "nested too deeply"),
+    C("eval-gguf-other-vocabulary", "eval --gguf {vocab32_gguf} --reference {tiny} --seq-len 32",
+      "vocabulary of 32 tokens and --reference .* one of 128"),
+    # ---- outputs that would overwrite inputs --------------------------------------------------
+    C("quantize-out-is-the-model", "quantize --model {tiny_copy} --plan {plan} --out {tiny_copy} --overwrite",
+      "is the input of --model"),
+    C("quantize-out-inside-the-model", "quantize --model {tiny_copy} --plan {plan} --out {tiny_copy}/q",
+      "lies inside the input of --model"),
+    C("compare-out-holds-the-model", "compare --model {tiny_copy} --out {tiny_parent} --overwrite",
+      "contains the input of --model"),
+    C("plan-out-is-save-table", "plan --bpw 3 --out {new} --save-table {new}", "name the same place"),
+    C("plan-out-is-the-table", "plan --table {table_copy} --bpw 4 --out {table_copy} --overwrite",
+      "is the input of --table"),
+    C("eval-json-is-the-text", "eval --text {text} --json {text} --overwrite", "is the input of --text"),
+    C("plan-out-symlink", "plan --bpw 3 --out {link}", "is a symbolic link"),
+    # ---- one line that names the fix ------------------------------------------------------------
+    C("text-dev-zero", "eval --text /dev/zero", "is not a regular file"),
+    C("text-fifo", "eval --text {fifo}", "is not a regular file"),
+    C("model-fifo", "plan --model {fifo} --bpw 4 --out {new}", "is not a regular file or folder"),
+    C("cache-is-a-file", "plan --bpw 3 --out {new}", "BITALLOC_CACHE=.* is a file, not a folder",
+      env={"BITALLOC_CACHE": "{user_file}"}),
+    C("cache-under-a-file", "plan --bpw 3 --out {new}", "BITALLOC_CACHE=.* cannot be made: .* is a file",
+      env={"BITALLOC_CACHE": "{user_file}/cache"}),
+    C("bpw-underscore", "plan --bpw 0_5 --out {new}", "digits without '_'"),
+    C("windows-underscore", "eval --windows 1_0", "digits without '_'"),
     # ---- quantized folders ------------------------------------------------------------
     C("quantized-missing", "eval --quantized {missing}", "is not a folder"),
     C("quantized-without-manifest", "eval --quantized {folder}", "no bitalloc.json"),
@@ -218,7 +264,7 @@ CASES = (
       "a multiple", loads=True),
     C("export-out-exists", "export {gguf_plan} --out {user_file}", "already exists; bitalloc replaces it only"),
     C("export-out-folder", "export {gguf_plan} --out {folder}", "is a folder"),
-    C("export-same-files", "export {gguf_plan} --out {new}.gguf --tensor-types {new}.gguf", "three different files"),
+    C("export-same-files", "export {gguf_plan} --out {new}.gguf --tensor-types {new}.gguf", "name the same place"),
     C("export-imatrix-without", "export {gguf_plan} --out {new}.gguf --imatrix {new}.imatrix", "--imatrix would be ignored"),
     C("export-to-other", "export {gguf_plan} --to safetensors --out {new}.gguf", "invalid choice: 'safetensors'"),
     C("compare-gguf-budgets", "compare --format gguf --budgets 3.5", "--budgets would be ignored"),
@@ -241,12 +287,15 @@ def _write(path: Path, data) -> str:
     return str(path)
 
 
-def _tiny_gguf(path: Path) -> None:
+def _tiny_gguf(path: Path, tokens: int = 0) -> None:
     import numpy as np
     from gguf import GGUFWriter
 
     w = GGUFWriter(str(path), "llama")
     w.add_context_length(64)
+    if tokens:
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list([f"t{i}" for i in range(tokens)])
     w.add_tensor("token_embd.weight", np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -342,7 +391,94 @@ def build_workspace(root: Path) -> dict[str, str]:
         else:
             manifest.write_text(manifest.read_text()[:-40])
         ws[name] = str(root / name)
+    _lying_inputs(root, ws)
     return ws
+
+
+def _rehash(folder: Path) -> None:
+    """Record the files' new sizes and sha256 in bitalloc.json, as someone who
+    edits a quantized folder on purpose would."""
+    manifest = folder / "bitalloc.json"
+    meta = json.loads(manifest.read_text())
+    for name, rec in meta["files"].items():
+        data = (folder / name).read_bytes()
+        rec.update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    manifest.write_text(json.dumps(meta))
+
+
+def _edit_safetensors(folder: Path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(folder / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _lying_inputs(root: Path, ws: dict[str, str]) -> None:
+    """Inputs that pass every schema check but lie about what they hold, and
+    paths for the output-over-input cases."""
+    import os
+    import shutil
+
+    import numpy as np
+    import torch
+
+    from bitalloc.formats.affine_rtn import pack_bits
+
+    q_unit = "model.layers.0.self_attn.q_proj"
+
+    def int2_codes(t):  # int2 per-channel codes and one scale/zero per row where the plan stores another option
+        t[f"{q_unit}.qweight"] = torch.from_numpy(pack_bits(np.zeros((64, 64), dtype=np.uint8), 2))
+        t[f"{q_unit}.scales"] = torch.ones(64, 1, dtype=torch.float16)
+        if f"{q_unit}.zeros" in t:
+            t[f"{q_unit}.zeros"] = torch.zeros(64, 1, dtype=torch.float16)
+
+    def nan_scale(t):
+        t[f"{q_unit}.scales"][0, 0] = float("nan")
+
+    def extra(t):
+        t["extra.weight"] = torch.zeros(3)
+
+    for name, edit in (("q_int2_codes", int2_codes), ("q_nan_scale", nan_scale), ("q_extra_tensor", extra)):
+        shutil.copytree(ws["q"], root / name)
+        _edit_safetensors(root / name, edit)
+        _rehash(root / name)
+        ws[name] = str(root / name)
+
+    def drop(t):
+        del t["model.layers.1.mlp.down_proj.weight"]
+
+    for name, edit in (("missing_tensor", drop), ("extra_tensor", extra)):
+        shutil.copytree(ws["tiny"], root / name)
+        _edit_safetensors(root / name, edit)
+        ws[name] = str(root / name)
+
+    plan, table = json.loads(Path(ws["plan"]).read_text()), json.loads(Path(ws["table"]).read_text())
+    unit = next(iter(table["units"]))
+    negated = {n: {**r, "distortion": [None if d is None else -d for d in r["distortion"]]}
+               for n, r in table["units"].items()}
+    variants = {
+        "table_negative": {**table, "units": negated},
+        "table_negative_importance": {**table, "units": {**table["units"], unit: {**table["units"][unit],
+                                                                                  "importance": -5.0}}},
+        "plan_edited_budget": {**plan, "budget": {**plan["budget"], "value": 2.0}},
+        "plan_extra_unit": {**plan, "units": {**plan["units"], "model.layers.9.mlp.up_proj": "int4-g32-sym"}},
+    }
+    for name, data in variants.items():
+        ws[name] = _write(root / f"{name}.json", data)
+    text = Path(ws["plan"]).read_text()
+    first = next(line for line in text.splitlines() if line.strip().startswith(f'"{next(iter(plan["units"]))}"'))
+    ws["plan_duplicate_key"] = _write(root / "plan_duplicate_key.json", text.replace(first, first + "\n" + first, 1))
+    ws["plan_nested"] = _write(root / "plan_nested.json", "[" * 200_000 + "]" * 200_000)
+    ws["vocab32_gguf"] = str(root / "vocab32.gguf")
+    _tiny_gguf(root / "vocab32.gguf", tokens=32)
+    shutil.copytree(ws["tiny"], root / "holder" / "tiny-copy")
+    ws["tiny_copy"], ws["tiny_parent"] = str(root / "holder" / "tiny-copy"), str(root / "holder")
+    ws["table_copy"] = _write(root / "table-copy.json", Path(ws["table"]).read_text())
+    os.symlink(ws["user_file"], root / "link.json")
+    ws["link"] = str(root / "link.json")
+    os.mkfifo(root / "fifo.txt")
+    ws["fifo"] = str(root / "fifo.txt")
 
 
 # ---- running one case ------------------------------------------------------
@@ -355,18 +491,35 @@ class Outcome:
 
 
 def run_case(case: Case, ws: dict[str, str]) -> Outcome:
+    import os
+
     from bitalloc.cli import main
 
     argv = ["--quiet"] + [a.format(**ws) for a in case.argv]
     err, out = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-        code = main(argv)
+    saved = {k: os.environ.get(k) for k, _ in case.env}
+    os.environ.update({k: v.format(**ws) for k, v in case.env})
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            code = main(argv)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     return Outcome(code, err.getvalue(), out.getvalue())
 
 
+def _state(p: Path) -> str:
+    if p.is_symlink():
+        return f"link to {p.readlink()}"
+    if p.is_dir():
+        return "dir"
+    if p.is_fifo():
+        return "fifo"
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
 def snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*"))}
+    return {str(p.relative_to(root)): _state(p) for p in sorted(root.rglob("*"))}
 
 
 def normalise(text: str, ws: dict[str, str], root: Path) -> str:
@@ -376,7 +529,8 @@ def normalise(text: str, ws: dict[str, str], root: Path) -> str:
 
 
 def command_text(case: Case) -> str:
-    return "bitalloc " + " ".join(a.replace("{", "<").replace("}", ">") for a in case.argv)
+    env = "".join(f"{k}={v} " for k, v in case.env)
+    return (env + "bitalloc " + " ".join(case.argv)).replace("{", "<").replace("}", ">")
 
 
 def render(rows: list[tuple[Case, str]]) -> str:

@@ -18,7 +18,7 @@ from torch import nn
 from bitalloc.errors import BitallocError
 from bitalloc.evaluate import EvalSettings, spread_windows
 from bitalloc.fileio import write_atomic
-from bitalloc.text import cache_dir
+from bitalloc.text import Text, cache_dir, text_digest
 from bitalloc.units import Inventory
 
 
@@ -30,8 +30,8 @@ class CalibSettings:
     windows: int = 16
     seq_len: int = 512
 
-    def key(self, identity: str, text: str) -> str:
-        digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    def key(self, identity: str, text: Text) -> str:
+        digest = text_digest(text)[:12]
         return f"{identity}-{digest}-{self.windows}x{self.seq_len}-{CALIB_LAYOUT}"
 
     def to_dict(self) -> dict:

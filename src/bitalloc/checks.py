@@ -145,12 +145,18 @@ def check_model_source(model: str | None, lengths: dict[str, int], *, quantized:
 
 def read_texts(args) -> None:
     """Read --text and --calib-text once now, so that a missing or
-    undecodable file fails before the model loads."""
-    from bitalloc.text import WIKITEXT2, read_text_file
+    undecodable file fails before the model loads; say how much of a large
+    one will be read."""
+    import sys
 
-    for path in (getattr(args, "text", None), getattr(args, "calib_text", None)):
-        if path and path != WIKITEXT2:
-            read_text_file(path, args.encoding)
+    from bitalloc.text import LARGE_TEXT_CAP, WIKITEXT2, LargeText, read_text_file
+
+    for flag, path in (("--text", getattr(args, "text", None)), ("--calib-text", getattr(args, "calib_text", None))):
+        if path and path != WIKITEXT2 and isinstance(text := read_text_file(path, args.encoding), LargeText):
+            part = "its first windows' worth from the start" if flag == "--text" else \
+                f"calibration windows spread over its first {LARGE_TEXT_CAP >> 20} MB"
+            print(f"notice: {flag} {path!r} is {text.size / 1e6:.1f} MB; bitalloc reads and tokenizes only what it "
+                  f"needs: {part}.", file=sys.stderr)
 
 
 def _calib_lengths(args) -> dict[str, int]:
@@ -194,3 +200,65 @@ def check_report_path(args) -> None:
     from bitalloc.fileio import check_output_file
 
     check_output_file(getattr(args, "json", None), "bitalloc.report", flag="--json", overwrite=args.overwrite)
+
+
+_INPUTS = (("--model", "model"), ("--quantized", "quantized"), ("--gguf", "gguf"), ("--reference", "reference"),
+           ("the plan", "plan"), ("--table", "table"), ("--text", "text"), ("--calib-text", "calib_text"),
+           ("--refine-from", "refine_from"))
+_OUTPUTS = (("--out", "out"), ("--json", "json"), ("--save-table", "save_table"), ("--plans-dir", "plans_dir"),
+            ("--tensor-types", "tensor_types"), ("--imatrix", "imatrix"))
+
+
+def check_inputs_apart(args) -> None:
+    """No output of this command is, holds, or lies inside one of its inputs
+    (the model, plan, table, texts; the embedded model when no --model is
+    given), and its outputs are distinct: refused before anything is read."""
+    from pathlib import Path
+
+    from bitalloc.fileio import check_apart
+    from bitalloc.loading import embedded_source
+
+    inputs = []
+    for flag, attr in _INPUTS:
+        value = getattr(args, attr, None)
+        embedded = (attr == "model" and not value) or (attr == "reference" and value == "default")
+        if embedded:
+            try:
+                source = embedded_source()
+                value = str(Path(source.path) / source.gguf_file)
+            except BitallocError:
+                value = None
+        if value and Path(value).expanduser().exists():
+            inputs.append((flag, value))
+    outputs = [(flag, getattr(args, attr)) for flag, attr in _OUTPUTS if getattr(args, attr, None)]
+    check_apart(outputs, inputs)
+
+
+def check_plan_architecture(plan, plan_path: str, model: str | None) -> None:
+    """A plan made for another architecture is refused before the model
+    loads (its parameter names and shapes, from the config alone)."""
+    from bitalloc.errors import PlanMismatchError
+    from bitalloc.loading import architecture_identity, resolve_source
+
+    source = resolve_source(model)
+    identity = architecture_identity(source)
+    if identity is not None and identity != plan.model_identity:
+        raise PlanMismatchError(f"The plan {plan_path!r} was made for another model ({plan.model_label}); "
+                                f"{source.label} has other parameters or shapes. Make a plan for it with "
+                                "`bitalloc plan`.")
+
+
+def check_same_vocabulary(model_flag: str, model_source, reference: str | None) -> None:
+    """KL against a reference compares two next-token distributions: both
+    models must have one vocabulary. Read from their headers and configs,
+    before either loads."""
+    from bitalloc.loading import resolve_source, vocab_size
+
+    if reference is None:
+        return
+    ref_source = resolve_source(reference or None)
+    ours, theirs = vocab_size(model_source), vocab_size(ref_source)
+    if ours is not None and theirs is not None and ours != theirs:
+        raise BitallocError(f"{model_flag} {model_source.label} has a vocabulary of {ours} tokens and --reference "
+                            f"{ref_source.label} one of {theirs}: KL and top-1 compare distributions over the same "
+                            "tokens. Pass the model it was quantized from as --reference.")

@@ -78,7 +78,7 @@ def _menu_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tie", default="", help="tie groups sharing one option: qkv, gate_up, experts (all experts of "
                                              "a fused MoE projection in a layer), ..., all, or a pattern over unit "
                                              "names or on-disk expert keys (matches in one layer share one option)")
-    g.add_argument("--keep-bits", type=int, choices=(16, 32),
+    g.add_argument("--keep-bits", type=A.int_choice((16, 32)),
                    help="precision of tensors that are not quantized (embeddings, norms); counted in model size "
                         "(default 16; 32 with --format gguf, where norms are F32)")
     _format_args(p)
@@ -140,7 +140,7 @@ def _scorer_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--probe-windows", type=A.positive_int(), help="kl/linearity: calibration windows probed (default 2)")
     g.add_argument("--probe-seq-len", type=A.positive_int(1 << 20, 2), help="kl/linearity: tokens per probe window "
                                                                              "(default 128)")
-    g.add_argument("--kl-probes", type=int, choices=(1, 2, 3),
+    g.add_argument("--kl-probes", type=A.int_choice((1, 2, 3)),
                    help="kl: options at which each unit's KL is measured (default 3); the others are interpolated "
                         "by a power law in the unit's relative weight error, fitted through the probes, with "
                         "exponent 1 (KL proportional to the error) when one probe is measured")
@@ -353,12 +353,40 @@ def _quiet_libraries() -> None:
         pass
 
 
+class _Terminated(Exception):
+    pass
+
+
 def _stop_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)  # unwinds like an exception: temporary files are removed
+    raise _Terminated  # unwinds like an exception: temporary files are removed
+
+
+def check_cache_dir() -> None:
+    """The cache folder (BITALLOC_CACHE, or ~/.cache/bitalloc) is a folder
+    bitalloc may write, or can be made: checked before any model loads, so the
+    error names the variable instead of a failing write minutes later."""
+    import os
+
+    from bitalloc.text import cache_dir
+
+    path = cache_dir()
+    named = "BITALLOC_CACHE" in os.environ
+    where = f"BITALLOC_CACHE={str(path)!r}" if named else f"The cache folder {str(path)!r}"
+    fix = "Point BITALLOC_CACHE at a folder you may write" + ("" if named else " (it is not set)")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing == path and not path.is_dir():
+        raise BitallocError(f"{where} is a file, not a folder. {fix}.")
+    if existing != path and not existing.is_dir():
+        raise BitallocError(f"{where} cannot be made: {str(existing)!r} is a file. {fix}.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise BitallocError(f"{where} is not writable (no permission in {str(existing)!r}). {fix}.")
 
 
 def main(argv=None) -> int:
     from bitalloc import commands
+    from bitalloc.checks import check_inputs_apart
 
     try:
         args = build_parser().parse_args(argv)
@@ -369,6 +397,8 @@ def main(argv=None) -> int:
         _quiet_libraries()
     previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
+        check_cache_dir()
+        check_inputs_apart(args)
         commands.COMMANDS[args.command](args)
     except BitallocError as e:  # bad input (2), or a runtime that crashed under us (1)
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
@@ -376,6 +406,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; nothing was left half-written", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("error: terminated (SIGTERM); nothing was left half-written", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except OSError as e:  # the disk or the file system said no (full, read-only, permissions)
         where = f" ({e.filename})" if e.filename else ""
         print(f"error: {e.strerror or e}{where}", file=sys.stderr)

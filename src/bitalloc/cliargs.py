@@ -27,6 +27,8 @@ def _bad(what: str, text: str, allowed: str) -> argparse.ArgumentTypeError:
 
 
 def _number(text: str, what: str, allowed: str) -> float:
+    if "_" in text:  # Python reads 0_5 as 5: a typo for 0.5 must not become 5
+        raise _bad(what, text, allowed + " (digits without '_')")
     try:
         value = float(text)
     except ValueError:
@@ -65,6 +67,8 @@ def budget_bytes(text: str) -> float:
 def positive_int(limit: int = MAX_WINDOWS, low: int = 1):
     def parse(text: str) -> int:
         allowed = f"a whole number from {low} to {limit}"
+        if "_" in text:
+            raise _bad("the value", text, allowed + " (digits without '_')")
         try:
             value = int(text)
         except ValueError:
@@ -76,8 +80,20 @@ def positive_int(limit: int = MAX_WINDOWS, low: int = 1):
     return parse
 
 
+def int_choice(choices: tuple[int, ...]):
+    def parse(text: str) -> int:
+        allowed = f"one of {', '.join(map(str, choices))}"
+        if "_" in text or not text.strip().lstrip("-").isdigit() or int(text) not in choices:
+            raise _bad("the value", text, allowed)
+        return int(text)
+
+    return parse
+
+
 def bits_value(text: str) -> int:
     allowed = f"one of {list(SUPPORTED_BITS)}"
+    if "_" in text:
+        raise _bad("a bit-width", text, allowed)
     try:
         value = int(text)
     except ValueError:

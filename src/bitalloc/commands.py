@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from bitalloc.checks import (
-    CALIB_FLAGS, INT_MENU_FLAGS, _given, _scorers_of, apply_recipe, check_model_source, check_report_path,
-    fill_defaults, given_flags, prepare_planning, read_texts,
+    CALIB_FLAGS, INT_MENU_FLAGS, _given, _scorers_of, apply_recipe, check_model_source, check_plan_architecture,
+    check_report_path, check_same_vocabulary, fill_defaults, given_flags, prepare_planning, read_texts,
 )
 from bitalloc.errors import BitallocError
 
@@ -105,6 +105,11 @@ def cmd_plan(args) -> None:
             raise BitallocError(f"{scoring_flags[0]} would be ignored: --table reuses measurements made earlier. "
                                 "Drop it, or score again without --table.")
         table_file = ErrorTable.load(args.table)
+        rising = table_file.rising_units()
+        if rising:
+            notices([f"The error table {args.table!r} gives {len(rising)} unit(s) (e.g. {rising[0]}) a larger "
+                     "distortion at more bits within one format family; it is used as it is. A measured table can do "
+                     "this through noise; an edited one should be scored again."])
     prepare_planning(args)
     check_output_file(args.out, "bitalloc.plan", flag="--out", overwrite=args.overwrite)
     check_output_file(args.save_table, "bitalloc.error-table", flag="--save-table", overwrite=args.overwrite)
@@ -132,7 +137,7 @@ def cmd_plan(args) -> None:
 
 def _dry_run(loaded, settings, args) -> None:
     from bitalloc.api import resolve_menu
-    from bitalloc.problem import feasible_range, sizes_of
+    from bitalloc.problem import feasible_range, shown_bound, sizes_of
     from bitalloc.report import table
 
     inv = loaded.inventory
@@ -150,7 +155,8 @@ def _dry_run(loaded, settings, args) -> None:
                             allow_ragged=settings.menu.allow_ragged)
     unit = "bytes" if settings.budget.kind == "bytes" else f"bpw over the {settings.budget.over} weights"
     ok = lo <= settings.budget.value <= hi
-    print(f"budget {settings.budget.describe()}: feasible range {lo:.4f} .. {hi:.4f} {unit} -> "
+    print(f"budget {settings.budget.describe()}: feasible range {shown_bound(lo, 'lo'):.4f} .. "
+          f"{shown_bound(hi, 'hi'):.4f} {unit} -> "
           f"{'feasible' if ok else 'INFEASIBLE'} (before --allow/--min-bits/--max-bits/--tie constraints)")
     write_report(args.json, {"options": [dict(zip(["option", "bpw", "model_bpw", "mb"], r)) for r in rows],
                              "feasible": [lo, hi], "budget": settings.budget.to_dict()})
@@ -174,6 +180,7 @@ def cmd_quantize(args) -> None:
     fill_defaults(args)
     check_output_dir(args.out, MANIFEST, SAVED_FORMAT, flag="--out", overwrite=args.overwrite)
     check_model_source(args.model, {"--calib-seq-len": args.calib_seq_len} if calibrated else {})
+    check_plan_architecture(plan, args.plan, args.model)
     read_texts(args)
     settings = api.PlanSettings(plan.budget, calib_text=args.calib_text, text_encoding=args.encoding,
                                 calib=CalibSettings(args.calib_windows, args.calib_seq_len))
@@ -222,6 +229,11 @@ def cmd_eval(args) -> None:
     check_model_source(args.gguf or args.model, {"--seq-len": args.seq_len}, quantized=args.quantized)
     if reference is not None:
         check_model_source(reference or None, {"--seq-len": args.seq_len})
+        from bitalloc.loading import ModelSource, resolve_source
+
+        flag = "--gguf" if args.gguf else "--quantized" if args.quantized else "--model"
+        ours = ModelSource("dir", args.quantized) if args.quantized else resolve_source(args.gguf or args.model)
+        check_same_vocabulary(flag, ours, reference)
     read_texts(args)
     if args.gguf:
         out = api.evaluate_in_llamacpp(args.gguf, reference_model=reference, text_path=args.text,

@@ -101,7 +101,9 @@ def _write_imatrix(path: str, importance: dict, names: dict[str, str], settings)
 def cmd_export(args) -> None:
     from bitalloc import api
     from bitalloc.calib import CalibSettings
-    from bitalloc.checks import CALIB_FLAGS, check_model_source, fill_defaults, given_flags, read_texts
+    from bitalloc.checks import (
+        CALIB_FLAGS, check_model_source, check_plan_architecture, fill_defaults, given_flags, read_texts,
+    )
     from bitalloc.commands import notices, recorded_calibration
     from bitalloc.fileio import check_output_file
     from bitalloc.loading import resolve_source
@@ -126,9 +128,8 @@ def cmd_export(args) -> None:
         if Path(path).exists() and not args.overwrite:
             raise BitallocError(f"{flag} {path!r} already exists; bitalloc replaces it only with --overwrite. "
                                 "Choose another path, or pass --overwrite.")
-    if len({str(Path(p).resolve()) for p, _ in outputs}) < len(outputs):
-        raise BitallocError("--out, --tensor-types and --imatrix must be three different files.")
     check_model_source(args.model, {"--calib-seq-len": args.calib_seq_len} if calibrated else {})
+    check_plan_architecture(plan, args.plan, args.model)
     read_texts(args)
     settings = api.PlanSettings(plan.budget, calib_text=args.calib_text, text_encoding=args.encoding,
                                 calib=CalibSettings(args.calib_windows, args.calib_seq_len))

@@ -109,10 +109,30 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         write(str(tmp))
         os.chmod(tmp, 0o666 & ~_umask())  # a writer that recreated the file keeps the umask too
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         _remove(tmp)
-        raise
+        _raise_write_failure(e, path)
     return path
+
+
+_IO_FAILURE = ("IoError", "Os {", "No space left", "Input/output error", "Read-only file system", "Disk quota")
+
+
+def _raise_write_failure(e: BaseException, path: Path) -> None:
+    """Re-raise a failed write so that the CLI's one line names the path:
+    an OSError gets the path if it lacks one; a library's own error type
+    (safetensors reports a full disk as ``SafetensorError: IoError(...)``)
+    that wraps an I/O failure becomes an OSError or a BitallocError."""
+    if isinstance(e, OSError):
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+        raise e
+    text = str(e)
+    if isinstance(e, Exception) and not isinstance(e, BitallocError) and any(k in text for k in _IO_FAILURE):
+        if "No space left" in text or "StorageFull" in text:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
+        raise BitallocError(f"{str(path)!r} could not be written: {' '.join(text.split())[:300]}") from None
+    raise e
 
 
 def dumps_json(data: Any) -> str:
@@ -137,9 +157,27 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
     except OSError as e:
         raise BitallocError(f"The {what} {str(path)!r} cannot be read: {e.strerror}.") from None
     try:
-        return json.loads(raw.decode("utf-8"))
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise BitallocError(f"The {what} {str(path)!r} holds the key {e.args[0]!r} twice in one object; which one "
+                            "counts would be a guess. Keep one.") from None
+    except RecursionError:
+        raise BitallocError(f"The {what} {str(path)!r} is nested too deeply to be a bitalloc file.") from None
     except (UnicodeDecodeError, ValueError) as e:
         raise BitallocError(f"The {what} {str(path)!r} is not valid JSON ({e}).") from None
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -193,9 +231,9 @@ def replace_dir_atomic(path: str | os.PathLike, fill: Callable[[Path], None]) ->
             os.replace(path, old)  # a kill here leaves `old`; clean_stale puts it back
             os.replace(tmp, path)
             _remove(old)
-    except BaseException:
+    except BaseException as e:
         _remove(tmp)
-        raise
+        _raise_write_failure(e, path)
     return path
 
 
@@ -231,12 +269,48 @@ def _writable_parent(path: Path, flag: str) -> None:
                             "Choose another path.")
 
 
+def _refuse_link(path: Path, flag: str) -> None:
+    if path.is_symlink():
+        raise BitallocError(f"{flag} {str(path)!r} is a symbolic link (to {os.readlink(path)!r}); bitalloc writes by "
+                            "renaming a finished file onto the path, which would replace the link and leave its "
+                            "target as it was. Pass the target's own path, or another path.")
+
+
+def _real(path: str | os.PathLike) -> Path:
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def check_apart(outputs: list[tuple[str, str]], inputs: list[tuple[str, str]]) -> None:
+    """No output of a command is, contains, or lies inside one of its inputs
+    (``--overwrite`` or not: replacing a folder deletes what is in it), and
+    no two outputs are the same path or one inside the other. Paths are
+    compared after symbolic links are resolved."""
+    outs = [(flag, _real(p)) for flag, p in outputs if p]
+    ins = [(flag, _real(p)) for flag, p in inputs if p]
+    for i, (flag, out) in enumerate(outs):
+        for in_flag, src in ins:
+            if out == src:
+                raise BitallocError(f"{flag} {str(out)!r} is the input of {in_flag}; bitalloc never writes over what "
+                                    "it reads, --overwrite or not. Choose another output path.")
+            if src in out.parents:
+                raise BitallocError(f"{flag} {str(out)!r} lies inside the input of {in_flag} ({str(src)!r}); bitalloc "
+                                    "never writes into what it reads. Choose a path outside it.")
+            if out in src.parents:
+                raise BitallocError(f"{flag} {str(out)!r} contains the input of {in_flag} ({str(src)!r}), which "
+                                    "writing the output would replace. Choose a path that does not hold it.")
+        for other_flag, other in outs[i + 1:]:
+            if out == other or out in other.parents or other in out.parents:
+                raise BitallocError(f"{flag} and {other_flag} name the same place ({str(out)!r}, {str(other)!r}); "
+                                    "each output needs a path of its own.")
+
+
 def check_output_file(path: str | os.PathLike | None, fmt: str, *, flag: str, overwrite: bool) -> None:
     """Refuse a file output that would destroy something bitalloc did not make:
     an existing folder, or a file that is not a bitalloc ``fmt`` JSON file."""
     if not path:
         return
     path = Path(path)
+    _refuse_link(path, flag)
     _writable_parent(path, flag)
     if path.is_dir():
         raise BitallocError(f"{flag} {str(path)!r} is a folder; give a file path.")
@@ -255,6 +329,7 @@ def check_output_dir(path: str | os.PathLike | None, marker: str, fmt: str, *, f
     if not path:
         return
     path = Path(path)
+    _refuse_link(path, flag)
     _writable_parent(path, flag)
     if overwrite or not (path.exists() or path.is_symlink()):
         return

@@ -4,6 +4,7 @@ the embedded default (SmolLM2-135M-Instruct, Q4_1 GGUF, from the PyPI package
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -77,6 +78,9 @@ def resolve_source(model: str | None) -> ModelSource:
             + (f" and {len(ggufs)} .gguf files (name one)." if ggufs else " and no .gguf file.")
             + " Pass a Hugging Face model folder, a .gguf file, or a hub id."
         )
+    if path.exists():
+        raise BitallocError(f"--model {model!r} is not a regular file or folder (a device, pipe or socket). Pass a "
+                            "GGUF file, a Hugging Face model folder, or a hub id.")
     if _looks_like_path(model):
         raise ModelNotFoundError(
             f"Model path {model!r} does not exist. Check the path, or omit --model to use the embedded "
@@ -164,6 +168,49 @@ def position_limit(source: ModelSource) -> int | None:
     return None
 
 
+def vocab_size(source: ModelSource) -> int | None:
+    """The model's vocabulary size, read without loading it: the GGUF's
+    token list (or ``<arch>.vocab_size``), or config.json's vocab_size; None
+    where neither says."""
+    if source.gguf_file:
+        from bitalloc.gguf_header import ArrayInfo, read_gguf_header
+
+        header = read_gguf_header(Path(source.path) / source.gguf_file)
+        tokens = header.metadata.get("tokenizer.ggml.tokens")
+        size = tokens.length if isinstance(tokens, ArrayInfo) else header.field("vocab_size")
+        return int(size) if isinstance(size, int) else None
+    config = Path(source.path) / "config.json"
+    if source.kind != "dir" or not config.is_file():
+        return None
+    from bitalloc.fileio import read_json
+
+    data = read_json(config, "model config")
+    for block in (data, data.get("text_config") if isinstance(data, dict) else None):
+        if isinstance(block, dict) and isinstance(block.get("vocab_size"), int):
+            return block["vocab_size"]
+    return None
+
+
+def architecture_identity(source: ModelSource) -> str | None:
+    """``units.model_identity`` (parameter names and shapes) of the model at
+    ``source``, from its config alone: the model is built on the meta device,
+    without weights, in seconds. None where the config cannot be read."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bitalloc.units import model_identity
+
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        with _quiet_load_report():
+            config = AutoConfig.from_pretrained(source.path, **kwargs)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config)
+    except Exception:  # an unreadable config: loading the model will say what is wrong
+        return None
+    return model_identity(model)
+
+
 def load_model(source: ModelSource, *, dtype: str = "float32"):
     """(model, tokenizer) in eval mode on the CPU, in ``dtype``."""
     import torch
@@ -173,7 +220,9 @@ def load_model(source: ModelSource, *, dtype: str = "float32"):
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     check_source(source)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, **kwargs)
+        with _quiet_load_report():
+            model, info = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, output_loading_info=True,
+                                                               **kwargs)
     except OSError as e:
         if source.kind == "hub":
             raise ModelNotFoundError(
@@ -192,8 +241,38 @@ def load_model(source: ModelSource, *, dtype: str = "float32"):
     except (KeyError, TypeError, RuntimeError) as e:  # a config or weights that do not fit each other
         raise BitallocError(f"Could not load the model at {source.label} ({e.__class__.__name__}: {_one_line(e)}). "
                             "Check that its config.json and weights belong together.") from e
+    check_loading_info(source, info)
     model.eval()
     return model, load_tokenizer(source)
+
+
+def check_loading_info(source: ModelSource, info: dict) -> None:
+    """A checkpoint that lacks tensors its config calls for (transformers
+    would fill them with a random initialisation), holds tensors the model
+    has no place for, or holds one of the wrong shape, is refused by name."""
+    for key, what in (("missing_keys", "lacks tensors its config calls for"),
+                      ("unexpected_keys", "holds tensors its config has no place for"),
+                      ("mismatched_keys", "holds tensors of another shape than its config gives")):
+        names = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(key) or ())
+        if names:
+            more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+            raise BitallocError(f"The checkpoint {source.label} {what}: {names[0]}{more}. It is damaged or belongs to "
+                                "another architecture; bitalloc will not quantize randomly initialised or dropped "
+                                "weights. Download or convert it again.")
+
+
+@contextlib.contextmanager
+def _quiet_load_report():
+    """transformers logs a table of missing and unexpected keys while loading;
+    bitalloc reports them itself, as one error."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def load_tokenizer(source: ModelSource):

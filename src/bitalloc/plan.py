@@ -54,12 +54,15 @@ class Plan:
                 f"the loaded model's identity is {inventory.identity}. Make a plan for this model with `bitalloc plan`."
             )
         names = {u.name for u in inventory.units}
-        missing, extra = names - set(self.assignment), set(self.assignment) - names
-        if missing or extra:
+        missing, extra = sorted(names - set(self.assignment)), sorted(set(self.assignment) - names)
+        if extra:
             raise PlanMismatchError(
-                f"The plan's units do not match the model's: {len(missing)} missing (e.g. {sorted(missing)[:1]}), "
-                f"{len(extra)} unknown (e.g. {sorted(extra)[:1]}). Regenerate the plan."
-            )
+                f"The plan assigns {len(extra)} unit(s) this model does not have (e.g. {extra[0]!r}); the file was "
+                "edited or belongs to another model. Remove them, or make a plan with `bitalloc plan`.")
+        if missing:
+            raise PlanMismatchError(
+                f"The plan lacks {len(missing)} unit(s) of this model (e.g. {missing[0]!r}). Give each an option, or "
+                "make a plan with `bitalloc plan`.")
         for u in inventory.units:
             opt = self.assignment[u.name]
             if not fits(u.shape, opt, allow_ragged=self.allow_ragged):
@@ -69,6 +72,23 @@ class Plan:
                     f"The plan gives {u.name} the option {opt.name}, which stores rows in {block}; its "
                     f"{u.shape[1]} input columns are not a multiple of that. Choose an option that fits, or "
                     "regenerate the plan.")
+
+        self.check_budget(inventory)
+
+    def check_budget(self, inventory: Inventory) -> None:
+        """The assignment fits the budget the plan records: a plan is solved
+        for its budget, so one that exceeds it was edited (the budget, or the
+        assignment past it), and applying it would not give what it says."""
+        sizes = self.sizes(inventory)
+        b = self.budget
+        used = sizes.model_bytes if b.kind == "bytes" else sizes.model_bpw if b.over == "model" else sizes.quantized_bpw
+        if used > b.value * (1 + 1e-9):
+            shown = f"{used:,.0f} bytes" if b.kind == "bytes" else f"{used:.4f} bpw over the {b.over} weights"
+            again = f"--bytes {b.value:.0f}" if b.kind == "bytes" else f"--bpw {b.value:g}"
+            raise PlanMismatchError(
+                f"The plan's assignment takes {shown}, more than its budget of {b.describe()}: the file was edited. "
+                f"A plan's budget records what it was solved for; to keep this assignment set the budget to at least "
+                f"{shown.split(' ')[0]}, or make a new plan with `bitalloc plan {again}`.")
 
     def to_dict(self, inventory: Inventory | None = None) -> dict:
         units = {name: opt.name for name, opt in self.assignment.items()}

@@ -9,6 +9,7 @@ precision, tied tensors once / all its weights).
 
 from __future__ import annotations
 
+import math
 import fnmatch
 from dataclasses import asdict, dataclass
 from typing import Sequence
@@ -289,26 +290,36 @@ def build_problem(inventory: Inventory, options: Sequence[QuantOption], errors: 
     if problem.budget_bits < lo:
         raise InfeasibleBudgetError(
             f"Budget {budget.describe()} is infeasible: the smallest allowed assignment needs "
-            f"{_fmt(express_bits(lo, budget, inventory, keep_bits=keep_bits), budget)}; feasible budgets run from "
-            f"{_fmt(express_bits(lo, budget, inventory, keep_bits=keep_bits), budget)} to "
-            f"{_fmt(express_bits(hi, budget, inventory, keep_bits=keep_bits), budget)} (beyond that every unit gets its "
+            f"{_fmt(express_bits(lo, budget, inventory, keep_bits=keep_bits), budget, 'lo')}; feasible budgets run from "
+            f"{_fmt(express_bits(lo, budget, inventory, keep_bits=keep_bits), budget, 'lo')} to "
+            f"{_fmt(express_bits(hi, budget, inventory, keep_bits=keep_bits), budget, 'hi')} (beyond that every unit gets its "
             "largest option). Raise the budget or allow smaller options."
         )
     if problem.budget_bits > hi:
         raise InfeasibleBudgetError(
             f"Budget {budget.describe()} is above the largest allowed assignment, "
-            f"{_fmt(express_bits(hi, budget, inventory, keep_bits=keep_bits), budget)} (every unit at its largest "
+            f"{_fmt(express_bits(hi, budget, inventory, keep_bits=keep_bits), budget, 'hi')} (every unit at its largest "
             f"option), so it would not be spent. Give a budget from "
-            f"{_fmt(express_bits(lo, budget, inventory, keep_bits=keep_bits), budget)} to "
-            f"{_fmt(express_bits(hi, budget, inventory, keep_bits=keep_bits), budget)}, or allow larger options."
+            f"{_fmt(express_bits(lo, budget, inventory, keep_bits=keep_bits), budget, 'lo')} to "
+            f"{_fmt(express_bits(hi, budget, inventory, keep_bits=keep_bits), budget, 'hi')}, or allow larger options."
         )
     return problem
 
 
-def _fmt(value: float, budget: Budget) -> str:
+def _fmt(value: float, budget: Budget, side: str) -> str:
+    """A bound of the feasible range as shown, rounded inwards (``side`` 'lo'
+    up, 'hi' down) so that the figure a user copies is itself feasible."""
     if budget.kind == "bytes":
-        return f"{value / 1e6:.4f} MB ({int(np.ceil(value))} bytes)"
-    return f"{value:.4f} bpw over the {budget.over} weights"
+        n = int(np.ceil(value)) if side == "lo" else int(np.floor(value))
+        return f"{n / 1e6:.4f} MB ({n} bytes)"
+    return f"{shown_bound(value, side):.4f} bpw over the {budget.over} weights"
+
+
+def shown_bound(value: float, side: str, digits: int = 4) -> float:
+    """``value`` rounded to ``digits`` decimals inwards: up for a lower bound, down for an upper one."""
+    scale = 10 ** digits
+    rounded = (math.ceil if side == "lo" else math.floor)(round(value * scale, 6)) / scale
+    return rounded
 
 
 def feasible_range(inventory: Inventory, options: Sequence[QuantOption], budget_like: Budget, *, keep_bits: int = 16,

@@ -18,7 +18,9 @@ from bitalloc.fileio import dumps_json, file_digest, read_json, replace_dir_atom
 from bitalloc.formats.affine import QuantOption
 from bitalloc.plan import Plan
 from bitalloc.schema import check_header, need
-from bitalloc.formats.affine_rtn import QuantizedWeight, dequantize, pack_weight_codes, quantize_rtn, unpack_weight_codes
+from bitalloc.formats.affine_rtn import (
+    QuantizedWeight, dequantize, group_bits_of, pack_weight_codes, quantize_rtn, unpack_weight_codes,
+)
 from bitalloc.units import Inventory, Unit, check_finite, get_weight, set_weight
 
 SAVED_FORMAT = "bitalloc.quantized"
@@ -262,6 +264,7 @@ def load_quantized(folder: str):
         config = AutoConfig.from_pretrained(str(path))
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         tensors = load_file(str(path / "model.safetensors"))
+        check_stored_tensors(folder, tensors, meta, the_plan, model)
         with torch.no_grad():
             for name in meta["kept"]:
                 p = model.get_parameter(name)
@@ -275,6 +278,72 @@ def load_quantized(folder: str):
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path)) if (path / "tokenizer_config.json").is_file() else None
     return model, tokenizer, the_plan
+
+
+def check_stored_tensors(folder: str, tensors: dict[str, torch.Tensor], meta: dict, plan: Plan, model) -> None:
+    """Every tensor of the folder is what its plan says, before any is used:
+    the manifest's units are the plan's, each at the plan's option and the
+    model's shape; packed codes of exactly the bytes that option needs; fp16
+    scales (and zeros, exactly when asymmetric) of one per group, all finite;
+    kept tensors of the model's shapes at the plan's precision, finite; and
+    nothing else. (The sha256 in bitalloc.json only proves the files were not
+    changed after they were listed, not that they match the plan.)"""
+    def refuse(what: str) -> None:
+        raise BitallocError(f"{folder!r} holds {what}. The folder does not match its plan; quantize again.")
+
+    units = meta["units"]
+    if set(units) != set(plan.assignment):
+        extra = sorted(set(units) ^ set(plan.assignment))
+        refuse(f"units its plan.json does not assign, or misses some it does (e.g. {extra[0]})")
+    expected = set(meta["kept"])
+    for uname, rec in units.items():
+        option = plan.assignment[uname]
+        if rec.get("option") != option.name:
+            refuse(f"{uname} at {rec.get('option')!r} where plan.json says {option.name}")
+        unit = _record_unit(uname, rec)
+        if tuple(get_weight(model, unit).shape) != unit.shape:
+            refuse(f"{uname} of shape {list(unit.shape)}, but the model's is {list(get_weight(model, unit).shape)}")
+        bits = None if rec.get("column_bits") is None else tuple(rec["column_bits"])
+        for key, want in _stored_shapes(unit.shape, option, bits, plan.allow_ragged).items():
+            name = f"{uname}.{key}"
+            expected.add(name)
+            t = tensors.get(name)
+            if t is None:
+                refuse(f"no tensor {name}, which {option.name} stores")
+            if (t.dtype, tuple(t.shape)) != want:
+                refuse(f"{name} as {str(t.dtype).replace('torch.', '')} {list(t.shape)}; {option.name} on "
+                       f"{list(unit.shape)} stores {str(want[0]).replace('torch.', '')} {list(want[1])}")
+            if key != "qweight" and not bool(torch.isfinite(t).all()):
+                refuse(f"non-finite values (NaN or infinity) in {name}")
+    for name in meta["kept"]:
+        t, p = tensors.get(name), model.get_parameter(name)
+        if t is None or tuple(t.shape) != tuple(p.shape) or t.dtype != keep_dtype(plan.keep_bits):
+            refuse(f"{name} as {None if t is None else (str(t.dtype), list(t.shape))}, where the model keeps "
+                   f"{list(p.shape)} at {plan.keep_bits} bits")
+        if not bool(torch.isfinite(t).all()):
+            refuse(f"non-finite values (NaN or infinity) in {name}")
+    if set(tensors) - expected:
+        refuse(f"tensors its plan does not describe (e.g. {sorted(set(tensors) - expected)[0]})")
+
+
+def _stored_shapes(shape: tuple[int, int], option: QuantOption, column_bits, allow_ragged: bool) -> dict:
+    """(dtype, shape) of each tensor one unit stores, from the option's
+    definition: codes packed bit by bit, LSB first (a mixed option one stream
+    per column group at its width), one fp16 scale per group and row, and as
+    many fp16 zeros when asymmetric."""
+    from bitalloc.formats.affine import group_count
+
+    rows, cols = shape
+    groups = group_count(cols, option, allow_ragged=allow_ragged and not option.mixed)
+    if column_bits is None:
+        packed = -(-rows * cols * option.bits // 8)
+    else:
+        group_bits_of(option, groups, column_bits)  # a valid vector: the right length and mean
+        packed = sum(-(-rows * option.group_size * b // 8) for b in column_bits)
+    out = {"qweight": (torch.uint8, (packed,)), "scales": (torch.float16, (rows, groups))}
+    if not option.symmetric:
+        out["zeros"] = (torch.float16, (rows, groups))
+    return out
 
 
 def _record_unit(name: str, rec: dict) -> Unit:

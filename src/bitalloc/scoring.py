@@ -7,7 +7,9 @@ Scorers that fill them live in ``scorers.py``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
 import numpy as np
 
 from bitalloc.errors import BitallocError, PlanMismatchError
@@ -100,6 +102,7 @@ class ErrorTable:
             if "weight_norm2" in r:
                 need(r, "weight_norm2", "number", at)
         norms = all("weight_norm2" in r for r in rows)
+        _check_truths(where, names, options, rows)
         return cls(
             scorer=need(data, "scorer", "string", where),
             model_identity=need(data, "model_identity", "string", where),
@@ -111,6 +114,23 @@ class ErrorTable:
             column_bits={n: {o: tuple(b) for o, b in r["column_bits"].items()} for n, r in zip(names, rows)
                          if isinstance(r.get("column_bits"), dict)},
         )
+
+    def rising_units(self) -> list[str]:
+        """Units whose distortion grows with bits somewhere within a format
+        family (e.g. int4-g64-asym above int3-g64-asym): a measured table can
+        show it (noise, a quantizer's search), but it is not what more bits do."""
+        out = []
+        families: dict[str, list[int]] = {}
+        for j, o in enumerate(self.options):
+            families.setdefault(o.family, []).append(j)
+        for i, name in enumerate(self.unit_names):
+            for cols in families.values():
+                d = [self.distortion[i, j] for j in sorted(cols, key=lambda j: self.options[j].bits)]
+                d = [x for x in d if np.isfinite(x)]
+                if any(b > a * (1 + 1e-9) + 1e-300 for a, b in zip(d, d[1:])):
+                    out.append(name)
+                    break
+        return out
 
     def save(self, path: str) -> None:
         write_json(path, self.to_dict())
@@ -136,6 +156,27 @@ class ErrorTable:
                                     "without --table.")
 
 
+
+
+def _check_truths(where: str, names, options, rows: list[dict]) -> None:
+    """What every error table obeys, whoever wrote it: each importance and
+    distortion finite and at least 0 (a distortion of an option that does not
+    fit is null); weight norms positive. A table that breaks one would steer
+    the solver (a negative distortion looks like a gain) and is refused."""
+    for n, r in zip(names, rows):
+        at = f"{where}: unit {n!r}"
+        imp = r["importance"]
+        if not math.isfinite(imp) or imp < 0:
+            raise BitallocError(f"{at} has importance {imp}; importances are finite and at least 0. The table was "
+                                "edited or damaged: score again.")
+        for o, d in zip(options, r["distortion"]):
+            if d is not None and (not math.isfinite(d) or d < 0):
+                raise BitallocError(f"{at} has distortion {d} at {o.name}; distortions are finite and at least 0 "
+                                    "(null where the option does not fit). The table was edited or damaged: score "
+                                    "again.")
+        norm = r.get("weight_norm2")
+        if norm is not None and (not math.isfinite(norm) or norm <= 0):
+            raise BitallocError(f"{at} has weight_norm2 {norm}; a squared weight norm is finite and above 0.")
 
 
 # rtn-mse and rtn-mse-rel share one measurement and differ only in importance.

@@ -12,10 +12,14 @@ perplexity.
 from __future__ import annotations
 
 import bz2
+import codecs
+import hashlib
 import importlib.util
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, Union
 
 from bitalloc.errors import BitallocError
 from bitalloc.fileio import write_atomic
@@ -116,15 +120,115 @@ def check_encoding(name: str) -> str:
                             "cp1252.") from None
 
 
-def read_text_file(path: str, encoding: str = "utf-8") -> str:
+SMALL_TEXT_BYTES = 4 << 20  # a text file up to this size is read and tokenized whole
+LARGE_TEXT_CAP = 4 << 20  # of a larger file, bitalloc reads at most its first this many bytes
+CHUNK_BYTES = 256 << 10  # calibration tokenizes a larger file in chunks of about this size, cut at line ends
+FIRST_PREFIX = 64 << 10  # evaluation reads a larger file's first 64 KB, then twice as much, ... until enough
+
+
+@dataclass(frozen=True)
+class LargeText:
+    """A text file over ``SMALL_TEXT_BYTES``, never read whole; decoded
+    strictly, and read only as far as the windows need:
+
+    - evaluation windows (consecutive from the start): the first 64 KB,
+      128 KB, ... (cut at a line end), each prefix tokenized in one call,
+      until it holds enough tokens; the tokens used are those of the whole
+      text (the few hundred past them are a margin), up to LARGE_TEXT_CAP;
+    - calibration windows (spread over the text): its first LARGE_TEXT_CAP
+      bytes, tokenized in chunks of about CHUNK_BYTES cut at line ends (a
+      token that would span a cut is split there).
+
+    Memory and time stay bounded whatever the file's size."""
+
+    path: str
+    encoding: str
+    size: int  # bytes
+
+    def chunks(self, limit: int | None = None, chunk: int = CHUNK_BYTES) -> Iterator[str]:
+        """The decoded text in pieces of about ``chunk`` bytes, each ending at a
+        line end (the last at ``limit`` bytes or the end of the file)."""
+        decoder = codecs.getincrementaldecoder(check_encoding(self.encoding))(errors="strict")
+        done, pending = 0, ""
+        with open(self.path, "rb") as f:
+            while limit is None or done < limit:
+                raw = f.read(chunk if limit is None else min(chunk, limit - done))
+                last = not raw or (limit is not None and done + len(raw) >= limit)
+                try:
+                    piece = pending + decoder.decode(raw, final=last)
+                except UnicodeDecodeError as e:
+                    raise BitallocError(f"Text file {self.path!r} is not valid {self.encoding} (near byte offset "
+                                        f"{done + e.start}). Convert it to UTF-8, or name its encoding with "
+                                        "--encoding (e.g. latin-1).") from None
+                done += len(raw)
+                if "\x00" in piece:
+                    raise BitallocError(f"Text file {self.path!r} holds NUL characters: it looks binary, not text. "
+                                        "Pass a text file.")
+                cut = len(piece) if last else piece.rfind("\n") + 1
+                if not cut and len(piece) >= chunk:  # a very long line: cut at a space, or anywhere
+                    cut = piece.rfind(" ") + 1 or len(piece)
+                if cut:
+                    yield piece[:cut]
+                pending = piece[cut:]
+                if last:
+                    return
+
+    def head(self, limit: int) -> str:
+        """The decoded text of about its first ``limit`` bytes, cut at a line end."""
+        return "".join(self.chunks(limit, chunk=min(limit, 1 << 20)))
+
+    def digest(self) -> str:
+        """sha256 of the bytes bitalloc can read (the first LARGE_TEXT_CAP) and of the file's size."""
+        h = hashlib.sha256(f"{self.size}:".encode())
+        with open(self.path, "rb") as f:
+            h.update(f.read(LARGE_TEXT_CAP))
+        return h.hexdigest()
+
+
+Text = Union[str, LargeText]
+
+
+def text_digest(text: Text) -> str:
+    return text.digest() if isinstance(text, LargeText) else hashlib.sha256(text.encode()).hexdigest()
+
+
+def token_ids(tokenizer, text: Text, needed: int | None = None) -> list[int]:
+    """The token ids of ``text`` (no special tokens). A string is tokenized
+    whole; a ``LargeText`` as its docstring says: with ``needed``, from the
+    start until there are that many tokens and a margin, else over its first
+    LARGE_TEXT_CAP bytes in chunks."""
+    if not isinstance(text, LargeText):
+        return tokenizer(text, add_special_tokens=False).input_ids
+    if needed is None:
+        ids: list[int] = []
+        for piece in text.chunks(LARGE_TEXT_CAP):
+            ids.extend(tokenizer(piece, add_special_tokens=False).input_ids)
+        return ids
+    limit = FIRST_PREFIX
+    while True:
+        ids = tokenizer(text.head(limit), add_special_tokens=False).input_ids
+        if len(ids) >= needed + 256 or limit >= min(LARGE_TEXT_CAP, text.size):
+            return ids
+        limit *= 2
+
+
+def read_text_file(path: str, encoding: str = "utf-8") -> Text:
     """A user's text file, decoded strictly: bytes that are not valid in
-    ``encoding`` are an error, never silently replaced."""
+    ``encoding`` are an error, never silently replaced. A file over
+    SMALL_TEXT_BYTES comes back as a ``LargeText``, read only as needed."""
     if path == WIKITEXT2:
         return wikitext2("test")
     p = Path(path).expanduser()
     if not p.is_file():
-        what = "is a folder" if p.is_dir() else "does not exist"
+        what = ("is a folder" if p.is_dir() else
+                "is not a regular file (a device, pipe or socket): bitalloc reads a text file from its start more "
+                "than once" if p.exists() else "does not exist")
         raise BitallocError(f"Text file {path!r} {what}. Pass a UTF-8 text file with --text.")
+    size = p.stat().st_size
+    if size > SMALL_TEXT_BYTES:
+        large = LargeText(str(p), encoding, size)
+        next(large.chunks(CHUNK_BYTES), None)  # an undecodable or binary start fails now
+        return large
     raw = p.read_bytes()
     try:
         text = raw.decode(check_encoding(encoding))
@@ -140,7 +244,7 @@ def read_text_file(path: str, encoding: str = "utf-8") -> str:
     return text
 
 
-def calibration_text(path: str | None, encoding: str = "utf-8") -> str:
+def calibration_text(path: str | None, encoding: str = "utf-8") -> Text:
     if path == WIKITEXT2:
         return wikitext2("train")  # disjoint from the 'test' split used for evaluation
     return read_text_file(path, encoding) if path else wiki_text("calib")

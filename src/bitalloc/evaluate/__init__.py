@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from bitalloc.errors import BitallocError
 from bitalloc.stats import CONFIDENCE, RESAMPLES, SEED, WindowSums, intervals
+from bitalloc.text import LARGE_TEXT_CAP, LargeText, Text, token_ids
 
 BOS_MODES = ("auto", "yes", "no")
 
@@ -74,13 +75,15 @@ def _adds_bos(tokenizer) -> bool:
     return bos is not None and tokenizer("a").input_ids[:1] == [bos]
 
 
-def _text_ids(tokenizer, text: str, settings: EvalSettings) -> tuple[list[int], int, bool]:
-    """(token ids of the text, text tokens per window, whether rows start with BOS)."""
+def _text_ids(tokenizer, text: Text, settings: EvalSettings, *, spread: bool) -> tuple[list[int], int, bool]:
+    """(token ids of the text, text tokens per window, whether rows start with
+    BOS). A large file is tokenized only as far as the windows need: from the
+    start (consecutive windows) or over its first part (``spread``)."""
     use_bos = settings.bos == "yes" or (settings.bos == "auto" and _adds_bos(tokenizer))
     if use_bos and tokenizer.bos_token_id is None:
         raise BitallocError("--bos yes was given but the tokenizer has no BOS token.")
     body = settings.seq_len - 1 if use_bos else settings.seq_len
-    return tokenizer(text, add_special_tokens=False).input_ids, body, use_bos
+    return token_ids(tokenizer, text, None if spread else settings.windows * body), body, use_bos
 
 
 def _rows(tokenizer, ids: list[int], starts: list[int], body: int, use_bos: bool) -> torch.Tensor:
@@ -90,20 +93,23 @@ def _rows(tokenizer, ids: list[int], starts: list[int], body: int, use_bos: bool
     return rows
 
 
-def token_windows(tokenizer, text: str, settings: EvalSettings) -> torch.Tensor:
+def token_windows(tokenizer, text: Text, settings: EvalSettings) -> torch.Tensor:
     """(windows, L) token ids: consecutive, non-overlapping slices of the text
     from its start; with BOS each row is [BOS] + seq_len - 1 text tokens."""
-    ids, body, use_bos = _text_ids(tokenizer, text, settings)
+    ids, body, use_bos = _text_ids(tokenizer, text, settings, spread=False)
     available = len(ids) // body
     if available < settings.windows:
+        has = f"The text has {len(ids)} tokens" if not isinstance(text, LargeText) else \
+            f"The first {LARGE_TEXT_CAP >> 20} MB of {text.path!r} (all bitalloc reads of a large file) hold " \
+            f"{len(ids)} tokens"
         raise BitallocError(
-            f"The text has {len(ids)} tokens: enough for {available} windows of {settings.seq_len}, not "
+            f"{has}: enough for {available} windows of {settings.seq_len}, not "
             f"{settings.windows}. Use fewer --windows, a shorter --seq-len, or a longer --text."
         )
     return _rows(tokenizer, ids, [i * body for i in range(settings.windows)], body, use_bos)
 
 
-def spread_windows(tokenizer, text: str, settings: EvalSettings, clear_of: EvalSettings | None = None,
+def spread_windows(tokenizer, text: Text, settings: EvalSettings, clear_of: EvalSettings | None = None,
                    flags: str = "fewer --calib-windows, a shorter --calib-seq-len or a longer --calib-text"
                    ) -> torch.Tensor:
     """(windows, L) token ids spread over the whole text, for calibration: the
@@ -113,7 +119,7 @@ def spread_windows(tokenizer, text: str, settings: EvalSettings, clear_of: EvalS
     spread windows to keep clear of, e.g. those GPTQ was fitted on), the
     windows lie in the gaps those leave instead, round-robin: the k-th right
     after window k mod W of ``clear_of``, later rounds further into the gap."""
-    ids, body, use_bos = _text_ids(tokenizer, text, settings)
+    ids, body, use_bos = _text_ids(tokenizer, text, settings, spread=True)
     if clear_of is None:
         stride = len(ids) // settings.windows
         if stride < body:

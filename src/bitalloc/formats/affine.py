@@ -65,6 +65,11 @@ class QuantOption:
         return QuantOption(self.bits, self.group_size, self.symmetric)
 
     @property
+    def family(self) -> str:
+        """Options that differ only in bits: same groups, scheme and mixing."""
+        return self.name.split("-", 1)[1]
+
+    @property
     def overhead_bits_per_group(self) -> int:
         return SCALE_BITS + (0 if self.symmetric else ZERO_BITS)
 

@@ -83,6 +83,17 @@ class GGUFType:
         exact cost, scales and grid indices included, is ``storage_bits``."""
         return int(re.search(r"\d+", self.name).group())
 
+    @property
+    def family(self) -> str:
+        """Types that differ only in bits: the K-quants (Q2_K..Q6_K), the
+        symmetric 32-weight blocks (Q4_0, Q5_0, Q8_0), the asymmetric ones
+        (Q4_1, Q5_1); every other type is a family of its own."""
+        if re.fullmatch(r"Q\d_K", self.name):
+            return "Q_K"
+        if re.fullmatch(r"Q\d_[01]", self.name):
+            return "Q_" + self.name[-1]
+        return self.name
+
     # What the planner asks of any option besides its cost: GGUF types are
     # neither mixed nor symmetric/affine in bitalloc's sense; their block
     # length plays the part of a group size.
