@@ -243,7 +243,7 @@ def test_tensor_type_recipe_is_anchored_per_tensor():
 
 
 def test_hf_names_map_to_the_tiny_files_tensors(tiny_source):
-    from bitalloc.units import find_units
+    from bitalloc.model.units import find_units
 
     model = tiny_model()
     units = [u.name for u in find_units(model).units]
@@ -397,7 +397,7 @@ def test_smollm2_export_loads_in_llamacpp(tmp_path):
     from pathlib import Path
 
     from bitalloc.evaluate import EvalSettings, token_windows
-    from bitalloc.loading import embedded_source, load_tokenizer
+    from bitalloc.model.loading import embedded_source, load_tokenizer
     from bitalloc.text import wiki_text
 
     source = embedded_source()

@@ -24,7 +24,7 @@ from bitalloc.calib import CalibSettings, calibration_windows
 from bitalloc.cli import main
 from bitalloc.problem import Budget
 from bitalloc.text import calibration_text
-from bitalloc.units import find_units, get_weight
+from bitalloc.model.units import find_units, get_weight
 
 gguf = pytest.importorskip("gguf")
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
@@ -275,7 +275,7 @@ def test_kl_over_gguf_types_measures_each_units_own_types(wide_dir, tmp_path, mo
     from bitalloc.formats import ggml
     from bitalloc.scorers import score
     from bitalloc.scorers.probes import unit_probes
-    from bitalloc.units import set_weight
+    from bitalloc.model.units import set_weight
 
     monkeypatch.setenv("BITALLOC_CACHE", str(tmp_path / "cache"))
     settings = replace_scorer(gguf_settings(5.0, types=("Q4_0", "Q5_0", "Q8_0", "Q3_K", "Q4_K", "Q6_K", "F16")))

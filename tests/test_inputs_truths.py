@@ -66,7 +66,7 @@ def test_a_large_file_gives_the_same_evaluation_tokens_as_reading_it_whole(tmp_p
     windows of the whole text (SmolLM2's byte-level BPE tokenizer: the prefix
     is tokenized in one call, its last tokens a margin that is not used)."""
     from bitalloc.evaluate import EvalSettings, token_windows
-    from bitalloc.loading import embedded_source, load_tokenizer
+    from bitalloc.model.loading import embedded_source, load_tokenizer
     from bitalloc.text import SMALL_TEXT_BYTES, LargeText, read_text_file
 
     path = _big_text(tmp_path / "big.txt", SMALL_TEXT_BYTES // (1 << 20) + 1)

@@ -62,7 +62,7 @@ def levels_ok(W: torch.Tensor, bits: int, group: int) -> bool:
 def test_family_plan_quantize_reload_eval(family, tie, tmp_path, capsys):
     from bitalloc.plan import Plan
     from bitalloc.quantize import load_quantized
-    from bitalloc.units import get_weight
+    from bitalloc.model.units import get_weight
 
     src = save(build(family), tmp_path / "m")
     plan_path, out, report = tmp_path / "p.json", tmp_path / "q", tmp_path / "e.json"
@@ -112,7 +112,7 @@ def _routed_tokens(model, layer: int, text_windows: torch.Tensor) -> tuple[list[
 def test_expert_grams_use_only_routed_tokens():
     from bitalloc.calib import calibration_windows
     from bitalloc.text import calibration_text
-    from bitalloc.units import find_units
+    from bitalloc.model.units import find_units
 
     from conftest import char_tokenizer
 
@@ -150,7 +150,7 @@ def test_gptq_on_expert_slices_beats_rtn_on_routed_tokens(tmp_path):
     from bitalloc.formats.affine import QuantOption
     from bitalloc.formats.affine_rtn import dequantize, fake_quantize
     from bitalloc.quantizers.gptq import gptq_quantize
-    from bitalloc.units import get_weight
+    from bitalloc.model.units import get_weight
 
     loaded = api.load(save(build("MixtralConfig"), tmp_path / "m"))
     settings = api.PlanSettings(Budget(3.0), calib=CalibSettings(4, 64))
@@ -198,7 +198,7 @@ def test_bad_expert_tensor_shape_is_one_clear_error():
 
     from bitalloc.calib import ExpertGrams
     from bitalloc.errors import BitallocError
-    from bitalloc.units import find_units
+    from bitalloc.model.units import find_units
 
     model = build("MixtralConfig")
     experts = model.model.layers[0].mlp.experts
@@ -270,7 +270,7 @@ def test_structural_moe_rule_promotes_shared_experts_and_end_layers():
     last MoE layers one bit up, the rest at a base option, within the budget."""
     from bitalloc.baselines import moe_rule_plan, structural_moe_units
     from bitalloc.formats.affine import build_menu
-    from bitalloc.units import find_units
+    from bitalloc.model.units import find_units
 
     inv = find_units(build("Qwen2MoeConfig", num_hidden_layers=3))
     promoted = structural_moe_units(inv)

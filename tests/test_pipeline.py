@@ -243,7 +243,7 @@ def test_cli_quantize_uses_the_importance_matrix_the_plan_records(tiny_dir, text
     the same calibration windows; a --no-imatrix plan stores plain scales."""
     from bitalloc.calib import CalibSettings, calibration_windows
     from bitalloc.formats.affine_rtn import dequantize, quantize_rtn
-    from bitalloc.units import get_weight
+    from bitalloc.model.units import get_weight
 
     plans = {}
     for flag in ((), ("--no-imatrix",)):

@@ -67,7 +67,7 @@ def test_gptq_beats_rtn_on_real_layers(smol):
     from bitalloc.formats.affine import QuantOption
     from bitalloc.formats.affine_rtn import dequantize, quantize_rtn
     from bitalloc.text import wiki_text
-    from bitalloc.units import Inventory, get_weight
+    from bitalloc.model.units import Inventory, get_weight
 
     names = ["model.layers.3.self_attn.q_proj", "model.layers.20.mlp.down_proj"]
     inv = smol.inventory
@@ -86,7 +86,7 @@ def test_eval_in_llamacpp_on_the_embedded_gguf(tmp_path):
     the same windows, a perplexity close to transformers' on those windows."""
     import json
 
-    from bitalloc.loading import embedded_source
+    from bitalloc.model.loading import embedded_source
 
     src = embedded_source()
     path = f"{src.path}/{src.gguf_file}"

@@ -308,7 +308,7 @@ def test_the_weight_error_sweep_is_cached_and_keyed(tiny_dir, text_file, monkeyp
     from bitalloc.calib import CalibSettings
     from bitalloc.formats.affine_rtn import fake_quantize
     from bitalloc.scorers import context, score
-    from bitalloc.units import get_weight
+    from bitalloc.model.units import get_weight
 
     monkeypatch.setenv("BITALLOC_CACHE", str(tmp_path / "cache"))
     cache = tmp_path / "cache" / "errors"

@@ -12,7 +12,7 @@ from bitalloc.formats.affine import QuantOption
 from bitalloc.problem import Budget
 from bitalloc.formats.affine_rtn import fake_quantize
 from bitalloc.scorers import SCORERS, ScorerSettings, score
-from bitalloc.units import get_weight
+from bitalloc.model.units import get_weight
 
 SETTINGS = api.PlanSettings(Budget(3.5), calib=CalibSettings(4, 64),
                             scorer_settings=ScorerSettings(probe_windows=1, probe_seq_len=48, taylor_windows=2))
@@ -69,7 +69,7 @@ def _direct_kl(ctx, unit, W_new) -> float:
     """KL of the model with one weight replaced, computed from scratch: the
     reference's log-probs from the untouched model, full forwards."""
     from bitalloc.evaluate import evaluate, reference_logprobs, token_windows
-    from bitalloc.units import set_weight
+    from bitalloc.model.units import set_weight
 
     s = ctx.settings
     windows = token_windows(ctx.tokenizer, ctx.calib_text, EvalSettings(s.probe_seq_len, s.probe_windows))

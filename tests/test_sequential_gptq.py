@@ -15,7 +15,7 @@ from bitalloc.formats.affine_rtn import dequantize
 from bitalloc.quantize import _quantize_sequential, _quantize_unit, restored
 from bitalloc.quantizers.sequential import LayerCaptureError, quantize_sequential
 from bitalloc.scorers import score
-from bitalloc.units import Unit, find_units
+from bitalloc.model.units import Unit, find_units
 from conftest import char_tokenizer, tiny_llama
 
 SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from bitalloc.units import find_units, get_weight, model_identity, set_weight
+from bitalloc.model.units import find_units, get_weight, model_identity, set_weight
 
 SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64)

@@ -16,7 +16,7 @@ from bitalloc.errors import BitallocError
 from bitalloc.evaluate import (
     EvalSettings, evaluate as evaluate_windows, reference_logprobs, reference_result, token_windows, window_logprobs,
 )
-from bitalloc.loading import ModelSource, load_model, resolve_source
+from bitalloc.model.loading import ModelSource, load_model, resolve_source
 from bitalloc.formats import is_gguf
 from bitalloc.formats.affine import QuantOption
 from bitalloc.formats.menu import MenuSettings, keep_type_rules, resolve_menu
@@ -29,7 +29,7 @@ from bitalloc.scorers import ScorerSettings, ScoringContext, check_scorer, score
 from bitalloc.scoring import ErrorTable
 from bitalloc.solvers import solve
 from bitalloc.text import read_text_file, wiki_text
-from bitalloc.units import Inventory, find_units
+from bitalloc.model.units import Inventory, find_units
 
 
 def _tqdm(enabled: bool) -> Callable | None:
@@ -295,7 +295,7 @@ def evaluate_in_llamacpp(gguf: str, *, reference_model: str | None = None, text_
     ``reference_model``, KL and top-1 against it: a .gguf reference runs in
     llama.cpp too (same runtime on both sides), anything else in transformers."""
     from bitalloc.evaluate.llamacpp import LlamaCpp
-    from bitalloc.loading import load_tokenizer
+    from bitalloc.model.loading import load_tokenizer
 
     settings = settings or EvalSettings()
     text, label = eval_text(text_path, encoding)

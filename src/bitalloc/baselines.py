@@ -14,7 +14,7 @@ from bitalloc.formats.affine import QuantOption
 from bitalloc.plan import Plan
 from bitalloc.problem import Constraints, budget_bits, cost_matrix, sizes_of
 from bitalloc.scoring import ErrorTable
-from bitalloc.units import Inventory
+from bitalloc.model.units import Inventory
 
 
 def _baseline_plan(inventory: Inventory, assignments: list[dict[str, QuantOption]], names: list[str],
@@ -80,7 +80,7 @@ def llama_rule_plan(inventory: Inventory, options: Sequence[QuantOption], settin
 def structural_moe_units(inventory: Inventory) -> set[str]:
     """QuantMoE-Bench's structural prior: the shared experts, and every unit
     of the first and last layers that hold experts."""
-    from bitalloc.units import layer_index
+    from bitalloc.model.units import layer_index
 
     moe_layers = sorted({layer_index(u.name) for u in inventory.units if u.index is not None} - {None})
     if not moe_layers:

@@ -19,7 +19,7 @@ from bitalloc.errors import BitallocError
 from bitalloc.evaluate import EvalSettings, spread_windows
 from bitalloc.fileio import write_atomic
 from bitalloc.text import Text, cache_dir, text_digest
-from bitalloc.units import Inventory
+from bitalloc.model.units import Inventory
 
 
 CALIB_LAYOUT = "spread"  # calibration windows spread over the text (cache keys and plan records name it)

@@ -128,7 +128,7 @@ def check_model_source(model: str | None, lengths: dict[str, int], *, quantized:
     limit (from its config or GGUF header): all without loading it. A length
     in ``defaulted`` (left at its default, not typed) that does not fit is
     shortened to the limit on ``args`` instead of refused."""
-    from bitalloc.loading import ModelSource, check_source, position_limit, resolve_source
+    from bitalloc.model.loading import ModelSource, check_source, position_limit, resolve_source
 
     source = ModelSource("dir", quantized) if quantized else resolve_source(model)
     if not quantized:
@@ -216,7 +216,7 @@ def check_inputs_apart(args) -> None:
     from pathlib import Path
 
     from bitalloc.fileio import check_apart
-    from bitalloc.loading import embedded_source
+    from bitalloc.model.loading import embedded_source
 
     inputs = []
     for flag, attr in _INPUTS:
@@ -238,7 +238,7 @@ def check_plan_architecture(plan, plan_path: str, model: str | None) -> None:
     """A plan made for another architecture is refused before the model
     loads (its parameter names and shapes, from the config alone)."""
     from bitalloc.errors import PlanMismatchError
-    from bitalloc.loading import architecture_identity, resolve_source
+    from bitalloc.model.loading import architecture_identity, resolve_source
 
     source = resolve_source(model)
     identity = architecture_identity(source)
@@ -252,7 +252,7 @@ def check_same_vocabulary(model_flag: str, model_source, reference: str | None) 
     """KL against a reference compares two next-token distributions: both
     models must have one vocabulary. Read from their headers and configs,
     before either loads."""
-    from bitalloc.loading import resolve_source, vocab_size
+    from bitalloc.model.loading import resolve_source, vocab_size
 
     if reference is None:
         return

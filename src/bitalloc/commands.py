@@ -229,7 +229,7 @@ def cmd_eval(args) -> None:
     check_model_source(args.gguf or args.model, {"--seq-len": args.seq_len}, quantized=args.quantized)
     if reference is not None:
         check_model_source(reference or None, {"--seq-len": args.seq_len})
-        from bitalloc.loading import ModelSource, resolve_source
+        from bitalloc.model.loading import ModelSource, resolve_source
 
         flag = "--gguf" if args.gguf else "--quantized" if args.quantized else "--model"
         ours = ModelSource("dir", args.quantized) if args.quantized else resolve_source(args.gguf or args.model)
@@ -291,7 +291,7 @@ def cmd_compare(args) -> None:
     if gguf:
         from bitalloc.compare_gguf import GGUFCompareSettings
         from bitalloc.exporting import source_gguf
-        from bitalloc.loading import resolve_source
+        from bitalloc.model.loading import resolve_source
 
         GGUFCompareSettings(tuple(args.presets or ()))  # known preset names
         source_gguf(resolve_source(args.model))

@@ -41,7 +41,7 @@ class GGUFCompareSettings:
 
 
 def tensor_bytes(path: str) -> int:
-    from bitalloc.gguf_header import read_gguf_header
+    from bitalloc.model.gguf_header import read_gguf_header
 
     return read_gguf_header(path).tensor_data_bytes
 

@@ -48,7 +48,7 @@ def source_gguf(src) -> str:
 
 
 def _arch(path: str) -> str:
-    from bitalloc.gguf_header import read_gguf_header
+    from bitalloc.model.gguf_header import read_gguf_header
 
     return read_gguf_header(path).architecture or "llama"
 
@@ -106,7 +106,7 @@ def cmd_export(args) -> None:
     )
     from bitalloc.commands import notices, recorded_calibration
     from bitalloc.fileio import check_output_file
-    from bitalloc.loading import resolve_source
+    from bitalloc.model.loading import resolve_source
     from bitalloc.plan import Plan
     from bitalloc.quantize import uses_importance
 

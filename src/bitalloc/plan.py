@@ -13,7 +13,7 @@ from bitalloc.formats import fits, parse_option
 from bitalloc.formats.affine import QuantOption
 from bitalloc.problem import Budget, Constraints, Sizes, sizes_of
 from bitalloc.schema import check_header, need, string_map
-from bitalloc.units import Inventory
+from bitalloc.model.units import Inventory
 
 PLAN_FORMAT = "bitalloc.plan"
 PLAN_VERSION = 1

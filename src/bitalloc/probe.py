@@ -29,7 +29,7 @@ from torch import nn
 
 from bitalloc.evaluate import EvalSettings, spread_windows, token_windows
 from bitalloc.formats.affine import QuantOption
-from bitalloc.units import Inventory, Unit, get_weight, layer_index, set_weight
+from bitalloc.model.units import Inventory, Unit, get_weight, layer_index, set_weight
 
 # (unit, its original (out, in) weight, option) -> dequantized (out, in) weight
 QuantizeWeight = Callable[[Unit, torch.Tensor, QuantOption], torch.Tensor]

@@ -19,7 +19,7 @@ import numpy as np
 from bitalloc.errors import BitallocError, InfeasibleBudgetError
 from bitalloc.formats import storage_bits
 from bitalloc.formats.affine import QuantOption
-from bitalloc.units import Inventory, layer_index
+from bitalloc.model.units import Inventory, layer_index
 
 BUDGET_KINDS = ("bpw", "bytes")
 BPW_OVER = ("quantized", "model")

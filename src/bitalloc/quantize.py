@@ -21,7 +21,7 @@ from bitalloc.schema import check_header, need
 from bitalloc.formats.affine_rtn import (
     QuantizedWeight, dequantize, group_bits_of, pack_weight_codes, quantize_rtn, unpack_weight_codes,
 )
-from bitalloc.units import Inventory, Unit, check_finite, get_weight, set_weight
+from bitalloc.model.units import Inventory, Unit, check_finite, get_weight, set_weight
 
 SAVED_FORMAT = "bitalloc.quantized"
 SAVED_VERSION = 1
@@ -129,7 +129,7 @@ def _quantize_sequential(model, inventory: Inventory, plan: Plan, windows: torch
     every earlier layer already quantized (the forward stops after this
     layer), then GPTQ on this layer's units. Units outside numbered layers go last."""
     from bitalloc.calib import UnitGrams
-    from bitalloc.units import layer_index
+    from bitalloc.model.units import layer_index
 
     by_layer: dict[int | None, list[Unit]] = {}
     for u in inventory.units:

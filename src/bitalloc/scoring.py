@@ -17,7 +17,7 @@ from bitalloc.fileio import read_json, write_json
 from bitalloc.formats import parse_option
 from bitalloc.formats.affine import QuantOption
 from bitalloc.schema import check_header, need, number_list
-from bitalloc.units import Inventory
+from bitalloc.model.units import Inventory
 
 TABLE_FORMAT = "bitalloc.error-table"
 TABLE_VERSION = 2  # 2: model_identity is the content hash

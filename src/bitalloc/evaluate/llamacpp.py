@@ -254,7 +254,7 @@ def _existing(gguf: str | os.PathLike) -> str:
     path = Path(gguf)
     if not path.is_file():
         raise BitallocError(f"The GGUF file {str(path)!r} does not exist.")
-    from bitalloc.loading import check_gguf
+    from bitalloc.model.loading import check_gguf
 
     check_gguf(path)  # a damaged or foreign file: its own clear error, before llama.cpp meets it
     return str(path)

@@ -32,7 +32,7 @@ from bitalloc.errors import BitallocError
 from bitalloc.fileio import write_atomic
 from bitalloc.formats import ggml
 from bitalloc.formats.gguf_types import GGUF_TYPE_NAMES, GGUFType, parse_gguf_type
-from bitalloc.loading import check_gguf
+from bitalloc.model.loading import check_gguf
 
 # general.file_type is one llama_ftype label for the whole file; llama.cpp
 # reads it as a description only (every tensor carries its own type). K-quants
@@ -259,7 +259,7 @@ def _verify(path: str, plans: list[_TensorPlan]) -> dict[str, int]:
     """Read the new file back: the planned types, in order, at the predicted sizes."""
     from gguf import GGMLQuantizationType
 
-    from bitalloc.gguf_header import read_gguf_header
+    from bitalloc.model.gguf_header import read_gguf_header
 
     tensors = read_gguf_header(path).tensors
     got = [(t.name, GGMLQuantizationType(t.type_id).name, t.n_bytes) for t in tensors]

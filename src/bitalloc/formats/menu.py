@@ -13,7 +13,7 @@ from typing import Sequence
 from bitalloc.errors import BitallocError
 from bitalloc.formats import fits, parse_option
 from bitalloc.formats.affine import DEFAULT_BITS, DEFAULT_GROUP_SIZES, QuantOption, build_menu, group_count
-from bitalloc.units import Inventory
+from bitalloc.model.units import Inventory
 
 
 @dataclass(frozen=True)

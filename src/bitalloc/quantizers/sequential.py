@@ -38,7 +38,7 @@ from bitalloc.calib import UnitGrams
 from bitalloc.errors import BitallocError
 from bitalloc.plan import Plan
 from bitalloc.formats.affine_rtn import QuantizedWeight, dequantize
-from bitalloc.units import Inventory, Unit, layer_index, set_weight
+from bitalloc.model.units import Inventory, Unit, layer_index, set_weight
 
 # (model, unit, plan, H (in, in)) -> stored weight; bitalloc.quantize._quantize_unit
 QuantizeUnit = Callable[[nn.Module, Unit, Plan, torch.Tensor], QuantizedWeight]

@@ -13,7 +13,7 @@ from bitalloc.formats.affine import QuantOption
 from bitalloc.formats.affine_rtn import fake_quantize
 from bitalloc.scorers.context import ScoringContext, make_table
 from bitalloc.scoring import ErrorTable
-from bitalloc.units import get_weight
+from bitalloc.model.units import get_weight
 
 def score_reduction(ctx: ScoringContext, name: str) -> ErrorTable:
     kind = {"hessian": "obs", "output": "output", "taylor": "taylor"}[name]

@@ -23,7 +23,7 @@ from bitalloc.formats.affine import QuantOption
 from bitalloc.formats.affine_rtn import SCALE_SEARCH_VERSION, fake_quantize
 from bitalloc.scoring import ErrorTable
 from bitalloc.text import cache_dir
-from bitalloc.units import check_finite, get_weight, unit_view
+from bitalloc.model.units import check_finite, get_weight, unit_view
 
 PROBE_FORMAT_VERSION = 2  # 2: the reference is taken before any weight changes (v1 was not)
 SWEEP_FORMAT_VERSION = 1  # cache files of the weight-error sweep

@@ -14,7 +14,7 @@ from bitalloc.formats.affine import QuantOption
 from bitalloc.formats.affine_rtn import SCALE_SEARCH_VERSION, fake_quantize
 from bitalloc.scorers.context import ScoringContext, importance_digest, make_table
 from bitalloc.scoring import ErrorTable
-from bitalloc.units import get_weight
+from bitalloc.model.units import get_weight
 
 def score_linearity(ctx: ScoringContext, name: str) -> ErrorTable:
     """Q-Palette/HIGGS: KL ~ a_l * relative MSE; a_l fitted through the origin

@@ -8,7 +8,7 @@ import numpy as np
 from bitalloc.alpha import alpha_importance, unit_alpha
 from bitalloc.scorers.context import ScoringContext, make_table
 from bitalloc.scoring import WEIGHT_ERROR_IMPORTANCE, ErrorTable
-from bitalloc.units import get_weight
+from bitalloc.model.units import get_weight
 
 def score_weight_error(ctx: ScoringContext, name: str) -> ErrorTable:
     mse = ctx.reductions(["mse"])["mse"]

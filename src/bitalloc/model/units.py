@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bitalloc.archs import EXPERT_PART, FUSED_HALVES, GENERIC, ArchSpec, arch_for, arch_of_family
+from bitalloc.model.archs import EXPERT_PART, FUSED_HALVES, GENERIC, ArchSpec, arch_for, arch_of_family
 from bitalloc.errors import BadWeightsError
 
 

@@ -102,7 +102,7 @@ def check_gguf(path: str | Path) -> None:
         what = "is empty" if not magic else "does not start with the GGUF magic bytes"
         raise BitallocError(f"The GGUF file {str(path)!r} {what}: it is not a GGUF model. Pass a valid .gguf file.")
     try:
-        from bitalloc.gguf_header import read_gguf_header
+        from bitalloc.model.gguf_header import read_gguf_header
 
         header = read_gguf_header(path)
         size = path.stat().st_size
@@ -150,7 +150,7 @@ def position_limit(source: ModelSource) -> int | None:
     """The model's longest sequence (max_position_embeddings, or the GGUF's
     context_length), read without loading the model; None if not stated."""
     if source.gguf_file:
-        from bitalloc.gguf_header import read_gguf_header
+        from bitalloc.model.gguf_header import read_gguf_header
 
         check_gguf(Path(source.path) / source.gguf_file)
         limit = read_gguf_header(Path(source.path) / source.gguf_file).field("context_length")
@@ -173,7 +173,7 @@ def vocab_size(source: ModelSource) -> int | None:
     token list (or ``<arch>.vocab_size``), or config.json's vocab_size; None
     where neither says."""
     if source.gguf_file:
-        from bitalloc.gguf_header import ArrayInfo, read_gguf_header
+        from bitalloc.model.gguf_header import ArrayInfo, read_gguf_header
 
         header = read_gguf_header(Path(source.path) / source.gguf_file)
         tokens = header.metadata.get("tokenizer.ggml.tokens")
@@ -198,7 +198,7 @@ def architecture_identity(source: ModelSource) -> str | None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from bitalloc.units import model_identity
+    from bitalloc.model.units import model_identity
 
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
