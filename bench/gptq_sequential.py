@@ -58,7 +58,7 @@ def differences(a: tuple[dict, torch.Tensor], b: tuple[dict, torch.Tensor]) -> d
 
 def run(windows: int, seq_len: int, option: str) -> dict:
     from bitalloc import api
-    from bitalloc.calib import CalibSettings, calibration_windows
+    from bitalloc.calib.grams import CalibSettings, calibration_windows
     from bitalloc.evaluate import EvalSettings, token_windows
     from bitalloc.formats.affine import QuantOption
     from bitalloc.problem import Budget

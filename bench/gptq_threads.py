@@ -15,7 +15,7 @@ import time
 import torch
 
 from bitalloc import api
-from bitalloc.calib import calibration_windows
+from bitalloc.calib.grams import calibration_windows
 from bitalloc.evaluate import EvalSettings
 from bitalloc.fileio import write_json
 from bitalloc.formats.affine import QuantOption

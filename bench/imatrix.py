@@ -20,7 +20,7 @@ import time
 from dataclasses import replace
 
 from bitalloc import api
-from bitalloc.calib import calibration_windows
+from bitalloc.calib.grams import calibration_windows
 from bitalloc.evaluate import EvalSettings
 from bitalloc.fileio import write_json
 from bitalloc.formats.affine import QuantOption

@@ -182,7 +182,7 @@ def routing_frequency(moe, windows: torch.Tensor) -> list[list[float]]:
 
 def main() -> None:
     from bitalloc import api
-    from bitalloc.calib import CalibSettings, calibration_windows
+    from bitalloc.calib.grams import CalibSettings, calibration_windows
     from bitalloc.evaluate import EvalSettings, evaluate, reference_logprobs, token_windows
     from bitalloc.fileio import write_json
     from bitalloc.text import calibration_text

@@ -83,7 +83,7 @@ def main() -> None:
         hessians = ctx.hessians if quantizer == "gptq" else None
         bench.hessians = hessians
         if quantizer == "gptq":
-            from bitalloc.calib import calibration_windows
+            from bitalloc.calib.grams import calibration_windows
 
             bench.calib_windows = calibration_windows(loaded.tokenizer, ctx.calib_text, q.calib)
         t = time.perf_counter()

@@ -344,7 +344,7 @@ def build_workspace(root: Path) -> dict[str, str]:
         ws[name] = str(folder)
 
     tiny, other = api.load(ws["tiny"]), api.load(ws["other"])
-    from bitalloc.calib import CalibSettings
+    from bitalloc.calib.grams import CalibSettings
 
     settings = api.PlanSettings(Budget(4.0), calib=CalibSettings(8, 128))  # fits the tiny model's 256 positions
     ws["plan"], ws["table"] = str(root / "plan.json"), str(root / "table.json")

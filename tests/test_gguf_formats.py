@@ -204,7 +204,7 @@ def test_importance_vectors_from_sums_and_hessians():
     X = torch.tensor([[1.0, 2.0, 0.0], [3.0, -2.0, 0.0]])  # (tokens, in)
     sums = {"m": (X**2).sum(0)}  # (in,)
     assert np.allclose(importance_vectors(sums, {"m": 2})["m"], [5.0, 4.0, 0.0])
-    H = {"m": 2 * X.T @ X / 2}  # bitalloc.calib's convention, (in, in)
+    H = {"m": 2 * X.T @ X / 2}  # bitalloc.calib.grams's convention, (in, in)
     assert np.allclose(squared_sums_from_hessians(H, {"m": 2})["m"], [10.0, 8.0, 0.0])
     assert np.allclose(importance_vectors({"m": np.zeros(3)}, {"m": 0})["m"], 1.0)  # llama-quantize's fallback
 

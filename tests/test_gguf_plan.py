@@ -20,7 +20,7 @@ import torch
 
 from bitalloc import api
 from bitalloc.api import MenuSettings, PlanSettings
-from bitalloc.calib import CalibSettings, calibration_windows
+from bitalloc.calib.grams import CalibSettings, calibration_windows
 from bitalloc.cli import main
 from bitalloc.problem import Budget
 from bitalloc.text import calibration_text
@@ -251,7 +251,7 @@ def test_int_menu_with_embeddings_saves_and_reloads_identically(tmp_path, capsys
     plan = Plan.load(str(plan_path))
     assert "lm_head" in plan.assignment
     loaded = api.load(str(src), embeddings=True)
-    from bitalloc.calib import CalibSettings
+    from bitalloc.calib.grams import CalibSettings
 
     calib = CalibSettings(**plan.provenance["importance"]["calib"])  # made with the importance matrix (default)
     importance = api.ensure_importance(loaded, api.PlanSettings(plan.budget, calib=calib), progress=False)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from bitalloc.calib import GramAccumulator
+from bitalloc.calib.grams import GramAccumulator
 from bitalloc.quantizers.gptq import gptq_quantize
 from bitalloc.formats.affine import QuantOption
 from bitalloc.formats.affine_rtn import dequantize, quantize_rtn
@@ -114,7 +114,7 @@ def test_sequential_gptq_first_layer_equals_one_shot_and_reloads(tmp_path):
     """Layer 0 sees the same inputs either way, so sequential and one-shot
     GPTQ agree there; later layers differ (their inputs are quantized)."""
     from bitalloc import api
-    from bitalloc.calib import CalibSettings, accumulate_hessians, calibration_windows
+    from bitalloc.calib.grams import CalibSettings, accumulate_hessians, calibration_windows
     from bitalloc.plan import Plan
     from bitalloc.problem import Budget
     from bitalloc.quantize import quantize_model, restored

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from bitalloc import api
-from bitalloc.calib import CalibSettings, UnitGrams
+from bitalloc.calib.grams import CalibSettings, UnitGrams
 from bitalloc.cli import main
 from bitalloc.problem import Budget
 
@@ -110,7 +110,7 @@ def _routed_tokens(model, layer: int, text_windows: torch.Tensor) -> tuple[list[
 
 
 def test_expert_grams_use_only_routed_tokens():
-    from bitalloc.calib import calibration_windows
+    from bitalloc.calib.grams import calibration_windows
     from bitalloc.text import calibration_text
     from bitalloc.model.units import find_units
 
@@ -196,7 +196,7 @@ def test_unreached_expert_is_reported_and_gets_its_peers_mean(tmp_path, monkeypa
 def test_bad_expert_tensor_shape_is_one_clear_error():
     from torch import nn
 
-    from bitalloc.calib import ExpertGrams
+    from bitalloc.calib.grams import ExpertGrams
     from bitalloc.errors import BitallocError
     from bitalloc.model.units import find_units
 
@@ -214,7 +214,7 @@ def test_bad_expert_tensor_shape_is_one_clear_error():
 def test_pmq_weighs_the_output_error_by_routing(tmp_path, monkeypatch):
     """pmq = f * w * tr(dW H dW^T): f and w recomputed here from the router's
     own softmax/top-k on the hidden states entering the MoE block."""
-    from bitalloc.calib import calibration_windows
+    from bitalloc.calib.grams import calibration_windows
     from bitalloc.scorers import score
 
     monkeypatch.setenv("BITALLOC_CACHE", str(tmp_path / "cache"))

@@ -218,7 +218,7 @@ def test_uncached_hub_id_offline_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("scorer", ["salience", "baq"])
 @pytest.mark.parametrize("quantizer", ["rtn", "gptq"])
 def test_mixed_column_plans_meet_budget_and_reload(loaded, tmp_path, scorer, quantizer):
-    from bitalloc.calib import CalibSettings
+    from bitalloc.calib.grams import CalibSettings
 
     s = api.PlanSettings(Budget(3.5), scorer=scorer, quantizer=quantizer, calib=CalibSettings(4, 64))
     p = api.plan(settings=s, loaded=loaded, out=str(tmp_path / "plan.json"), progress=False)
@@ -241,7 +241,7 @@ def test_cli_quantize_uses_the_importance_matrix_the_plan_records(tiny_dir, text
     """A default plan records its calibration; `bitalloc quantize` stores RTN
     with scales searched under E[x^2] per column, measured here by hooks on
     the same calibration windows; a --no-imatrix plan stores plain scales."""
-    from bitalloc.calib import CalibSettings, calibration_windows
+    from bitalloc.calib.grams import CalibSettings, calibration_windows
     from bitalloc.formats.affine_rtn import dequantize, quantize_rtn
     from bitalloc.model.units import get_weight
 

@@ -62,7 +62,7 @@ def test_cli_dry_run_on_embedded_model(capsys):
 def test_gptq_beats_rtn_on_real_layers(smol):
     """Layer output error tr(dW H dW^T) of GPTQ is below RTN's on SmolLM2's
     own layers, with H from a little calibration text."""
-    from bitalloc.calib import CalibSettings, accumulate_hessians, calibration_windows
+    from bitalloc.calib.grams import CalibSettings, accumulate_hessians, calibration_windows
     from bitalloc.quantizers.gptq import gptq_quantize
     from bitalloc.formats.affine import QuantOption
     from bitalloc.formats.affine_rtn import dequantize, quantize_rtn

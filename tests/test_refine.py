@@ -267,7 +267,7 @@ def test_gptq_refinement_windows_lie_between_gptq_calibration_windows(loaded):
     gaps they leave (tokens GPTQ did not fit), round-robin after each one;
     with RTN they start at the beginning. Positions checked against the
     text's own token ids."""
-    from bitalloc.calib import CalibSettings, calibration_windows
+    from bitalloc.calib.grams import CalibSettings, calibration_windows
     from bitalloc.text import calibration_text
 
     calib = CalibSettings(2, 32)

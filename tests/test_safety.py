@@ -196,7 +196,7 @@ def test_an_interrupted_save_folder_is_refused_by_eval(work, capsys):
 def test_a_fine_tune_of_the_same_architecture_gets_its_own_measurements(tmp_path, text_file):
     """Same names and shapes, other weights: another content identity, so no
     cached Hessian or error table of the first serves the second."""
-    from bitalloc.calib import CalibSettings, cached_hessians
+    from bitalloc.calib.grams import CalibSettings, cached_hessians
     from bitalloc.scoring import ErrorTable
     from bitalloc.text import read_text_file
 
@@ -226,7 +226,7 @@ def test_a_fine_tune_of_the_same_architecture_gets_its_own_measurements(tmp_path
 
 
 def test_damaged_caches_are_measured_again(tiny_dir, text_file, monkeypatch, tmp_path):
-    from bitalloc.calib import CalibSettings, accumulate_hessians, cached_hessians, calibration_windows
+    from bitalloc.calib.grams import CalibSettings, accumulate_hessians, cached_hessians, calibration_windows
     from bitalloc.text import read_text_file
 
     monkeypatch.setenv("BITALLOC_CACHE", str(tmp_path / "cache"))
@@ -292,7 +292,7 @@ def test_probe_cache_is_keyed_by_the_scales(tiny_dir, text_file, monkeypatch, tm
     monkeypatch.setattr(probes, "SCALE_SEARCH_VERSION", 99)
     score(api.scoring_context(loaded, searched_settings, progress=None), ["kl"])
     assert len(list(cache.iterdir())) == 3
-    from bitalloc.calib import CalibSettings  # other calibration windows (GPTQ probes use their Hessians)
+    from bitalloc.calib.grams import CalibSettings  # other calibration windows (GPTQ probes use their Hessians)
 
     score(api.scoring_context(loaded, replace(plain_settings, calib=CalibSettings(3, 32)), progress=None), ["kl"])
     assert len(list(cache.iterdir())) == 4
@@ -305,7 +305,7 @@ def test_the_weight_error_sweep_is_cached_and_keyed(tiny_dir, text_file, monkeyp
     and other scales, search versions or calibration get other files."""
     from dataclasses import replace
 
-    from bitalloc.calib import CalibSettings
+    from bitalloc.calib.grams import CalibSettings
     from bitalloc.formats.affine_rtn import fake_quantize
     from bitalloc.scorers import context, score
     from bitalloc.model.units import get_weight

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bitalloc import api
-from bitalloc.calib import CalibSettings
+from bitalloc.calib.grams import CalibSettings
 from bitalloc.compare import CompareSettings, compare, correlations, write_outputs
 from bitalloc.evaluate import EvalSettings
 from bitalloc.formats.affine import QuantOption

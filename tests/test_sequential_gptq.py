@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bitalloc import api
-from bitalloc.calib import CalibSettings, calibration_windows
+from bitalloc.calib.grams import CalibSettings, calibration_windows
 from bitalloc.formats.affine import QuantOption
 from bitalloc.problem import Budget
 from bitalloc.formats.affine_rtn import dequantize

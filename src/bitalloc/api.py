@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from bitalloc.calib import CalibSettings, importance_record
+from bitalloc.calib.grams import CalibSettings, importance_record
 from bitalloc.errors import BitallocError
 from bitalloc.evaluate import (
     EvalSettings, evaluate as evaluate_windows, reference_logprobs, reference_result, token_windows, window_logprobs,
@@ -108,7 +108,7 @@ def prepare(loaded: Loaded, settings: PlanSettings, progress: bool = True) -> tu
 def ensure_importance(loaded: Loaded, settings: PlanSettings, progress: bool = True) -> dict:
     """llama.cpp's importance vectors per unit, from the calibration text (``calib.importance_vectors``)."""
     if loaded.importance is None:
-        from bitalloc.calib import importance_vectors
+        from bitalloc.calib.grams import importance_vectors
 
         text = calibration_text(settings.calib_text, settings.text_encoding)
         loaded.importance = importance_vectors(loaded.model, loaded.inventory, loaded.tokenizer, text, settings.calib,
@@ -136,7 +136,7 @@ def preflight(loaded: Loaded, settings: PlanSettings, budgets: Sequence[float] =
 def check_calibration_text(loaded: Loaded, settings: PlanSettings, scorers: Sequence[str]) -> None:
     """Tokenize the calibration text now if anything will need it, so that
     too little text fails before minutes of scoring, not after."""
-    from bitalloc.calib import calibration_windows
+    from bitalloc.calib.grams import calibration_windows
     from bitalloc.scorers import SCORERS
 
     needs = settings.quantizer == "gptq" or any(SCORERS[n][0] != "data-free" for n in scorers)
@@ -218,7 +218,7 @@ def _calibration_for(loaded: Loaded, the_plan: Plan, settings: PlanSettings | No
 
         return {"importance": ensure_importance(loaded, s, progress)} if uses_importance(the_plan) else {}
     if the_plan.sequential:
-        from bitalloc.calib import calibration_windows
+        from bitalloc.calib.grams import calibration_windows
 
         text = calibration_text(s.calib_text, s.text_encoding)
         return {"calib_windows": calibration_windows(loaded.tokenizer, text, s.calib)}
@@ -408,7 +408,7 @@ def run(model: str | None = None, *, settings: PlanSettings, scorers: Sequence[s
     if settings.quantizer == "gptq":
         bench.hessians = ctx.hessians
         if settings.sequential:
-            from bitalloc.calib import calibration_windows
+            from bitalloc.calib.grams import calibration_windows
 
             bench.calib_windows = calibration_windows(loaded.tokenizer, ctx.calib_text, settings.calib)
     inv = loaded.inventory

@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from bitalloc.calib import importance_record
+from bitalloc.calib.grams import importance_record
 from bitalloc.errors import BitallocError
 from bitalloc.formats.affine import QuantOption
 from bitalloc.plan import Plan

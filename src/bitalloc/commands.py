@@ -15,7 +15,7 @@ from bitalloc.errors import BitallocError
 
 def plan_settings(args, budget_value: float | None):
     from bitalloc.api import MenuSettings, PlanSettings
-    from bitalloc.calib import CalibSettings
+    from bitalloc.calib.grams import CalibSettings
     from bitalloc.problem import Budget, Constraints
     from bitalloc.refine import RefineSettings
     from bitalloc.scorers import ScorerSettings
@@ -164,7 +164,7 @@ def _dry_run(loaded, settings, args) -> None:
 
 def cmd_quantize(args) -> None:
     from bitalloc import api
-    from bitalloc.calib import CalibSettings
+    from bitalloc.calib.grams import CalibSettings
     from bitalloc.fileio import check_output_dir
     from bitalloc.plan import Plan
     from bitalloc.quantize import MANIFEST, SAVED_FORMAT, uses_importance
@@ -197,7 +197,7 @@ def recorded_calibration(args, plan) -> None:
     """The calibration a plan records (``provenance.importance``: windows,
     length, text) as this command's, so that quantizing reproduces the plan's
     importance matrix without the flags being typed again."""
-    from bitalloc.calib import DEFAULT_CALIB_LABEL
+    from bitalloc.calib.grams import DEFAULT_CALIB_LABEL
 
     recorded = plan.provenance.get("importance")
     if not isinstance(recorded, dict) or not isinstance(recorded.get("calib"), dict):

@@ -70,7 +70,7 @@ def compare(loaded: api.Loaded, settings: CompareSettings, plan_settings: api.Pl
                   calib=plan_settings.calib.to_dict(), scorer_settings=plan_settings.scorer_settings.__dict__)
     first = tables[settings.scorers[0]]
     if plan_settings.sequential and "gptq" in settings.quantizers:
-        from bitalloc.calib import calibration_windows
+        from bitalloc.calib.grams import calibration_windows
 
         bench.calib_windows = calibration_windows(loaded.tokenizer, ctx.calib_text, plan_settings.calib)
     for quantizer in settings.quantizers:

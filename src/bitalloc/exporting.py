@@ -100,7 +100,7 @@ def _write_imatrix(path: str, importance: dict, names: dict[str, str], settings)
 
 def cmd_export(args) -> None:
     from bitalloc import api
-    from bitalloc.calib import CalibSettings
+    from bitalloc.calib.grams import CalibSettings
     from bitalloc.checks import (
         CALIB_FLAGS, check_model_source, check_plan_architecture, fill_defaults, given_flags, read_texts,
     )

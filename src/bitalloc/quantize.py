@@ -128,7 +128,7 @@ def _quantize_sequential(model, inventory: Inventory, plan: Plan, windows: torch
     """Layer by layer: Gram matrices of this layer's inputs from the model with
     every earlier layer already quantized (the forward stops after this
     layer), then GPTQ on this layer's units. Units outside numbered layers go last."""
-    from bitalloc.calib import UnitGrams
+    from bitalloc.calib.grams import UnitGrams
     from bitalloc.model.units import layer_index
 
     by_layer: dict[int | None, list[Unit]] = {}

@@ -60,7 +60,7 @@ def importance_vectors(sq_sums: Mapping[str, Any], token_counts: Mapping[str, An
 
 
 def squared_sums_from_hessians(hessians: Mapping[str, Any], token_counts: Mapping[str, int]) -> dict[str, np.ndarray]:
-    """bitalloc.calib's H = 2 XᵀX / n (n_in, n_in) per module -> Σ x² per input column (n_in,)."""
+    """bitalloc.calib.grams's H = 2 XᵀX / n (n_in, n_in) per module -> Σ x² per input column (n_in,)."""
     out = {}
     for name, H in hessians.items():
         diag = np.diagonal(_numpy(H))  # (n_in,)

@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from bitalloc.calib import UnitGrams
+from bitalloc.calib.grams import UnitGrams
 from bitalloc.errors import BitallocError
 from bitalloc.plan import Plan
 from bitalloc.formats.affine_rtn import QuantizedWeight, dequantize

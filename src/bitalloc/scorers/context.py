@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from bitalloc.calib import CalibSettings, cached_calibration, calibration_windows
+from bitalloc.calib.grams import CalibSettings, cached_calibration, calibration_windows
 from bitalloc.errors import BitallocError, GroupSizeError
 from bitalloc.fileio import write_json
 from bitalloc.quantizers.gptq import inverse_hessian_factor

@@ -1,0 +1,1 @@
+"""calib: see ARCHITECTURE.md."""
