@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from bitalloc.alpha import alpha_importance, farms_eigenvalues, gram_eigenvalues, hill_alpha, ks_alpha
+from bitalloc.scorers.alpha import alpha_importance, farms_eigenvalues, gram_eigenvalues, hill_alpha, ks_alpha
 
 
 def pareto_eigs(alpha, n, seed):

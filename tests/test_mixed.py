@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from bitalloc.mixed import integer_bits, slim_bits, waterfill_bits, waterfill_rates
+from bitalloc.scorers.mixed import integer_bits, slim_bits, waterfill_bits, waterfill_rates
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -26,7 +26,7 @@ from bitalloc.baselines import llama_rule_plan, uniform_plan  # noqa: F401  (pub
 from bitalloc.refine import RefineSettings, finish_plan, make_probe, start_plan
 from bitalloc.text import calibration_text
 from bitalloc.scorers import ScorerSettings, ScoringContext, check_scorer, score
-from bitalloc.scoring import ErrorTable
+from bitalloc.scorers.table import ErrorTable
 from bitalloc.solvers import solve
 from bitalloc.text import read_text_file, wiki_text
 from bitalloc.model.units import Inventory, find_units

@@ -88,7 +88,7 @@ def cmd_plan(args) -> None:
         raise BitallocError("`bitalloc plan` needs --out FILE (or --dry-run to only print sizes).")
     table_file = None
     if args.table:
-        from bitalloc.scoring import ErrorTable
+        from bitalloc.scorers.table import ErrorTable
 
         menu_flags = given_flags(args, INT_MENU_FLAGS)
         if menu_flags:

@@ -12,7 +12,7 @@ import torch
 from bitalloc.formats.affine import QuantOption
 from bitalloc.formats.affine_rtn import fake_quantize
 from bitalloc.scorers.context import ScoringContext, make_table
-from bitalloc.scoring import ErrorTable
+from bitalloc.scorers.table import ErrorTable
 from bitalloc.model.units import get_weight
 
 def score_reduction(ctx: ScoringContext, name: str) -> ErrorTable:
@@ -39,7 +39,7 @@ def group_obs_errors(W: torch.Tensor, obs_weight: torch.Tensor, option: QuantOpt
 def score_mixed(ctx: ScoringContext, name: str) -> ErrorTable:
     """OBS-loss table whose menu adds, for every grouped option, a mixed
     variant with per-column-group bit-widths of the same mean."""
-    from bitalloc.mixed import MAX_BITS, MIN_BITS, group_salience, slim_bits, waterfill_bits
+    from bitalloc.scorers.mixed import MAX_BITS, MIN_BITS, group_salience, slim_bits, waterfill_bits
 
     kind = "slim" if name == "salience" else "baq"
     mixed = [QuantOption(o.bits, o.group_size, o.symmetric, kind) for o in ctx.options if o.group_size > 0]

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from bitalloc.alpha import alpha_importance, unit_alpha
+from bitalloc.scorers.alpha import alpha_importance, unit_alpha
 from bitalloc.scorers.context import ScoringContext, make_table
-from bitalloc.scoring import WEIGHT_ERROR_IMPORTANCE, ErrorTable
+from bitalloc.scorers.table import WEIGHT_ERROR_IMPORTANCE, ErrorTable
 from bitalloc.model.units import get_weight
 
 def score_weight_error(ctx: ScoringContext, name: str) -> ErrorTable:
