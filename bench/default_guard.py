@@ -20,7 +20,7 @@ from dataclasses import replace
 from bitalloc import api
 from bitalloc.evaluate import EvalSettings
 from bitalloc.fileio import write_json
-from bitalloc.problem import Budget
+from bitalloc.solve.problem import Budget
 from bitalloc.report import versus, with_ci
 
 

@@ -61,7 +61,7 @@ def run(windows: int, seq_len: int, option: str) -> dict:
     from bitalloc.calib.grams import CalibSettings, calibration_windows
     from bitalloc.evaluate import EvalSettings, token_windows
     from bitalloc.formats.affine import QuantOption
-    from bitalloc.problem import Budget
+    from bitalloc.solve.problem import Budget
     from bitalloc.quantize import _quantize_sequential, _quantize_unit
     from bitalloc.quantizers.sequential import quantize_sequential
 

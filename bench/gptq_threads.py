@@ -19,7 +19,7 @@ from bitalloc.calib.grams import calibration_windows
 from bitalloc.evaluate import EvalSettings
 from bitalloc.fileio import write_json
 from bitalloc.formats.affine import QuantOption
-from bitalloc.problem import Budget
+from bitalloc.solve.problem import Budget
 from bitalloc.quantize import _quantize_unit, restored
 from bitalloc.quantizers.sequential import quantize_sequential
 

@@ -24,7 +24,7 @@ from bitalloc.calib.grams import calibration_windows
 from bitalloc.evaluate import EvalSettings
 from bitalloc.fileio import write_json
 from bitalloc.formats.affine import QuantOption
-from bitalloc.problem import Budget
+from bitalloc.solve.problem import Budget
 from bitalloc.report import measures, versus
 
 

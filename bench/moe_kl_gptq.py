@@ -21,7 +21,7 @@ def main() -> None:
     from bitalloc import api
     from bitalloc.evaluate import EvalSettings
     from bitalloc.fileio import write_json
-    from bitalloc.problem import Budget, Constraints
+    from bitalloc.solve.problem import Budget, Constraints
     from bitalloc.report import versus
     from bitalloc.scorers import score
 

@@ -24,11 +24,11 @@ def main() -> None:
     from scipy.stats import spearmanr
 
     from bitalloc import api
-    from bitalloc.baselines import moe_rule_plan
+    from bitalloc.solve.baselines import moe_rule_plan
     from bitalloc.errors import BitallocError
     from bitalloc.evaluate import EvalSettings
     from bitalloc.fileio import write_json
-    from bitalloc.problem import Budget, Constraints
+    from bitalloc.solve.problem import Budget, Constraints
     from bitalloc.report import run_report, versus
     from bitalloc.scorers import score
     from bitalloc.scorers.moe import routing_importance

@@ -24,8 +24,8 @@ from dataclasses import replace
 from bitalloc import api
 from bitalloc.evaluate import EvalSettings
 from bitalloc.fileio import write_json
-from bitalloc.problem import Budget
-from bitalloc.refine import RefineSettings, finish_plan, make_probe
+from bitalloc.solve.problem import Budget
+from bitalloc.solve.refine import RefineSettings, finish_plan, make_probe
 from bitalloc.report import measures, versus
 
 

@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from bitalloc.formats.affine import build_menu, storage_bits
-from bitalloc.solvers import solve_ilp, solve_lagrangian
+from bitalloc.solve.solvers import solve_ilp, solve_lagrangian
 
 
 def random_problem(units: int, seed: int, budget_bpw: float):
@@ -67,7 +67,7 @@ def compare(cost, error, allowed, budget, ilp_time_limit: float, mip_rel_gap: fl
 
 def real_model(budgets) -> list[dict]:
     from bitalloc import api
-    from bitalloc.problem import Budget, build_problem
+    from bitalloc.solve.problem import Budget, build_problem
 
     loaded = api.load(None)
     options, _ = api.resolve_menu(loaded.inventory, api.MenuSettings())

@@ -308,7 +308,7 @@ def build_workspace(root: Path) -> dict[str, str]:
     import numpy as np
 
     from bitalloc import api
-    from bitalloc.problem import Budget
+    from bitalloc.solve.problem import Budget
     from conftest import char_tokenizer, tiny_llama
 
     rng = np.random.default_rng(0)

@@ -22,7 +22,7 @@ from bitalloc import api
 from bitalloc.api import MenuSettings, PlanSettings
 from bitalloc.calib.grams import CalibSettings, calibration_windows
 from bitalloc.cli import main
-from bitalloc.problem import Budget
+from bitalloc.solve.problem import Budget
 from bitalloc.text import calibration_text
 from bitalloc.model.units import find_units, get_weight
 

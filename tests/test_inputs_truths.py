@@ -96,7 +96,7 @@ def test_text_that_is_not_a_regular_file_or_not_text(tmp_path):
 def test_shown_feasible_bounds_are_themselves_feasible():
     """The range an infeasible budget's message shows is rounded inwards:
     the lower bound up, the upper bound down, at 4 decimals."""
-    from bitalloc.problem import shown_bound
+    from bitalloc.solve.problem import shown_bound
 
     assert shown_bound(2.2222222, "lo") == 2.2223
     assert shown_bound(2.2222222, "hi") == 2.2222

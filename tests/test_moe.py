@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from bitalloc import api
 from bitalloc.calib.grams import CalibSettings, UnitGrams
 from bitalloc.cli import main
-from bitalloc.problem import Budget
+from bitalloc.solve.problem import Budget
 
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64)
@@ -268,7 +268,7 @@ def test_moe_fixture_with_all_experts_is_the_dense_model():
 def test_structural_moe_rule_promotes_shared_experts_and_end_layers():
     """QuantMoE-Bench's prior as a baseline: shared experts and the first and
     last MoE layers one bit up, the rest at a base option, within the budget."""
-    from bitalloc.baselines import moe_rule_plan, structural_moe_units
+    from bitalloc.solve.baselines import moe_rule_plan, structural_moe_units
     from bitalloc.formats.affine import build_menu
     from bitalloc.model.units import find_units
 

@@ -12,7 +12,7 @@ from bitalloc.cli import main
 from bitalloc.errors import BadWeightsError, BitallocError, GroupSizeError, InfeasibleBudgetError, ModelNotFoundError, PlanMismatchError
 from bitalloc.evaluate import EvalSettings, evaluate, reference_logprobs, token_windows
 from bitalloc.plan import Plan
-from bitalloc.problem import Budget, Constraints
+from bitalloc.solve.problem import Budget, Constraints
 from bitalloc.quantize import load_quantized, quantize_model, restored, save_quantized
 from conftest import tiny_llama
 

@@ -9,7 +9,7 @@ import torch
 from bitalloc import api
 from bitalloc.cli import main
 from bitalloc.evaluate import EvalSettings
-from bitalloc.problem import Budget
+from bitalloc.solve.problem import Budget
 
 pytestmark = pytest.mark.slow
 

@@ -15,8 +15,8 @@ from bitalloc import api
 from bitalloc.cli import main
 from bitalloc.errors import BitallocError
 from bitalloc.formats.affine import QuantOption
-from bitalloc.problem import Budget, Problem, build_problem
-from bitalloc.refine import RefineSettings, assignment_choice, frontier_neighbours, guard, local_choice, make_probe, refine
+from bitalloc.solve.problem import Budget, Problem, build_problem
+from bitalloc.solve.refine import RefineSettings, assignment_choice, frontier_neighbours, guard, local_choice, make_probe, refine
 
 
 def test_frontier_neighbours_by_hand():
@@ -124,8 +124,8 @@ def test_a_plan_the_guard_replaced_says_so_with_both_measurements(loaded, tiny_d
     """The notice names the table, both calibration measurements as the
     guard recorded them, the sample and the ways to a stronger allocation;
     `bitalloc plan` prints it; a kept allocation gets none."""
-    from bitalloc import refine as refine_module
-    from bitalloc.refine import guard_notice
+    from bitalloc.solve import refine as refine_module
+    from bitalloc.solve.refine import guard_notice
 
     settings = _settings(4.25)
     uniform = api.uniform_plan(loaded.inventory, api.resolve_menu(loaded.inventory, settings.menu)[0], settings, "t")

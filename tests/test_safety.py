@@ -20,7 +20,7 @@ from bitalloc import api
 from bitalloc.cli import main
 from bitalloc.errors import BitallocError, PlanMismatchError
 from bitalloc.fileio import OLD_TAG, TMP_TAG
-from bitalloc.problem import Budget
+from bitalloc.solve.problem import Budget
 from conftest import char_tokenizer, tiny_llama
 
 

@@ -9,7 +9,7 @@ from bitalloc.calib.grams import CalibSettings
 from bitalloc.compare import CompareSettings, compare, correlations, write_outputs
 from bitalloc.evaluate import EvalSettings
 from bitalloc.formats.affine import QuantOption
-from bitalloc.problem import Budget
+from bitalloc.solve.problem import Budget
 from bitalloc.formats.affine_rtn import fake_quantize
 from bitalloc.scorers import SCORERS, ScorerSettings, score
 from bitalloc.model.units import get_weight

@@ -10,7 +10,7 @@ import torch
 from bitalloc import api
 from bitalloc.calib.grams import CalibSettings, calibration_windows
 from bitalloc.formats.affine import QuantOption
-from bitalloc.problem import Budget
+from bitalloc.solve.problem import Budget
 from bitalloc.formats.affine_rtn import dequantize
 from bitalloc.quantize import _quantize_sequential, _quantize_unit, restored
 from bitalloc.quantizers.sequential import LayerCaptureError, quantize_sequential

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from bitalloc.errors import InfeasibleBudgetError
-from bitalloc.solvers import solve_ilp, solve_lagrangian
+from bitalloc.solve.solvers import solve_ilp, solve_lagrangian
 
 
 def random_problem(rng, units, options, *, p_disallow=0.15):

@@ -161,8 +161,8 @@ def test_expert_tie_puts_all_experts_of_a_projection_in_one_option():
     import numpy as np
 
     from bitalloc.formats.affine import QuantOption
-    from bitalloc.problem import Budget, Constraints, build_problem
-    from bitalloc.solvers import solve
+    from bitalloc.solve.problem import Budget, Constraints, build_problem
+    from bitalloc.solve.solvers import solve
 
     model = build("MixtralConfig", **SMALL, num_local_experts=4, num_experts_per_tok=2)
     inv = find_units(model)
@@ -190,8 +190,8 @@ def test_tie_patterns_group_matches_per_layer_and_merge_with_named_ties():
     import numpy as np
 
     from bitalloc.formats.affine import QuantOption
-    from bitalloc.problem import Budget, Constraints, build_problem, tie_groups_for
-    from bitalloc.solvers import solve
+    from bitalloc.solve.problem import Budget, Constraints, build_problem, tie_groups_for
+    from bitalloc.solve.solvers import solve
 
     inv = find_units(build("MixtralConfig", **SMALL, num_local_experts=4, num_experts_per_tok=2))
     # Mixtral's on-disk w2 is down_proj: per layer, the four down slices in one group
@@ -218,7 +218,7 @@ def test_tie_patterns_group_matches_per_layer_and_merge_with_named_ties():
 
 def test_tie_pattern_that_matches_nothing_is_one_clear_error():
     from bitalloc.errors import BitallocError
-    from bitalloc.problem import tie_groups_for
+    from bitalloc.solve.problem import tie_groups_for
 
     inv = find_units(build("MixtralConfig", **SMALL, num_local_experts=4, num_experts_per_tok=2))
     with pytest.raises(BitallocError, match=r"--tie pattern '\*\.experts\.\*\.w9\.weight' matches no unit.*"

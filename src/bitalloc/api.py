@@ -21,13 +21,13 @@ from bitalloc.formats import is_gguf
 from bitalloc.formats.affine import QuantOption
 from bitalloc.formats.menu import MenuSettings, keep_type_rules, resolve_menu
 from bitalloc.plan import QUANTIZERS, Plan
-from bitalloc.problem import Budget, Constraints, build_problem
-from bitalloc.baselines import llama_rule_plan, uniform_plan  # noqa: F401  (public API)
-from bitalloc.refine import RefineSettings, finish_plan, make_probe, start_plan
+from bitalloc.solve.problem import Budget, Constraints, build_problem
+from bitalloc.solve.baselines import llama_rule_plan, uniform_plan  # noqa: F401  (public API)
+from bitalloc.solve.refine import RefineSettings, finish_plan, make_probe, start_plan
 from bitalloc.text import calibration_text
 from bitalloc.scorers import ScorerSettings, ScoringContext, check_scorer, score
 from bitalloc.scorers.table import ErrorTable
-from bitalloc.solvers import solve
+from bitalloc.solve.solvers import solve
 from bitalloc.text import read_text_file, wiki_text
 from bitalloc.model.units import Inventory, find_units
 

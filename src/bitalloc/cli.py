@@ -54,7 +54,7 @@ def _budget_args(p: argparse.ArgumentParser, *, many: bool) -> None:
 
 
 def _menu_args(p: argparse.ArgumentParser) -> None:
-    from bitalloc.solvers import SOLVERS
+    from bitalloc.solve.solvers import SOLVERS
 
     g = p.add_argument_group("scoring, options and solver")
     g.add_argument("--scorer", type=_scorer_list,
@@ -213,7 +213,7 @@ def _quantizer_list(text: str) -> tuple[str, ...]:
 
 
 def _allow_rule(text: str):
-    from bitalloc.problem import parse_allow_rule
+    from bitalloc.solve.problem import parse_allow_rule
 
     try:
         rule = parse_allow_rule(text)

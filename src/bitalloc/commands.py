@@ -16,8 +16,8 @@ from bitalloc.errors import BitallocError
 def plan_settings(args, budget_value: float | None):
     from bitalloc.api import MenuSettings, PlanSettings
     from bitalloc.calib.grams import CalibSettings
-    from bitalloc.problem import Budget, Constraints
-    from bitalloc.refine import RefineSettings
+    from bitalloc.solve.problem import Budget, Constraints
+    from bitalloc.solve.refine import RefineSettings
     from bitalloc.scorers import ScorerSettings
 
     if args.bytes is not None:
@@ -78,7 +78,7 @@ def _refine_start(args, settings):
 def cmd_plan(args) -> None:
     from bitalloc import api
     from bitalloc.fileio import check_output_file
-    from bitalloc.refine import guard_notice
+    from bitalloc.solve.refine import guard_notice
     from bitalloc.report import table
 
     if args.dry_run and (args.out or args.table or args.save_table):
@@ -137,7 +137,7 @@ def cmd_plan(args) -> None:
 
 def _dry_run(loaded, settings, args) -> None:
     from bitalloc.api import resolve_menu
-    from bitalloc.problem import feasible_range, shown_bound, sizes_of
+    from bitalloc.solve.problem import feasible_range, shown_bound, sizes_of
     from bitalloc.report import table
 
     inv = loaded.inventory
@@ -328,7 +328,7 @@ def cmd_demo(args) -> None:
     from bitalloc.evaluate import EvalSettings
     from bitalloc.evaluate.llamacpp import LlamaCppCrash
     from bitalloc.fileio import check_output_dir
-    from bitalloc.problem import Budget
+    from bitalloc.solve.problem import Budget
     from bitalloc.scorers import ScorerSettings
 
     check_output_dir(args.out, "compare.json", "bitalloc.report", flag="--out", overwrite=args.overwrite,

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from bitalloc import api
-from bitalloc.baselines import moe_rule_plan, structural_moe_units
+from bitalloc.solve.baselines import moe_rule_plan, structural_moe_units
 from bitalloc.errors import BitallocError
 from bitalloc.evaluate import EvalSettings
 from bitalloc.fileio import write_atomic, write_json

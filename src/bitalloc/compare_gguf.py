@@ -21,7 +21,7 @@ from bitalloc.errors import BitallocError
 from bitalloc.evaluate import EvalSettings, token_windows
 from bitalloc.fileio import write_json
 from bitalloc.formats.gguf_types import PRESETS
-from bitalloc.problem import Budget
+from bitalloc.solve.problem import Budget
 from bitalloc.report import table, versus, with_ci
 from bitalloc.stats import method_note
 
@@ -55,7 +55,7 @@ def compare_gguf(loaded: api.Loaded, settings: GGUFCompareSettings, plan_setting
     raised after the report of the rows finished so far has been checkpointed."""
     from bitalloc.evaluate.llamacpp import LlamaCpp, LlamaCppCrash
     from bitalloc.exporting import _arch, gguf_names, source_gguf
-    from bitalloc.refine import make_probe
+    from bitalloc.solve.refine import make_probe
     from bitalloc.scorers import score
 
     t0 = time.perf_counter()
@@ -148,7 +148,7 @@ def _plan_row(loaded: api.Loaded, table, settings: api.PlanSettings, probe, sour
               vectors: dict, out: str, progress: bool) -> dict:
     """Solve (and refine/guard) a plan at the preset's bytes and write it as a GGUF from the source."""
     from bitalloc.export.gguf import write_gguf
-    from bitalloc.refine import finish_plan
+    from bitalloc.solve.refine import finish_plan
 
     t1 = time.perf_counter()
     plan = api.solve_plan(loaded.inventory, table, settings, loaded.source.label)

@@ -11,7 +11,7 @@ from bitalloc.errors import BitallocError, PlanMismatchError
 from bitalloc.fileio import read_json, write_json
 from bitalloc.formats import fits, parse_option
 from bitalloc.formats.affine import QuantOption
-from bitalloc.problem import Budget, Constraints, Sizes, sizes_of
+from bitalloc.solve.problem import Budget, Constraints, Sizes, sizes_of
 from bitalloc.schema import check_header, need, string_map
 from bitalloc.model.units import Inventory
 

@@ -26,8 +26,8 @@ from bitalloc.errors import BitallocError
 from bitalloc.formats.affine import QuantOption
 from bitalloc.plan import Plan
 from bitalloc.probe import CalibrationProbe, Measure
-from bitalloc.problem import Problem
-from bitalloc.solvers import solve_ilp
+from bitalloc.solve.problem import Problem
+from bitalloc.solve.solvers import solve_ilp
 
 OBJECTIVES = ("kl", "nll")
 
@@ -247,7 +247,7 @@ def start_plan(start: Plan, inventory, table, settings) -> Plan:
     model, its options in the table's menu, one option per tied group, within
     the budget. It takes the settings' quantizer and budget; its recorded
     rounds stay in its provenance and new ones are appended."""
-    from bitalloc.problem import build_problem
+    from bitalloc.solve.problem import build_problem
 
     start.check_model(inventory)
     outside = sorted({o.name for o in start.assignment.values()} - {o.name for o in table.options})
@@ -276,7 +276,7 @@ def finish_plan(loaded, table_plan: Plan, table, settings, *, probe: Calibration
                 hessians: dict | None = None, progress: Callable | None = None) -> Plan:
     """The table's plan, refined by measurement if ``settings.refine.rounds``,
     then checked against the uniform plan of the same size (``settings.guard``)."""
-    from bitalloc.problem import build_problem
+    from bitalloc.solve.problem import build_problem
 
     refining = settings.refine.rounds > 0
     if not (refining or settings.guard) or loaded.tokenizer is None:
@@ -311,8 +311,8 @@ def finish_plan(loaded, table_plan: Plan, table, settings, *, probe: Calibration
 
 def _guard_uniform(loaded, table, settings, label: str) -> Plan | None:
     """The uniform plan the guard compares with, if it meets the constraints."""
-    from bitalloc.baselines import uniform_plan
-    from bitalloc.problem import allowed_mask, cost_matrix
+    from bitalloc.solve.baselines import uniform_plan
+    from bitalloc.solve.problem import allowed_mask, cost_matrix
 
     uni = uniform_plan(loaded.inventory, [o for o in table.options if not o.mixed], settings, label, table)
     opt = next(iter(uni.assignment.values()))

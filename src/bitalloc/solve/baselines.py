@@ -12,7 +12,7 @@ from bitalloc.calib.grams import importance_record
 from bitalloc.errors import BitallocError
 from bitalloc.formats.affine import QuantOption
 from bitalloc.plan import Plan
-from bitalloc.problem import Constraints, budget_bits, cost_matrix, sizes_of
+from bitalloc.solve.problem import Constraints, budget_bits, cost_matrix, sizes_of
 from bitalloc.scorers.table import ErrorTable
 from bitalloc.model.units import Inventory
 

@@ -1,0 +1,1 @@
+"""solve: see ARCHITECTURE.md."""
