@@ -185,7 +185,7 @@ def main() -> None:
     from bitalloc.calib.grams import CalibSettings, calibration_windows
     from bitalloc.evaluate import EvalSettings, evaluate, reference_logprobs, token_windows
     from bitalloc.fileio import write_json
-    from bitalloc.text import calibration_text
+    from bitalloc.evaluate.text import calibration_text
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--experts", type=int, default=8)

@@ -318,7 +318,7 @@ def build_workspace(root: Path) -> dict[str, str]:
         model.save_pretrained(root / name)
         char_tokenizer().save_pretrained(root / name)
         ws[name] = str(root / name)
-    from bitalloc.text import wiki_text
+    from bitalloc.evaluate.text import wiki_text
 
     ws["text"] = _write(root / "text.txt", wiki_text("eval")[:6000])
     ws["short"] = _write(root / "short.txt", "Too short to calibrate on.")

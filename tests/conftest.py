@@ -42,7 +42,7 @@ def tiny_dir(tmp_path):
 
 @pytest.fixture
 def text_file(tmp_path):
-    from bitalloc.text import wiki_text
+    from bitalloc.evaluate.text import wiki_text
 
     path = tmp_path / "eval.txt"
     path.write_text(wiki_text("eval")[:20000])

@@ -398,7 +398,7 @@ def test_smollm2_export_loads_in_llamacpp(tmp_path):
 
     from bitalloc.evaluate import EvalSettings, token_windows
     from bitalloc.model.loading import embedded_source, load_tokenizer
-    from bitalloc.text import wiki_text
+    from bitalloc.evaluate.text import wiki_text
 
     source = embedded_source()
     src = Path(source.path) / source.gguf_file

@@ -23,7 +23,7 @@ from bitalloc.api import MenuSettings, PlanSettings
 from bitalloc.calib.grams import CalibSettings, calibration_windows
 from bitalloc.cli import main
 from bitalloc.solve.problem import Budget
-from bitalloc.text import calibration_text
+from bitalloc.evaluate.text import calibration_text
 from bitalloc.model.units import find_units, get_weight
 
 gguf = pytest.importorskip("gguf")

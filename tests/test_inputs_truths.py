@@ -18,7 +18,7 @@ from bitalloc.errors import BitallocError
 
 def _big_text(path: Path, megabytes: int) -> Path:
     """``megabytes`` of English prose: the offline evaluation text repeated."""
-    from bitalloc.text import wiki_text
+    from bitalloc.evaluate.text import wiki_text
 
     block = wiki_text("eval")[:1 << 20]
     with open(path, "w", encoding="utf-8") as f:
@@ -67,7 +67,7 @@ def test_a_large_file_gives_the_same_evaluation_tokens_as_reading_it_whole(tmp_p
     is tokenized in one call, its last tokens a margin that is not used)."""
     from bitalloc.evaluate import EvalSettings, token_windows
     from bitalloc.model.loading import embedded_source, load_tokenizer
-    from bitalloc.text import SMALL_TEXT_BYTES, LargeText, read_text_file
+    from bitalloc.evaluate.text import SMALL_TEXT_BYTES, LargeText, read_text_file
 
     path = _big_text(tmp_path / "big.txt", SMALL_TEXT_BYTES // (1 << 20) + 1)
     text = read_text_file(str(path))
@@ -79,14 +79,14 @@ def test_a_large_file_gives_the_same_evaluation_tokens_as_reading_it_whole(tmp_p
 
 
 def test_text_that_is_not_a_regular_file_or_not_text(tmp_path):
-    from bitalloc.text import read_text_file
+    from bitalloc.evaluate.text import read_text_file
 
     with pytest.raises(BitallocError, match="is not a regular file"):
         read_text_file("/dev/zero")
     bad = tmp_path / "latin.txt"
     bad.write_bytes(b"x" * (5 << 20) + b"\xff\xfe")  # large, undecodable past its first chunk
     text = read_text_file(str(bad))
-    from bitalloc.text import LargeText
+    from bitalloc.evaluate.text import LargeText
 
     assert isinstance(text, LargeText)
     with pytest.raises(BitallocError, match="is not valid utf-8"):

@@ -111,7 +111,7 @@ def _routed_tokens(model, layer: int, text_windows: torch.Tensor) -> tuple[list[
 
 def test_expert_grams_use_only_routed_tokens():
     from bitalloc.calib.grams import calibration_windows
-    from bitalloc.text import calibration_text
+    from bitalloc.evaluate.text import calibration_text
     from bitalloc.model.units import find_units
 
     from conftest import char_tokenizer

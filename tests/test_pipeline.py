@@ -144,7 +144,7 @@ def test_missing_path_is_a_clear_error(tmp_path):
 
 
 def test_kl_to_itself_is_zero(loaded, text_file):
-    from bitalloc.text import read_text_file
+    from bitalloc.evaluate.text import read_text_file
 
     windows = token_windows(loaded.tokenizer, read_text_file(text_file), EvalSettings(seq_len=32, windows=3))
     assert windows.shape == (3, 32)
@@ -196,7 +196,7 @@ def test_cli_errors_exit_non_zero_and_write_nothing(tiny_dir, tmp_path, capsys):
 
 def test_reference_perplexity_from_stored_logprobs_equals_a_fresh_pass(loaded, text_file):
     from bitalloc.evaluate import reference_result
-    from bitalloc.text import read_text_file
+    from bitalloc.evaluate.text import read_text_file
 
     windows = token_windows(loaded.tokenizer, read_text_file(text_file), EvalSettings(seq_len=32, windows=2))
     ref = reference_logprobs(loaded.model, windows)

@@ -66,7 +66,7 @@ def test_gptq_beats_rtn_on_real_layers(smol):
     from bitalloc.quantizers.gptq import gptq_quantize
     from bitalloc.formats.affine import QuantOption
     from bitalloc.formats.affine_rtn import dequantize, quantize_rtn
-    from bitalloc.text import wiki_text
+    from bitalloc.evaluate.text import wiki_text
     from bitalloc.model.units import Inventory, get_weight
 
     names = ["model.layers.3.self_attn.q_proj", "model.layers.20.mlp.down_proj"]

@@ -242,9 +242,9 @@ def test_default_plans_are_never_worse_than_uniform_on_calibration_kl(loaded):
     """`bitalloc plan --bpw B` with no other option, B from 2.5 to 4.5: the
     plan returned measures no worse than the uniform plan of the same size on
     the guard's calibration windows (measured here again, independently)."""
-    from bitalloc.probe import CalibrationProbe
+    from bitalloc.evaluate.probe import CalibrationProbe
     from bitalloc.formats.affine_rtn import fake_quantize
-    from bitalloc.text import calibration_text
+    from bitalloc.evaluate.text import calibration_text
 
     check = CalibrationProbe(loaded.model, loaded.tokenizer, loaded.inventory, calibration_text(None), windows=4,
                              seq_len=128, quantize_weight=lambda u, W, o: fake_quantize(W, o))
@@ -268,7 +268,7 @@ def test_gptq_refinement_windows_lie_between_gptq_calibration_windows(loaded):
     with RTN they start at the beginning. Positions checked against the
     text's own token ids."""
     from bitalloc.calib.grams import CalibSettings, calibration_windows
-    from bitalloc.text import calibration_text
+    from bitalloc.evaluate.text import calibration_text
 
     calib = CalibSettings(2, 32)
     text = calibration_text(None)

@@ -198,7 +198,7 @@ def test_a_fine_tune_of_the_same_architecture_gets_its_own_measurements(tmp_path
     cached Hessian or error table of the first serves the second."""
     from bitalloc.calib.grams import CalibSettings, cached_hessians
     from bitalloc.scorers.table import ErrorTable
-    from bitalloc.text import read_text_file
+    from bitalloc.evaluate.text import read_text_file
 
     base = tiny_llama(seed=0)
     tuned = tiny_llama(seed=0)
@@ -227,7 +227,7 @@ def test_a_fine_tune_of_the_same_architecture_gets_its_own_measurements(tmp_path
 
 def test_damaged_caches_are_measured_again(tiny_dir, text_file, monkeypatch, tmp_path):
     from bitalloc.calib.grams import CalibSettings, accumulate_hessians, cached_hessians, calibration_windows
-    from bitalloc.text import read_text_file
+    from bitalloc.evaluate.text import read_text_file
 
     monkeypatch.setenv("BITALLOC_CACHE", str(tmp_path / "cache"))
     loaded = api.load(tiny_dir)

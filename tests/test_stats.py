@@ -11,7 +11,7 @@ from bitalloc.compare import markdown
 from bitalloc.errors import BitallocError
 from bitalloc.evaluate import EvalResult, evaluate, reference_logprobs, reference_result
 from bitalloc.report import num, run_report
-from bitalloc.stats import (WindowSums, bootstrap_ratios, compare_windows, paired_difference, ratio_interval, ratio_se,
+from bitalloc.evaluate.stats import (WindowSums, bootstrap_ratios, compare_windows, paired_difference, ratio_interval, ratio_se,
                             resample_indices, verdict_label)
 from conftest import tiny_llama
 

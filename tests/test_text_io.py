@@ -2,7 +2,7 @@ import pytest
 
 from bitalloc.errors import BitallocError
 from bitalloc.fileio import write_atomic, write_json
-from bitalloc.text import clean_article, split_articles, wiki_text
+from bitalloc.evaluate.text import clean_article, split_articles, wiki_text
 
 
 def test_calibration_and_evaluation_text_never_overlap():
@@ -46,7 +46,7 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
 def test_wikitext2_without_datasets_or_network_is_a_clear_error(monkeypatch):
     import sys
 
-    from bitalloc.text import read_text_file
+    from bitalloc.evaluate.text import read_text_file
 
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
     with pytest.raises(BitallocError, match="needs the package datasets"):

@@ -24,11 +24,11 @@ from bitalloc.plan import QUANTIZERS, Plan
 from bitalloc.solve.problem import Budget, Constraints, build_problem
 from bitalloc.solve.baselines import llama_rule_plan, uniform_plan  # noqa: F401  (public API)
 from bitalloc.solve.refine import RefineSettings, finish_plan, make_probe, start_plan
-from bitalloc.text import calibration_text
+from bitalloc.evaluate.text import calibration_text
 from bitalloc.scorers import ScorerSettings, ScoringContext, check_scorer, score
 from bitalloc.scorers.table import ErrorTable
 from bitalloc.solve.solvers import solve
-from bitalloc.text import read_text_file, wiki_text
+from bitalloc.evaluate.text import read_text_file, wiki_text
 from bitalloc.model.units import Inventory, find_units
 
 

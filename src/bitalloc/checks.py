@@ -149,7 +149,7 @@ def read_texts(args) -> None:
     one will be read."""
     import sys
 
-    from bitalloc.text import LARGE_TEXT_CAP, WIKITEXT2, LargeText, read_text_file
+    from bitalloc.evaluate.text import LARGE_TEXT_CAP, WIKITEXT2, LargeText, read_text_file
 
     for flag, path in (("--text", getattr(args, "text", None)), ("--calib-text", getattr(args, "calib_text", None))):
         if path and path != WIKITEXT2 and isinstance(text := read_text_file(path, args.encoding), LargeText):

@@ -367,7 +367,7 @@ def check_cache_dir() -> None:
     error names the variable instead of a failing write minutes later."""
     import os
 
-    from bitalloc.text import cache_dir
+    from bitalloc.evaluate.text import cache_dir
 
     path = cache_dir()
     named = "BITALLOC_CACHE" in os.environ

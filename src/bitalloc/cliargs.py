@@ -139,7 +139,7 @@ def finite(text: str) -> float:
 
 def encoding(text: str) -> str:
     from bitalloc.errors import BitallocError
-    from bitalloc.text import check_encoding
+    from bitalloc.evaluate.text import check_encoding
 
     try:
         return check_encoding(text)

@@ -19,7 +19,7 @@ from bitalloc.fileio import write_atomic, write_json
 from bitalloc.formats.affine import QuantOption
 from bitalloc.report import versus, with_ci
 from bitalloc.scorers import SCORERS, score
-from bitalloc.stats import method_note
+from bitalloc.evaluate.stats import method_note
 
 BASELINES = ("uniform", "llama-rule", "moe-rule")
 

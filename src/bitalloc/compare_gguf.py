@@ -23,7 +23,7 @@ from bitalloc.fileio import write_json
 from bitalloc.formats.gguf_types import PRESETS
 from bitalloc.solve.problem import Budget
 from bitalloc.report import table, versus, with_ci
-from bitalloc.stats import method_note
+from bitalloc.evaluate.stats import method_note
 
 
 
@@ -190,7 +190,7 @@ def markdown(report: dict) -> str:
 def headline(report: dict, seconds: float) -> str:
     """What `bitalloc demo` prints: the comparison of the first preset with
     bitalloc's file, the table, the verdict in words, the files and the time."""
-    from bitalloc.stats import WindowSums, compare_windows
+    from bitalloc.evaluate.stats import WindowSums, compare_windows
 
     preset, ours = report["rows"][0], report["rows"][1]
     diffs = compare_windows(WindowSums.from_dict(ours["window_sums"]), WindowSums.from_dict(preset["window_sums"]))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from bitalloc.stats import WindowSums, compare_windows, method_note, verdict_label
+from bitalloc.evaluate.stats import WindowSums, compare_windows, method_note, verdict_label
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

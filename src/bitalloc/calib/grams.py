@@ -18,7 +18,7 @@ from torch import nn
 from bitalloc.errors import BitallocError
 from bitalloc.evaluate import EvalSettings, spread_windows
 from bitalloc.fileio import write_atomic
-from bitalloc.text import Text, cache_dir, text_digest
+from bitalloc.evaluate.text import Text, cache_dir, text_digest
 from bitalloc.model.units import Inventory
 
 

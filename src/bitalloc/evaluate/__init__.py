@@ -1,6 +1,6 @@
 """Perplexity over non-overlapping windows, and KL divergence / top-1
 agreement against a reference model's next-token distribution, each with
-its spread over the windows (see bitalloc.stats)."""
+its spread over the windows (see bitalloc.evaluate.stats)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from bitalloc.errors import BitallocError
-from bitalloc.stats import CONFIDENCE, RESAMPLES, SEED, WindowSums, intervals
-from bitalloc.text import LARGE_TEXT_CAP, LargeText, Text, token_ids
+from bitalloc.evaluate.stats import CONFIDENCE, RESAMPLES, SEED, WindowSums, intervals
+from bitalloc.evaluate.text import LARGE_TEXT_CAP, LargeText, Text, token_ids
 
 BOS_MODES = ("auto", "yes", "no")
 

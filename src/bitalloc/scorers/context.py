@@ -22,7 +22,7 @@ from bitalloc.formats import fits
 from bitalloc.formats.affine import QuantOption
 from bitalloc.formats.affine_rtn import SCALE_SEARCH_VERSION, fake_quantize
 from bitalloc.scorers.table import ErrorTable
-from bitalloc.text import cache_dir
+from bitalloc.evaluate.text import cache_dir
 from bitalloc.model.units import check_finite, get_weight, unit_view
 
 PROBE_FORMAT_VERSION = 2  # 2: the reference is taken before any weight changes (v1 was not)
@@ -164,7 +164,7 @@ class ScoringContext:
         """The probe set: the first windows of the calibration text (never
         evaluation text), the reference's log-probs on them taken *before*
         any weight is changed, and tail-only forwards from a unit's block."""
-        from bitalloc.probe import CalibrationProbe
+        from bitalloc.evaluate.probe import CalibrationProbe
 
         probe = CalibrationProbe(self.model, self.tokenizer, self.inventory, self._need_text(),
                                  windows=self.settings.probe_windows, seq_len=self.settings.probe_seq_len,

@@ -25,7 +25,7 @@ import numpy as np
 from bitalloc.errors import BitallocError
 from bitalloc.formats.affine import QuantOption
 from bitalloc.plan import Plan
-from bitalloc.probe import CalibrationProbe, Measure
+from bitalloc.evaluate.probe import CalibrationProbe, Measure
 from bitalloc.solve.problem import Problem
 from bitalloc.solve.solvers import solve_ilp
 
@@ -218,7 +218,7 @@ def make_probe(loaded, settings, hessians: dict | None = None) -> CalibrationPro
     windows its quantizer fitted looks better than it is (BENCHMARKS.md,
     3.25 bpw with GPTQ)."""
     from bitalloc.evaluate import EvalSettings
-    from bitalloc.text import calibration_text
+    from bitalloc.evaluate.text import calibration_text
 
     def gptq_weight(unit, W, option):
         from bitalloc.quantizers.gptq import gptq_quantize
