@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from bitalloc.report import versus
+from bitalloc.compare.report import versus
 
 PAIRS = [("bench/quality-spread-gptq-smollm2.json", "bench/quality-spread-rtn-smollm2.json"),
          ("bench/quality-spread-gptq-rest-smollm2.json", "bench/quality-spread-rtn-rest-smollm2.json")]

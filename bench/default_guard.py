@@ -21,7 +21,7 @@ from bitalloc import api
 from bitalloc.evaluate import EvalSettings
 from bitalloc.fileio import write_json
 from bitalloc.solve.problem import Budget
-from bitalloc.report import versus, with_ci
+from bitalloc.compare.report import versus, with_ci
 
 
 def parse() -> argparse.Namespace:

@@ -25,7 +25,7 @@ from bitalloc.evaluate import EvalSettings
 from bitalloc.fileio import write_json
 from bitalloc.formats.affine import QuantOption
 from bitalloc.solve.problem import Budget
-from bitalloc.report import measures, versus
+from bitalloc.compare.report import measures, versus
 
 
 def parse() -> argparse.Namespace:

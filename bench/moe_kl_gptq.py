@@ -22,7 +22,7 @@ def main() -> None:
     from bitalloc.evaluate import EvalSettings
     from bitalloc.fileio import write_json
     from bitalloc.solve.problem import Budget, Constraints
-    from bitalloc.report import versus
+    from bitalloc.compare.report import versus
     from bitalloc.scorers import score
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

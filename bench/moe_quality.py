@@ -29,7 +29,7 @@ def main() -> None:
     from bitalloc.evaluate import EvalSettings
     from bitalloc.fileio import write_json
     from bitalloc.solve.problem import Budget, Constraints
-    from bitalloc.report import run_report, versus
+    from bitalloc.compare.report import run_report, versus
     from bitalloc.scorers import score
     from bitalloc.scorers.moe import routing_importance
 

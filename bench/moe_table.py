@@ -33,7 +33,7 @@ def short(verdict: str) -> str:
 
 def wide(paths: list[str]) -> None:
     """Budget x method rows; per run: ppl, KL and the paired verdict against that run's uniform."""
-    from bitalloc.report import versus
+    from bitalloc.compare.report import versus
 
     runs = [r for p in paths for r in json.loads(open(p, encoding="utf-8").read()).get("runs", [])]
     labels = [f"{r['quantizer'].upper()} {r['tie_mode']}" for r in runs]
@@ -60,7 +60,7 @@ def wide(paths: list[str]) -> None:
 
 
 def main() -> None:
-    from bitalloc.report import versus
+    from bitalloc.compare.report import versus
 
     if sys.argv[1:2] == ["--wide"]:
         wide(sys.argv[2:])

@@ -26,7 +26,7 @@ from bitalloc.evaluate import EvalSettings
 from bitalloc.fileio import write_json
 from bitalloc.solve.problem import Budget
 from bitalloc.solve.refine import RefineSettings, finish_plan, make_probe
-from bitalloc.report import measures, versus
+from bitalloc.compare.report import measures, versus
 
 
 def parse() -> argparse.Namespace:

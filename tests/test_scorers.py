@@ -6,7 +6,7 @@ import torch
 
 from bitalloc import api
 from bitalloc.calib.grams import CalibSettings
-from bitalloc.compare import CompareSettings, compare, correlations, write_outputs
+from bitalloc.compare.integer import CompareSettings, compare, correlations, write_outputs
 from bitalloc.evaluate import EvalSettings
 from bitalloc.formats.affine import QuantOption
 from bitalloc.solve.problem import Budget

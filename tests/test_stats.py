@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from bitalloc.compare import markdown
+from bitalloc.compare.integer import markdown
 from bitalloc.errors import BitallocError
 from bitalloc.evaluate import EvalResult, evaluate, reference_logprobs, reference_result
-from bitalloc.report import num, run_report
+from bitalloc.compare.report import num, run_report
 from bitalloc.evaluate.stats import (WindowSums, bootstrap_ratios, compare_windows, paired_difference, ratio_interval, ratio_se,
                             resample_indices, verdict_label)
 from conftest import tiny_llama

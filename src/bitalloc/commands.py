@@ -79,7 +79,7 @@ def cmd_plan(args) -> None:
     from bitalloc import api
     from bitalloc.fileio import check_output_file
     from bitalloc.solve.refine import guard_notice
-    from bitalloc.report import table
+    from bitalloc.compare.report import table
 
     if args.dry_run and (args.out or args.table or args.save_table):
         raise BitallocError("--dry-run writes nothing; --out, --table and --save-table would be ignored. Drop them "
@@ -138,7 +138,7 @@ def cmd_plan(args) -> None:
 def _dry_run(loaded, settings, args) -> None:
     from bitalloc.api import resolve_menu
     from bitalloc.solve.problem import feasible_range, shown_bound, sizes_of
-    from bitalloc.report import table
+    from bitalloc.compare.report import table
 
     inv = loaded.inventory
     options, menu_notices = resolve_menu(inv, settings.menu)
@@ -260,7 +260,7 @@ def check_plans_dir(args, values, scorers) -> None:
 
 def cmd_run(args, *, budgets=None, scorers=None) -> dict:
     from bitalloc import api
-    from bitalloc.report import run_report
+    from bitalloc.compare.report import run_report
 
     values = list(budgets or args.bpw or [None])
     prepare_planning(args)  # first: a --recipe sets the scorer
@@ -279,7 +279,7 @@ def cmd_run(args, *, budgets=None, scorers=None) -> dict:
 
 def cmd_compare(args) -> None:
     from bitalloc import api
-    from bitalloc.compare import CompareSettings, compare, markdown, write_outputs
+    from bitalloc.compare.integer import CompareSettings, compare, markdown, write_outputs
     from bitalloc.fileio import check_output_dir
 
     gguf = args.format == "gguf"
@@ -289,7 +289,7 @@ def cmd_compare(args) -> None:
     if not gguf and args.presets:
         raise BitallocError("--presets would be ignored: llama.cpp presets are compared with --format gguf.")
     if gguf:
-        from bitalloc.compare_gguf import GGUFCompareSettings
+        from bitalloc.compare.gguf import GGUFCompareSettings
         from bitalloc.exporting import source_gguf
         from bitalloc.model.loading import resolve_source
 
@@ -304,7 +304,7 @@ def cmd_compare(args) -> None:
     check_output_dir(args.out, "compare.json", "bitalloc.report", flag="--out", overwrite=args.overwrite,
                      own=frozenset({"compare.md", "compare.png", "gguf"}))
     if gguf:
-        from bitalloc.compare_gguf import cmd_compare_gguf
+        from bitalloc.compare.gguf import cmd_compare_gguf
 
         return cmd_compare_gguf(args)
     settings = CompareSettings(tuple(args.budgets), _scorers_of(args), tuple(args.quantizer), eval_settings(args))
@@ -324,7 +324,7 @@ def cmd_demo(args) -> None:
 
     from bitalloc import api
     from bitalloc.cli import DEMO_KL_PROBES, DEMO_TYPES
-    from bitalloc.compare_gguf import GGUFCompareSettings, compare_gguf, headline, write_report
+    from bitalloc.compare.gguf import GGUFCompareSettings, compare_gguf, headline, write_report
     from bitalloc.evaluate import EvalSettings
     from bitalloc.evaluate.llamacpp import LlamaCppCrash
     from bitalloc.fileio import check_output_dir

@@ -17,7 +17,7 @@ from bitalloc.errors import BitallocError
 from bitalloc.evaluate import EvalSettings
 from bitalloc.fileio import write_atomic, write_json
 from bitalloc.formats.affine import QuantOption
-from bitalloc.report import versus, with_ci
+from bitalloc.compare.report import versus, with_ci
 from bitalloc.scorers import SCORERS, score
 from bitalloc.evaluate.stats import method_note
 

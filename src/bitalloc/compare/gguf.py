@@ -22,7 +22,7 @@ from bitalloc.evaluate import EvalSettings, token_windows
 from bitalloc.fileio import write_json
 from bitalloc.formats.gguf_types import PRESETS
 from bitalloc.solve.problem import Budget
-from bitalloc.report import table, versus, with_ci
+from bitalloc.compare.report import table, versus, with_ci
 from bitalloc.evaluate.stats import method_note
 
 
