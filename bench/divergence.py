@@ -25,7 +25,7 @@ from bitalloc import api
 from bitalloc.evaluate import EvalSettings, token_windows
 from bitalloc.fileio import write_json
 from bitalloc.solve.problem import Budget
-from bitalloc.quantize import quantize_model, restored
+from bitalloc.quantizers.apply import quantize_model, restored
 
 BUCKETS = (0.0, 0.01, 0.1, 0.5, 0.9, 1.0001)  # reference probability of the true next token
 

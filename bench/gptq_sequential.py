@@ -29,7 +29,7 @@ import torch
 
 def timed_run(model, quantize, eval_row: torch.Tensor) -> tuple[float, tuple[dict, torch.Tensor]]:
     """(seconds, (stored form per unit, logits (seq, vocab) on ``eval_row``)), weights restored after."""
-    from bitalloc.quantize import restored
+    from bitalloc.quantizers.apply import restored
 
     with restored(model):
         t0 = time.perf_counter()
@@ -62,7 +62,7 @@ def run(windows: int, seq_len: int, option: str) -> dict:
     from bitalloc.evaluate import EvalSettings, token_windows
     from bitalloc.formats.affine import QuantOption
     from bitalloc.solve.problem import Budget
-    from bitalloc.quantize import _quantize_sequential, _quantize_unit
+    from bitalloc.quantizers.apply import _quantize_sequential, _quantize_unit
     from bitalloc.quantizers.sequential import quantize_sequential
 
     loaded = api.load(None)

@@ -20,7 +20,7 @@ from bitalloc.evaluate import EvalSettings
 from bitalloc.fileio import write_json
 from bitalloc.formats.affine import QuantOption
 from bitalloc.solve.problem import Budget
-from bitalloc.quantize import _quantize_unit, restored
+from bitalloc.quantizers.apply import _quantize_unit, restored
 from bitalloc.quantizers.sequential import quantize_sequential
 
 

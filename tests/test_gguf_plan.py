@@ -125,7 +125,7 @@ def test_gguf_quantize_is_ggml_with_importance(wide_loaded):
     from gguf.quants import dequantize
 
     from bitalloc.formats import ggml
-    from bitalloc.quantize import quantize_model, restored
+    from bitalloc.quantizers.apply import quantize_model, restored
 
     settings = gguf_settings(5.0)
     loaded, settings = api.prepare(wide_loaded, settings, progress=False)
@@ -239,7 +239,7 @@ def test_int_menu_with_embeddings_saves_and_reloads_identically(tmp_path, capsys
     from conftest import char_tokenizer, tiny_llama
 
     from bitalloc.plan import Plan
-    from bitalloc.quantize import load_quantized, quantize_model
+    from bitalloc.quantizers.apply import load_quantized, quantize_model
 
     src = tmp_path / "tiny"
     tiny_llama().save_pretrained(src)

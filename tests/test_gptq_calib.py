@@ -117,7 +117,7 @@ def test_sequential_gptq_first_layer_equals_one_shot_and_reloads(tmp_path):
     from bitalloc.calib.grams import CalibSettings, accumulate_hessians, calibration_windows
     from bitalloc.plan import Plan
     from bitalloc.solve.problem import Budget
-    from bitalloc.quantize import quantize_model, restored
+    from bitalloc.quantizers.apply import quantize_model, restored
     from bitalloc.evaluate.text import wiki_text
     from conftest import char_tokenizer, tiny_llama
 

@@ -61,7 +61,7 @@ def levels_ok(W: torch.Tensor, bits: int, group: int) -> bool:
 @pytest.mark.parametrize("tie", ["per-expert", "experts"])
 def test_family_plan_quantize_reload_eval(family, tie, tmp_path, capsys):
     from bitalloc.plan import Plan
-    from bitalloc.quantize import load_quantized
+    from bitalloc.quantizers.apply import load_quantized
     from bitalloc.model.units import get_weight
 
     src = save(build(family), tmp_path / "m")

@@ -1,5 +1,5 @@
 """One-pass sequential GPTQ (bitalloc.quantizers.sequential) against the
-per-layer driver it replaces (bitalloc.quantize._quantize_sequential), on
+per-layer driver it replaces (bitalloc.quantizers.apply._quantize_sequential), on
 tiny random models of several families."""
 
 from dataclasses import replace
@@ -12,7 +12,7 @@ from bitalloc.calib.grams import CalibSettings, calibration_windows
 from bitalloc.formats.affine import QuantOption
 from bitalloc.solve.problem import Budget
 from bitalloc.formats.affine_rtn import dequantize
-from bitalloc.quantize import _quantize_sequential, _quantize_unit, restored
+from bitalloc.quantizers.apply import _quantize_sequential, _quantize_unit, restored
 from bitalloc.quantizers.sequential import LayerCaptureError, quantize_sequential
 from bitalloc.scorers import score
 from bitalloc.model.units import Unit, find_units

@@ -214,7 +214,7 @@ def _calibration_for(loaded: Loaded, the_plan: Plan, settings: PlanSettings | No
     the plan was made with them, else nothing."""
     s = settings or PlanSettings(the_plan.budget)
     if the_plan.quantizer != "gptq":
-        from bitalloc.quantize import uses_importance
+        from bitalloc.quantizers.apply import uses_importance
 
         return {"importance": ensure_importance(loaded, s, progress)} if uses_importance(the_plan) else {}
     if the_plan.sequential:
@@ -228,7 +228,7 @@ def _calibration_for(loaded: Loaded, the_plan: Plan, settings: PlanSettings | No
 def quantize(model: str | None = None, *, plan_path: str, out: str, progress: bool = True,
              loaded: Loaded | None = None, settings: PlanSettings | None = None) -> dict:
     """Quantize per a plan file (RTN or GPTQ, as the plan says) and save."""
-    from bitalloc.quantize import quantize_model, save_quantized
+    from bitalloc.quantizers.apply import quantize_model, save_quantized
 
     loaded = loaded or load(model)
     the_plan = Plan.load(plan_path)
@@ -268,7 +268,7 @@ def evaluate(model: str | None = None, *, quantized: str | None = None, referenc
              encoding: str = "utf-8") -> dict:
     """Perplexity of a model or a quantized folder; with ``reference_model``,
     also KL and top-1 agreement against it."""
-    from bitalloc.quantize import load_quantized
+    from bitalloc.quantizers.apply import load_quantized
 
     text, label = eval_text(text_path, encoding)
     if quantized:
@@ -339,7 +339,7 @@ class EvalBench:
 def plan_row(loaded: Loaded, the_plan: Plan, bench: EvalBench, progress: bool, desc: str,
              others: dict[str, EvalBench] | None = None) -> dict:
     """Quantize per the plan in memory, evaluate (also on ``others``, by name), restore; sizes and timings."""
-    from bitalloc.quantize import quantize_model, restored
+    from bitalloc.quantizers.apply import quantize_model, restored
 
     t0 = time.perf_counter()
     with restored(loaded.model):

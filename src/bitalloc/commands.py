@@ -167,7 +167,7 @@ def cmd_quantize(args) -> None:
     from bitalloc.calib.grams import CalibSettings
     from bitalloc.fileio import check_output_dir
     from bitalloc.plan import Plan
-    from bitalloc.quantize import MANIFEST, SAVED_FORMAT, uses_importance
+    from bitalloc.quantizers.apply import MANIFEST, SAVED_FORMAT, uses_importance
 
     plan = Plan.load(args.plan)
     calib = given_flags(args, CALIB_FLAGS)
@@ -221,7 +221,7 @@ def cmd_eval(args) -> None:
     check_report_path(args)
     reference = None if args.reference is None else ("" if args.reference == "default" else args.reference)
     if args.quantized:
-        from bitalloc.quantize import read_manifest
+        from bitalloc.quantizers.apply import read_manifest
 
         read_manifest(args.quantized)  # damaged or incomplete folders fail here, before any loading
     if args.gguf and not str(args.gguf).endswith(".gguf"):
@@ -290,7 +290,7 @@ def cmd_compare(args) -> None:
         raise BitallocError("--presets would be ignored: llama.cpp presets are compared with --format gguf.")
     if gguf:
         from bitalloc.compare.gguf import GGUFCompareSettings
-        from bitalloc.exporting import source_gguf
+        from bitalloc.export.gguf_plan import source_gguf
         from bitalloc.model.loading import resolve_source
 
         GGUFCompareSettings(tuple(args.presets or ()))  # known preset names
@@ -352,7 +352,7 @@ def cmd_demo(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from bitalloc.exporting import cmd_export as run_export
+    from bitalloc.export.gguf_plan import cmd_export as run_export
 
     run_export(args)
 

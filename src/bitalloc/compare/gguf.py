@@ -54,7 +54,7 @@ def compare_gguf(loaded: api.Loaded, settings: GGUFCompareSettings, plan_setting
     results as they come. A crash inside llama.cpp (``LlamaCppCrash``) is
     raised after the report of the rows finished so far has been checkpointed."""
     from bitalloc.evaluate.llamacpp import LlamaCpp, LlamaCppCrash
-    from bitalloc.exporting import _arch, gguf_names, source_gguf
+    from bitalloc.export.gguf_plan import _arch, gguf_names, source_gguf
     from bitalloc.solve.refine import make_probe
     from bitalloc.scorers import score
 

@@ -40,7 +40,7 @@ from bitalloc.plan import Plan
 from bitalloc.formats.affine_rtn import QuantizedWeight, dequantize
 from bitalloc.model.units import Inventory, Unit, layer_index, set_weight
 
-# (model, unit, plan, H (in, in)) -> stored weight; bitalloc.quantize._quantize_unit
+# (model, unit, plan, H (in, in)) -> stored weight; bitalloc.quantizers.apply._quantize_unit
 QuantizeUnit = Callable[[nn.Module, Unit, Plan, torch.Tensor], QuantizedWeight]
 
 

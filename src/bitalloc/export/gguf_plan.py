@@ -69,7 +69,7 @@ def export_gguf(plan_path: str, out: str, *, model: str | None = None, settings=
     source = source_gguf(loaded.source)
     names = gguf_names(loaded.inventory, loaded.model.config.num_hidden_layers, _arch(source))
     settings = settings or api.PlanSettings(the_plan.budget)
-    from bitalloc.quantize import uses_importance
+    from bitalloc.quantizers.apply import uses_importance
 
     importance = api.ensure_importance(loaded, settings, progress) if uses_importance(the_plan) else {}
     types = {names[n]: o.name for n, o in the_plan.assignment.items()}
@@ -108,7 +108,7 @@ def cmd_export(args) -> None:
     from bitalloc.fileio import check_output_file
     from bitalloc.model.loading import resolve_source
     from bitalloc.plan import Plan
-    from bitalloc.quantize import uses_importance
+    from bitalloc.quantizers.apply import uses_importance
 
     plan = Plan.load(args.plan)
     check_plan_types(plan, args.plan)
