@@ -163,7 +163,7 @@ def test_sigterm_is_one_line_and_exit_143(tmp_path):
     so, exit status 128 + 15."""
     code = textwrap.dedent("""
         import os, signal, sys, time
-        from bitalloc import commands
+        from bitalloc.cli import commands
         from bitalloc.cli import main
         def slow(args):
             os.kill(os.getpid(), signal.SIGTERM)

@@ -230,8 +230,8 @@ def write_report(report: dict, out_dir: str) -> list[str]:
 
 def cmd_compare_gguf(args) -> None:
     """`bitalloc compare --format gguf` after the command's checks (commands.cmd_compare)."""
-    from bitalloc.checks import _scorers_of
-    from bitalloc.commands import eval_settings, plan_settings
+    from bitalloc.cli.checks import _scorers_of
+    from bitalloc.cli.commands import eval_settings, plan_settings
     from bitalloc.evaluate.llamacpp import LlamaCppCrash
 
     settings = GGUFCompareSettings(tuple(args.presets or PRESETS), _scorers_of(args), eval_settings(args))

@@ -101,10 +101,10 @@ def _write_imatrix(path: str, importance: dict, names: dict[str, str], settings)
 def cmd_export(args) -> None:
     from bitalloc import api
     from bitalloc.calib.grams import CalibSettings
-    from bitalloc.checks import (
+    from bitalloc.cli.checks import (
         CALIB_FLAGS, check_model_source, check_plan_architecture, fill_defaults, given_flags, read_texts,
     )
-    from bitalloc.commands import notices, recorded_calibration
+    from bitalloc.cli.commands import notices, recorded_calibration
     from bitalloc.fileio import check_output_file
     from bitalloc.model.loading import resolve_source
     from bitalloc.plan import Plan

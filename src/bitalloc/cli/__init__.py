@@ -12,7 +12,7 @@ import signal
 import sys
 import warnings
 
-from bitalloc import cliargs as A
+from bitalloc.cli import argtypes as A
 from bitalloc.errors import BitallocError
 from bitalloc.formats.gguf_types import PRESETS
 
@@ -385,8 +385,8 @@ def check_cache_dir() -> None:
 
 
 def main(argv=None) -> int:
-    from bitalloc import commands
-    from bitalloc.checks import check_inputs_apart
+    from bitalloc.cli import commands
+    from bitalloc.cli.checks import check_inputs_apart
 
     try:
         args = build_parser().parse_args(argv)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from bitalloc.checks import (
+from bitalloc.cli.checks import (
     CALIB_FLAGS, INT_MENU_FLAGS, _given, _scorers_of, apply_recipe, check_model_source, check_plan_architecture,
     check_report_path, check_same_vocabulary, fill_defaults, given_flags, prepare_planning, read_texts,
 )
