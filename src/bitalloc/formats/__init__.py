@@ -32,7 +32,10 @@ class Format(Protocol):
 
     def available(self, shape: Sequence[int]) -> bool: ...
 
-    def storage_bits(self, shape: Sequence[int]) -> int: ...
+    def storage_bits(self, shape: Sequence[int], *, allow_ragged: bool = False, name: str = "") -> int: ...
+
+    is_affine: bool  # integer codes with fp16 scales (GPTQ, mixed column groups, the affine probes)
+    uses_importance: bool
 
     def quantize(self, W: Any, importance: Any = None) -> Any: ...
 
@@ -65,15 +68,7 @@ def is_gguf(option: Any) -> bool:
 def storage_bits(shape: Sequence[int], option: Any, *, allow_ragged: bool = False, name: str = "") -> int:
     """Exact stored bits of a (out, in) weight under any option; raises
     ``GroupSizeError`` where the option does not fit the shape."""
-    from bitalloc.errors import GroupSizeError
-    from bitalloc.formats import affine
-
-    if isinstance(option, affine.QuantOption):
-        return affine.storage_bits(shape, option, allow_ragged=allow_ragged, name=name)
-    if not option.available(shape):
-        raise GroupSizeError(f"{option.name} stores rows in blocks of {option.group_size} weights; the "
-                             f"{shape[-1]} input columns of {name or 'a tensor'} are not a multiple of it.")
-    return option.storage_bits(shape)
+    return option.storage_bits(shape, allow_ragged=allow_ragged, name=name)
 
 
 def fits(shape: Sequence[int], option: Any, *, allow_ragged: bool = False) -> bool:

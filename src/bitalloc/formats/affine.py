@@ -8,12 +8,12 @@ point. ``storage_bits`` counts every stored bit: codes + scales + zeros.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from bitalloc.errors import BitallocError, GroupSizeError
+from bitalloc.formats.groups import group_count
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
 DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
@@ -89,6 +89,7 @@ class QuantOption:
     # ---- the Format protocol (bitalloc.formats) ------------------------------
     uses_importance = True  # scales by the importance-weighted search (affine_rtn.search_qparams)
     requires_importance = False
+    is_affine = True  # integer codes with fp16 scales: what GPTQ and the affine probes handle
 
     def available(self, shape: Sequence[int]) -> bool:
         """Whether the group size divides the input columns (per-channel always does)."""
@@ -98,42 +99,21 @@ class QuantOption:
             return False
         return True
 
-    def storage_bits(self, shape: Sequence[int]) -> int:
-        return storage_bits(shape, self)
+    def storage_bits(self, shape: Sequence[int], *, allow_ragged: bool = False, name: str = "") -> int:
+        return storage_bits(shape, self, allow_ragged=allow_ragged, name=name)
 
-    def quantize(self, W, importance=None):
+    def quantize(self, W, importance=None, *, allow_ragged: bool = False, column_bits: tuple[int, ...] | None = None):
         """Round-to-nearest codes, fp16 scales and zeros; with ``importance``
-        (in,), each group's scale and zero by the weighted clipping search."""
+        (in,), each group's scale and zero by the weighted clipping search;
+        ``column_bits``: a mixed option's bit-width per column group."""
         from bitalloc.formats.affine_rtn import quantize_rtn
 
-        return quantize_rtn(W, self, importance=importance)
+        return quantize_rtn(W, self, allow_ragged=allow_ragged, column_bits=column_bits, importance=importance)
 
     def dequantize(self, stored):
         from bitalloc.formats.affine_rtn import dequantize
 
         return dequantize(stored)
-
-
-def group_count(cols: int, option: QuantOption, *, allow_ragged: bool = False, name: str = "") -> int:
-    """Groups per output row. A group size that does not divide ``cols`` is an
-    error unless ``allow_ragged`` (the last group is then shorter; its scale and
-    zero are still counted in full)."""
-    if option.group_size == 0 or option.group_size >= cols:
-        if option.group_size > cols and not allow_ragged:
-            raise GroupSizeError(
-                f"Group size {option.group_size} is larger than the {cols} input columns of "
-                f"{name or 'a tensor'}. Choose group sizes that divide {cols}, or pass "
-                "--allow-ragged-groups to use one shorter group."
-            )
-        return 1
-    if cols % option.group_size and not allow_ragged:
-        raise GroupSizeError(
-            f"Group size {option.group_size} does not divide the {cols} input columns of "
-            f"{name or 'a tensor'}. Choose group sizes that divide {cols}, or pass "
-            "--allow-ragged-groups to let the last group of each row be shorter (its scale "
-            "and zero are counted in full)."
-        )
-    return math.ceil(cols / option.group_size)
 
 
 def storage_bits(shape: Sequence[int], option: QuantOption, *, allow_ragged: bool = False, name: str = "") -> int:

@@ -23,12 +23,23 @@ values of scales and zeros change.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from bitalloc.errors import BitallocError
-from bitalloc.formats.affine import QuantOption, group_count
+from bitalloc.formats.groups import group_count
+
+
+class AffineSpec(Protocol):
+    """What these primitives read of an integer affine option
+    (``formats.affine.QuantOption``, which calls them)."""
+
+    bits: int
+    group_size: int
+    symmetric: bool
+    mixed: str
 
 FP16_TINY = 2.0**-24  # smallest positive fp16 (subnormal)
 FP16_MAX = 65504.0
@@ -46,14 +57,14 @@ class QuantizedWeight:
     codes: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor | None
-    option: QuantOption
+    option: AffineSpec
     column_bits: tuple[int, ...] | None = None
 
     def group_bits(self) -> torch.Tensor:
         return group_bits_of(self.option, self.scales.shape[1], self.column_bits)
 
 
-def group_bits_of(option: QuantOption, groups: int, column_bits=None) -> torch.Tensor:
+def group_bits_of(option: AffineSpec, groups: int, column_bits=None) -> torch.Tensor:
     """(groups,) bit-width of each column group: all ``option.bits``, or the
     mixed option's vector (checked: right length, mean exactly ``bits``)."""
     if not option.mixed:
@@ -78,11 +89,11 @@ def grouped(W: torch.Tensor, group: int) -> torch.Tensor:
     return W.reshape(rows, groups, group)
 
 
-def group_size_of(cols: int, option: QuantOption) -> int:
+def group_size_of(cols: int, option: AffineSpec) -> int:
     return cols if option.group_size == 0 else min(option.group_size, cols)
 
 
-def choose_qparams(Wg: torch.Tensor, option: QuantOption, bits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def choose_qparams(Wg: torch.Tensor, option: AffineSpec, bits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point per group of Wg (rows, groups, g), both (rows,
     groups) float32 holding fp16-representable values; ``bits`` (groups,)
     overrides the option's bit-width per group. Codes are unsigned:
@@ -148,7 +159,7 @@ def refit_scale(Wg: torch.Tensor, c: torch.Tensor, scale: torch.Tensor, weights:
     return torch.where((den > 0) & (num * scale > 0), fitted, scale)
 
 
-def shrunk_qparams(Wg: torch.Tensor, option: QuantOption, bits: torch.Tensor, scale: torch.Tensor,
+def shrunk_qparams(Wg: torch.Tensor, option: AffineSpec, bits: torch.Tensor, scale: torch.Tensor,
                    zero: torch.Tensor, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero of the min/max range shrunk by ``factor``: the signed
     scale times it (symmetric), or both ends times it (asymmetric)."""
@@ -161,7 +172,7 @@ def shrunk_qparams(Wg: torch.Tensor, option: QuantOption, bits: torch.Tensor, sc
     return s, torch.minimum(torch.round(-wmin / s).clamp(min=0), qmax.expand_as(s))
 
 
-def search_qparams(Wg: torch.Tensor, option: QuantOption, bits: torch.Tensor,
+def search_qparams(Wg: torch.Tensor, option: AffineSpec, bits: torch.Tensor,
                    weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per group, the scale and zero with the least importance-weighted
     squared error (weights (groups, g)) among the shrunk ranges of
@@ -186,7 +197,7 @@ def search_qparams(Wg: torch.Tensor, option: QuantOption, bits: torch.Tensor,
     return scale, zero
 
 
-def group_qparams(Wg: torch.Tensor, option: QuantOption, bits: torch.Tensor,
+def group_qparams(Wg: torch.Tensor, option: AffineSpec, bits: torch.Tensor,
                   weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain min/max scales without importance; the weighted search with it."""
     if weights is None:
@@ -201,7 +212,7 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
     return torch.minimum(q, torch.as_tensor(qmax, dtype=q.dtype))
 
 
-def quantize_rtn(W: torch.Tensor, option: QuantOption, *, allow_ragged: bool = False,
+def quantize_rtn(W: torch.Tensor, option: AffineSpec, *, allow_ragged: bool = False,
                  column_bits: tuple[int, ...] | None = None, importance: torch.Tensor | None = None) -> QuantizedWeight:
     """Round-to-nearest codes for W (rows, cols) under ``option``; with
     ``importance`` (cols,), each group's scale by the weighted search."""
@@ -216,7 +227,7 @@ def quantize_rtn(W: torch.Tensor, option: QuantOption, *, allow_ragged: bool = F
     return pack_weight(q.reshape(rows, -1)[:, :cols], scale, zero, option, column_bits)
 
 
-def pack_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, option: QuantOption,
+def pack_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, option: AffineSpec,
                 column_bits: tuple[int, ...] | None = None) -> QuantizedWeight:
     """The stored form: uint8 codes, fp16 scales, fp16 zeros (asymmetric only)."""
     return QuantizedWeight(codes.to(torch.uint8), scale.half(), None if option.symmetric else zero.half(), option,
@@ -237,15 +248,13 @@ def dequantize(qw: QuantizedWeight) -> torch.Tensor:
 
 def fake_quantize(W: torch.Tensor, option, *, allow_ragged: bool = False,
                   column_bits: tuple[int, ...] | None = None, importance: torch.Tensor | None = None) -> torch.Tensor:
-    """W after a round trip through storage, in W's dtype. ``option`` is an
-    integer affine option (round to nearest, scales by the weighted search
-    given ``importance`` (in,)) or any other format (a GGUF type: ggml's own
-    quantizer, weighing errors by ``importance`` when the type uses one)."""
-    if not isinstance(option, QuantOption):
-        imp = importance if getattr(option, "uses_importance", False) else None
-        return torch.from_numpy(option.dequantize(option.quantize(W, imp))).to(W.dtype)
-    stored = quantize_rtn(W, option, allow_ragged=allow_ragged, column_bits=column_bits, importance=importance)
-    return dequantize(stored).to(W.dtype)
+    """W after a round trip through storage, in W's dtype, for any format:
+    an integer affine option rounds to nearest (scales by the weighted
+    search given ``importance`` (in,)); a GGUF type runs ggml's own
+    quantizer, weighing errors by ``importance`` when the type uses one."""
+    extras = {k: v for k, v in (("allow_ragged", allow_ragged), ("column_bits", column_bits)) if v}
+    imp = importance if option.uses_importance else None
+    return torch.as_tensor(option.dequantize(option.quantize(W, imp, **extras))).to(W.dtype)
 
 
 def pack_weight_codes(qw: QuantizedWeight) -> np.ndarray:
@@ -258,7 +267,7 @@ def pack_weight_codes(qw: QuantizedWeight) -> np.ndarray:
     return np.concatenate([pack_bits(codes[:, k * g : (k + 1) * g], b) for k, b in enumerate(qw.column_bits)])
 
 
-def unpack_weight_codes(packed: np.ndarray, shape: tuple[int, int], option: QuantOption,
+def unpack_weight_codes(packed: np.ndarray, shape: tuple[int, int], option: AffineSpec,
                         column_bits: tuple[int, ...] | None) -> np.ndarray:
     rows, cols = shape
     if column_bits is None:

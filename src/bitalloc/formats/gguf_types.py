@@ -17,8 +17,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bitalloc.errors import BitallocError
-from bitalloc.formats import ggml
+from bitalloc.errors import BitallocError, GroupSizeError
+import bitalloc.formats.ggml as ggml
 
 # The GGUF types offered as options, where the installed ggml supports them.
 GGUF_TYPE_NAMES: tuple[str, ...] = (
@@ -99,6 +99,7 @@ class GGUFType:
     # length plays the part of a group size.
     mixed = ""
     symmetric = False
+    is_affine = False
 
     @property
     def group_size(self) -> int:
@@ -121,14 +122,22 @@ class GGUFType:
             raise BitallocError(f"{self.name} stores rows in blocks of {self.block_size} weights, so the input "
                                 f"dimension must be a multiple of {self.block_size}. Got shape {tuple(shape)} instead.")
 
-    def storage_bits(self, shape: Sequence[int]) -> int:
-        """Exact stored bits of a tensor of ``shape``: rows × ggml's row size × 8."""
-        self._check_shape(shape)
+    def storage_bits(self, shape: Sequence[int], *, allow_ragged: bool = False, name: str = "") -> int:
+        """Exact stored bits of a tensor of ``shape``: rows × ggml's row size ×
+        8. A row is whole blocks or nothing (``allow_ragged`` cannot apply)."""
+        if not self.available(shape):
+            raise GroupSizeError(f"{self.name} stores rows in blocks of {self.block_size} weights; the "
+                                 f"{shape[-1]} input columns of {name or 'a tensor'} are not a multiple of "
+                                 f"{self.block_size}.")
         rows = math.prod(shape[:-1])
         return rows * ggml.row_size(self.name, shape[-1]) * 8
 
-    def quantize(self, W: Any, importance: Any = None) -> GGUFStored:
-        """W (out, in), torch or numpy; importance (in,): mean squared input activation."""
+    def quantize(self, W: Any, importance: Any = None, *, allow_ragged: bool = False,
+                 column_bits: tuple[int, ...] | None = None) -> GGUFStored:
+        """W (out, in), torch or numpy; importance (in,): mean squared input
+        activation. A GGUF type has one code width and whole blocks only."""
+        if column_bits is not None:
+            raise BitallocError(f"{self.name} has one code width; bit-widths per column group apply to integer options.")
         W = _as_numpy(W)  # (out, in)
         if W.ndim < 2:
             raise BitallocError(f"A weight to quantize must be (out, in). Got shape {tuple(W.shape)} instead.")

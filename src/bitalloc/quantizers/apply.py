@@ -107,7 +107,7 @@ def _quantize_unit(model, unit: Unit, plan: Plan, H: torch.Tensor | None, import
     W = get_weight(model, unit)  # (out, in)
     check_finite(W, unit)
     opt, bits = plan.assignment[unit.name], plan.column_bits.get(unit.name)
-    if not isinstance(opt, QuantOption):  # a GGUF type: ggml's quantizer
+    if not opt.is_affine:  # a GGUF type: ggml's quantizer
         return opt.quantize(W, importance if opt.uses_importance else None)
     if plan.quantizer == "gptq" and H is not None:
         return gptq_quantize(W, H, opt, act_order=plan.act_order, allow_ragged=plan.allow_ragged, column_bits=bits,

@@ -53,7 +53,7 @@ def unit_probes(ctx: ScoringContext, i: int) -> list:
     the cheapest, the median and the third quartile by stored bits, leaving
     out 16-bit storage, whose KL is too small to fit a power law to. With
     ``kl_probes`` below 3 the middle one is kept first, then the cheapest."""
-    if all(isinstance(o, QuantOption) for o in ctx.options):
+    if all(o.is_affine for o in ctx.options):
         picks = [QuantOption.parse(o) for o in ctx.settings.kl_probe_options]
     else:
         unit = ctx.inventory.units[i]
@@ -74,7 +74,7 @@ def _menu_key(ctx: ScoringContext) -> str:
     probes measured with other scales are never reused; on a GGUF menu, the
     menu and the matrix, since both decide what each unit's probes are."""
     imatrix = importance_digest(ctx.importance)
-    if all(isinstance(o, QuantOption) for o in ctx.options):
+    if all(o.is_affine for o in ctx.options):
         if not ctx.importance:
             return ""
         return f"-search{SCALE_SEARCH_VERSION}-{imatrix[:8]}"
