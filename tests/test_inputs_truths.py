@@ -163,12 +163,12 @@ def test_sigterm_is_one_line_and_exit_143(tmp_path):
     so, exit status 128 + 15."""
     code = textwrap.dedent("""
         import os, signal, sys, time
-        from bitalloc.cli import commands
+        from bitalloc import cli
         from bitalloc.cli import main
         def slow(args):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(10)
-        commands.COMMANDS["plan"] = slow
+        cli.COMMANDS["plan"] = cli.COMMANDS["plan"]._replace(run=slow)
         sys.exit(main(["plan", "--bpw", "4", "--out", "p.json"]))
     """)
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)

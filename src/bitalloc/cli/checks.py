@@ -92,7 +92,7 @@ def _shown(value) -> str:
 
 def apply_recipe(args) -> None:
     """--recipe NAME sets its options; one given explicitly that contradicts it is an error."""
-    from bitalloc.cli import RECIPES
+    from bitalloc.cli.options import RECIPES
 
     name = getattr(args, "recipe", None)
     if not name:
@@ -115,7 +115,7 @@ def apply_recipe(args) -> None:
 
 
 def fill_defaults(args) -> None:
-    from bitalloc.cli import DEFAULTS
+    from bitalloc.cli.options import DEFAULTS
 
     for key, value in DEFAULTS.items():
         if hasattr(args, key) and getattr(args, key) is None:

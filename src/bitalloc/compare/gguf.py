@@ -17,14 +17,13 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from bitalloc import api
+from bitalloc.compare.report import table, versus, with_ci
 from bitalloc.errors import BitallocError
 from bitalloc.evaluate import EvalSettings, token_windows
+from bitalloc.evaluate.stats import method_note
 from bitalloc.fileio import write_json
 from bitalloc.formats.gguf_types import PRESETS
 from bitalloc.solve.problem import Budget
-from bitalloc.compare.report import table, versus, with_ci
-from bitalloc.evaluate.stats import method_note
-
 
 
 @dataclass(frozen=True)
@@ -55,8 +54,8 @@ def compare_gguf(loaded: api.Loaded, settings: GGUFCompareSettings, plan_setting
     raised after the report of the rows finished so far has been checkpointed."""
     from bitalloc.evaluate.llamacpp import LlamaCpp, LlamaCppCrash
     from bitalloc.export.gguf_plan import _arch, gguf_names, source_gguf
-    from bitalloc.solve.refine import make_probe
     from bitalloc.scorers import score
+    from bitalloc.solve.refine import make_probe
 
     t0 = time.perf_counter()
     source = source_gguf(loaded.source)
@@ -228,22 +227,3 @@ def write_report(report: dict, out_dir: str) -> list[str]:
     return [json_path, md_path]
 
 
-def cmd_compare_gguf(args) -> None:
-    """`bitalloc compare --format gguf` after the command's checks (commands.cmd_compare)."""
-    from bitalloc.cli.checks import _scorers_of
-    from bitalloc.cli.commands import eval_settings, plan_settings
-    from bitalloc.evaluate.llamacpp import LlamaCppCrash
-
-    settings = GGUFCompareSettings(tuple(args.presets or PRESETS), _scorers_of(args), eval_settings(args))
-    plan = plan_settings(args, 1.0)  # each preset's size replaces this budget
-    loaded = api.load(args.model, embeddings=True)
-    try:
-        report = compare_gguf(loaded, settings, plan, f"{args.out}/gguf", text_path=args.text,
-                              encoding=args.encoding, progress=not args.quiet,
-                              checkpoint=lambda partial: write_report(partial, args.out))
-    except LlamaCppCrash as crash:
-        raise LlamaCppCrash(f"{crash} The rows measured before it are in {args.out}/compare.md and compare.json.",
-                            path=crash.path, signal_name=crash.signal_name) from None
-    print(markdown(report))
-    for path in write_report(report, args.out):
-        print(f"wrote {path}")

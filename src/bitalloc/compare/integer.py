@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 
 from bitalloc import api
-from bitalloc.solve.baselines import moe_rule_plan, structural_moe_units
+from bitalloc.compare.report import versus, with_ci
 from bitalloc.errors import BitallocError
 from bitalloc.evaluate import EvalSettings
+from bitalloc.evaluate.stats import method_note
 from bitalloc.fileio import write_atomic, write_json
 from bitalloc.formats.affine import QuantOption
-from bitalloc.compare.report import versus, with_ci
 from bitalloc.scorers import SCORERS, score
-from bitalloc.evaluate.stats import method_note
+from bitalloc.solve.baselines import moe_rule_plan, structural_moe_units
 
 BASELINES = ("uniform", "llama-rule", "moe-rule")
 

@@ -1,0 +1,77 @@
+"""`bitalloc export PLAN --to gguf`: a plan of GGUF types written as a llama.cpp model file."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import bitalloc.cli.argtypes as A
+from bitalloc.cli.options import MODEL_HELP, calib_args
+from bitalloc.cli.settings import notices, recorded_calibration
+from bitalloc.errors import BitallocError
+from bitalloc.export.gguf_plan import check_plan_types, export_gguf, source_gguf
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    sx = sub.add_parser("export", help="write a plan of GGUF types as a llama.cpp file (and its recipe and imatrix)")
+    sx.add_argument("plan", help="plan.json from `bitalloc plan --format gguf`")
+    sx.add_argument("--to", choices=("gguf",), default="gguf", help="target format (gguf)")
+    sx.add_argument("--model", help=MODEL_HELP + "; must be a .gguf file (llama.cpp's converter makes one from a "
+                                                 "Hugging Face folder: convert_hf_to_gguf.py --outtype f16)")
+    sx.add_argument("--out", required=True, help="the .gguf file to write (atomically)")
+    sx.add_argument("--tensor-types", help="also write the plan as llama-quantize --tensor-type-file lines here")
+    sx.add_argument("--imatrix", help="also write the importance matrix here (GGUF imatrix, for llama-quantize "
+                                      "--imatrix)")
+    calib_args(sx)
+    sx.add_argument("--encoding", type=A.encoding, help="encoding of a --calib-text file (default utf-8)")
+    return sx
+
+
+def run(args) -> None:
+    from bitalloc import api
+    from bitalloc.calib.grams import CalibSettings
+    from bitalloc.cli.checks import (
+        CALIB_FLAGS,
+        check_model_source,
+        check_plan_architecture,
+        fill_defaults,
+        given_flags,
+        read_texts,
+    )
+    from bitalloc.fileio import check_output_file
+    from bitalloc.model.loading import resolve_source
+    from bitalloc.plan import Plan
+    from bitalloc.quantizers.apply import uses_importance
+
+    plan = Plan.load(args.plan)
+    check_plan_types(plan, args.plan)
+    source_gguf(resolve_source(args.model))
+    calibrated = uses_importance(plan)
+    calib = given_flags(args, CALIB_FLAGS + (("--imatrix", "imatrix"),))
+    if calib and not calibrated:
+        raise BitallocError(f"{calib[0]} would be ignored: the plan {args.plan!r} was made without an importance "
+                            "matrix (--no-imatrix), so nothing is calibrated.")
+    if not given_flags(args, CALIB_FLAGS):
+        recorded_calibration(args, plan)
+    fill_defaults(args)
+    outputs = [(p, f) for p, f in ((args.out, "--out"), (args.tensor_types, "--tensor-types"),
+                                   (args.imatrix, "--imatrix")) if p]
+    for path, flag in outputs:
+        check_output_file(path, "bitalloc.report", flag=flag, overwrite=True)  # a folder or an unwritable place
+        if Path(path).exists() and not args.overwrite:
+            raise BitallocError(f"{flag} {path!r} already exists; bitalloc replaces it only with --overwrite. "
+                                "Choose another path, or pass --overwrite.")
+    check_model_source(args.model, {"--calib-seq-len": args.calib_seq_len} if calibrated else {})
+    check_plan_architecture(plan, args.plan, args.model)
+    read_texts(args)
+    settings = api.PlanSettings(plan.budget, calib_text=args.calib_text, text_encoding=args.encoding,
+                                calib=CalibSettings(args.calib_windows, args.calib_seq_len))
+    loaded = api.load(args.model)
+    notices(loaded.inventory.notices)
+    info = export_gguf(args.plan, args.out, settings=settings, tensor_types=args.tensor_types, imatrix=args.imatrix,
+                       progress=not args.quiet, loaded=loaded)
+    print(f"wrote {info['path']}: {info['file_bytes'] / 1e6:.3f} MB; tensor data {info['tensor_data_bytes']:,} bytes "
+          f"(planned units {int(info['plan_unit_bytes']):,} bytes, the rest norms and tensors copied as they are)")
+    for key in ("tensor_types", "imatrix"):
+        if key in info:
+            print(f"wrote {info[key]}")

@@ -1,0 +1,129 @@
+"""`bitalloc plan`: score units and solve for a budget; write the plan file."""
+
+from __future__ import annotations
+
+import argparse
+
+import bitalloc.cli.argtypes as A
+from bitalloc.cli.checks import INT_MENU_FLAGS, _given, given_flags, prepare_planning
+from bitalloc.cli.options import MODEL_HELP, budget_args, menu_args
+from bitalloc.cli.settings import notices, plan_settings, write_report
+from bitalloc.errors import BitallocError
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    sp = sub.add_parser("plan", help="score units and solve for a budget; write plan.json")
+    sp.add_argument("--model", help=MODEL_HELP)
+    budget_args(sp, many=False)
+    menu_args(sp)
+    sp.add_argument("--encoding", type=A.encoding, help="encoding of a --calib-text file (default utf-8)")
+    sp.add_argument("--table", help="reuse a saved error table instead of scoring again (its menu is the menu)")
+    sp.add_argument("--save-table", help="save the error table for reuse with other budgets")
+    sp.add_argument("--refine-from", metavar="PLAN", help="continue refining this plan file's allocation (one whose "
+                                                          "calibration objective was still falling) instead of the "
+                                                          "table's plan: its recorded rounds are kept, new ones "
+                                                          "appended; same model, menu and budget")
+    sp.add_argument("--out", help="where to write the plan (JSON)")
+    sp.add_argument("--dry-run", action="store_true", help="print sizes and the feasible range; write nothing")
+    sp.add_argument("--json", help="also write the summary as JSON here")
+    return sp
+
+
+def _refine_start(args, settings):
+    """The plan file of --refine-from, read before the model loads."""
+    if not args.refine_from:
+        return None
+    from bitalloc.plan import Plan
+
+    if not settings.refine.rounds:
+        raise BitallocError("--refine-from continues a refinement: give --refine-rounds N (N >= 1) too.")
+    if args.dry_run:
+        raise BitallocError("--refine-from would be ignored: --dry-run only prints sizes.")
+    return Plan.load(args.refine_from)
+
+
+def run(args) -> None:
+    from bitalloc import api
+    from bitalloc.compare.report import table
+    from bitalloc.fileio import check_output_file
+    from bitalloc.solve.refine import guard_notice
+
+    if args.dry_run and (args.out or args.table or args.save_table):
+        raise BitallocError("--dry-run writes nothing; --out, --table and --save-table would be ignored. Drop them "
+                            "or drop --dry-run.")
+    if not args.dry_run and not args.out:
+        raise BitallocError("`bitalloc plan` needs --out FILE (or --dry-run to only print sizes).")
+    table_file = None
+    if args.table:
+        from bitalloc.scorers.table import ErrorTable
+
+        menu_flags = given_flags(args, INT_MENU_FLAGS)
+        if menu_flags:
+            raise BitallocError(f"{menu_flags[0]} would be ignored: --table fixes the menu to the options it was "
+                                "scored with. Drop it, or score again without --table.")
+        imatrix = not args.no_imatrix  # the calibration text still gives the importance matrix
+        scoring_flags = [f for f, a, calib in (("--calib-text", "calib_text", True),
+                                               ("--calib-windows", "calib_windows", True),
+                                               ("--probe-windows", "probe_windows", False),
+                                               ("--kl-probes", "kl_probes", False),
+                                               ("--alpha-gamma", "alpha_gamma", False))
+                         if _given(args, a) and "gptq" not in (args.quantizer or ()) and not (calib and imatrix)]
+        if scoring_flags:
+            raise BitallocError(f"{scoring_flags[0]} would be ignored: --table reuses measurements made earlier. "
+                                "Drop it, or score again without --table.")
+        table_file = ErrorTable.load(args.table)
+        rising = table_file.rising_units()
+        if rising:
+            notices([f"The error table {args.table!r} gives {len(rising)} unit(s) (e.g. {rising[0]}) a larger "
+                     "distortion at more bits within one format family; it is used as it is. A measured table can do "
+                     "this through noise; an edited one should be scored again."])
+    prepare_planning(args)
+    check_output_file(args.out, "bitalloc.plan", flag="--out", overwrite=args.overwrite)
+    check_output_file(args.save_table, "bitalloc.error-table", flag="--save-table", overwrite=args.overwrite)
+    settings = plan_settings(args, args.bpw)
+    start = _refine_start(args, settings)
+    loaded = api.load(args.model, embeddings=settings.menu.embeddings)
+    notices(loaded.inventory.notices)
+    if args.dry_run:
+        return _dry_run(loaded, settings, args)
+    result = api.plan(settings=settings, table=table_file, save_table=args.save_table, out=args.out,
+                      progress=not args.quiet, loaded=loaded, start=start)
+    sizes = result.sizes(api.with_plan_units(loaded, result).inventory)
+    notices(result.provenance.get("notices", ()))
+    notices(n for n in [guard_notice(result.provenance.get("guard", {}), settings.scorer)] if n)
+    counts: dict[str, int] = {}
+    for opt in result.assignment.values():
+        counts[opt.name] = counts.get(opt.name, 0) + 1
+    print(table(["option", "units"], sorted(counts.items())))
+    print(f"budget: {settings.budget.describe()}; realized {sizes.quantized_bpw:.4f} bpw over the quantized units "
+          f"(codes {sizes.code_bpw:.4f} + scales/zeros), {sizes.model_bpw:.4f} bpw over the whole model, "
+          f"{sizes.model_bytes / 1e6:.3f} MB; objective ({result.scorer}) {result.objective:.6g}")
+    print(f"wrote {args.out}")
+    write_report(args.json, result.to_dict(loaded.inventory))
+
+
+def _dry_run(loaded, settings, args) -> None:
+    from bitalloc.api import resolve_menu
+    from bitalloc.compare.report import table
+    from bitalloc.solve.problem import feasible_range, shown_bound, sizes_of
+
+    inv = loaded.inventory
+    options, menu_notices = resolve_menu(inv, settings.menu)
+    notices(menu_notices)
+    rows = []
+    for opt in options:
+        s = sizes_of(inv, {u.name: opt for u in inv.units}, keep_bits=settings.keep_bits,
+                     allow_ragged=settings.menu.allow_ragged)
+        rows.append([opt.name, s.quantized_bpw, s.model_bpw, s.model_bytes / 1e6])
+    print(f"model: {loaded.source.label} ({inv.arch}); {len(inv.units)} units, {inv.quantized_numel / 1e6:.2f} M "
+          f"weights quantized, {inv.kept_numel / 1e6:.2f} M kept at {settings.keep_bits} bits")
+    print(table(["uniform option", "bpw (quantized)", "bpw (model)", "MB"], rows))
+    lo, hi = feasible_range(inv, options, settings.budget, keep_bits=settings.keep_bits,
+                            allow_ragged=settings.menu.allow_ragged)
+    unit = "bytes" if settings.budget.kind == "bytes" else f"bpw over the {settings.budget.over} weights"
+    ok = lo <= settings.budget.value <= hi
+    print(f"budget {settings.budget.describe()}: feasible range {shown_bound(lo, 'lo'):.4f} .. "
+          f"{shown_bound(hi, 'hi'):.4f} {unit} -> "
+          f"{'feasible' if ok else 'INFEASIBLE'} (before --allow/--min-bits/--max-bits/--tie constraints)")
+    write_report(args.json, {"options": [dict(zip(["option", "bpw", "model_bpw", "mb"], r)) for r in rows],
+                             "feasible": [lo, hi], "budget": settings.budget.to_dict()})

@@ -1,0 +1,60 @@
+"""`bitalloc quantize`: apply a plan to the model and save the quantized folder."""
+
+from __future__ import annotations
+
+import argparse
+
+import bitalloc.cli.argtypes as A
+from bitalloc.cli.checks import (
+    CALIB_FLAGS,
+    check_model_source,
+    check_plan_architecture,
+    fill_defaults,
+    given_flags,
+    read_texts,
+)
+from bitalloc.cli.options import MODEL_HELP, calib_args
+from bitalloc.cli.settings import notices, recorded_calibration
+from bitalloc.errors import BitallocError
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    sq = sub.add_parser("quantize", help="quantize a model per a plan and save it (safetensors + plan)")
+    sq.add_argument("--model", help=MODEL_HELP)
+    sq.add_argument("--plan", required=True, help="plan.json from `bitalloc plan` (it names the quantizer)")
+    sq.add_argument("--out", required=True, help="output folder (a new folder, or one bitalloc wrote; replaced "
+                                                 "atomically)")
+    calib_args(sq)
+    sq.add_argument("--encoding", type=A.encoding, help="encoding of a --calib-text file (default utf-8)")
+    return sq
+
+
+def run(args) -> None:
+    from bitalloc import api
+    from bitalloc.calib.grams import CalibSettings
+    from bitalloc.fileio import check_output_dir
+    from bitalloc.plan import Plan
+    from bitalloc.quantizers.apply import MANIFEST, SAVED_FORMAT, uses_importance
+
+    plan = Plan.load(args.plan)
+    calib = given_flags(args, CALIB_FLAGS)
+    calibrated = plan.quantizer == "gptq" or uses_importance(plan)
+    if calib and not calibrated:
+        raise BitallocError(f"{calib[0]} would be ignored: the plan {args.plan!r} quantizes by RTN without an "
+                            "importance matrix (it was made with --no-imatrix), which uses no calibration text.")
+    if not calib:
+        recorded_calibration(args, plan)
+    fill_defaults(args)
+    check_output_dir(args.out, MANIFEST, SAVED_FORMAT, flag="--out", overwrite=args.overwrite)
+    check_model_source(args.model, {"--calib-seq-len": args.calib_seq_len} if calibrated else {})
+    check_plan_architecture(plan, args.plan, args.model)
+    read_texts(args)
+    settings = api.PlanSettings(plan.budget, calib_text=args.calib_text, text_encoding=args.encoding,
+                                calib=CalibSettings(args.calib_windows, args.calib_seq_len))
+    loaded = api.load(args.model)
+    notices(loaded.inventory.notices)
+    info = api.quantize(plan_path=args.plan, out=args.out, progress=not args.quiet, settings=settings, loaded=loaded)
+    notices(info["notices"])
+    s = info["sizes"]
+    print(f"wrote {info['out']}: model.safetensors {info['file_bytes'] / 1e6:.3f} MB on disk; plan realizes "
+          f"{s['quantized_bpw']:.4f} bpw over the quantized units, {s['model_bpw']:.4f} over the whole model")
