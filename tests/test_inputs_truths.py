@@ -119,7 +119,7 @@ def test_the_shown_minimum_is_accepted(tiny_dir, tmp_path, capsys):
 def test_a_table_whose_distortion_rises_with_bits_is_named(tiny_dir, tmp_path, capsys):
     """rising_units names a unit whose distortion grows from int3 to int4 in
     one family, and `plan --table` says so in a notice."""
-    from bitalloc.scorers.table import ErrorTable
+    from bitalloc.table import ErrorTable
 
     table_path, plan_path = tmp_path / "t.json", tmp_path / "p.json"
     assert main(["--quiet", "plan", "--model", tiny_dir, "--bpw", "4", "--no-imatrix", "--out", str(plan_path),

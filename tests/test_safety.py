@@ -197,7 +197,7 @@ def test_a_fine_tune_of_the_same_architecture_gets_its_own_measurements(tmp_path
     """Same names and shapes, other weights: another content identity, so no
     cached Hessian or error table of the first serves the second."""
     from bitalloc.calib.grams import CalibSettings, cached_hessians
-    from bitalloc.scorers.table import ErrorTable
+    from bitalloc.table import ErrorTable
     from bitalloc.evaluate.text import read_text_file
 
     base = tiny_llama(seed=0)

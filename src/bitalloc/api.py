@@ -26,7 +26,7 @@ from bitalloc.solve.baselines import llama_rule_plan, uniform_plan  # noqa: F401
 from bitalloc.solve.refine import RefineSettings, finish_plan, make_probe, start_plan
 from bitalloc.evaluate.text import calibration_text
 from bitalloc.scorers import ScorerSettings, ScoringContext, check_scorer, score
-from bitalloc.scorers.table import ErrorTable
+from bitalloc.table import ErrorTable
 from bitalloc.solve.solvers import solve
 from bitalloc.evaluate.text import read_text_file, wiki_text
 from bitalloc.model.units import Inventory, find_units

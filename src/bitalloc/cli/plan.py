@@ -55,7 +55,7 @@ def run(args) -> None:
         raise BitallocError("`bitalloc plan` needs --out FILE (or --dry-run to only print sizes).")
     table_file = None
     if args.table:
-        from bitalloc.scorers.table import ErrorTable
+        from bitalloc.table import ErrorTable
 
         menu_flags = given_flags(args, INT_MENU_FLAGS)
         if menu_flags:

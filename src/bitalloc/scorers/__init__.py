@@ -31,7 +31,7 @@ from bitalloc.scorers.context import ScorerSettings, ScoringContext
 from bitalloc.scorers.moe import score_pmq
 from bitalloc.scorers.probes import score_kl, score_linearity
 from bitalloc.scorers.weights import score_alpha, score_weight_error
-from bitalloc.scorers.table import ErrorTable
+from bitalloc.table import ErrorTable
 
 __all__ = ["SCORERS", "ScorerSettings", "ScoringContext", "check_scorer", "score"]
 

@@ -12,7 +12,7 @@ import torch
 from bitalloc.formats.affine import QuantOption
 from bitalloc.formats.affine_rtn import fake_quantize
 from bitalloc.scorers.context import ScoringContext, make_table
-from bitalloc.scorers.table import ErrorTable
+from bitalloc.table import ErrorTable
 from bitalloc.model.units import get_weight
 
 def score_reduction(ctx: ScoringContext, name: str) -> ErrorTable:

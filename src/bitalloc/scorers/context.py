@@ -21,7 +21,7 @@ from bitalloc.quantizers.gptq import inverse_hessian_factor
 from bitalloc.formats import fits
 from bitalloc.formats.affine import QuantOption
 from bitalloc.formats.affine_rtn import SCALE_SEARCH_VERSION, fake_quantize
-from bitalloc.scorers.table import ErrorTable
+from bitalloc.table import ErrorTable
 from bitalloc.evaluate.text import cache_dir
 from bitalloc.model.units import check_finite, get_weight, unit_view
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from bitalloc.scorers.context import ScoringContext, make_table
-from bitalloc.scorers.table import ErrorTable
+from bitalloc.table import ErrorTable
 
 PMQ_FREQUENCY_EXPONENT = 1.0  # a
 PMQ_WEIGHT_EXPONENT = 1.0  # b

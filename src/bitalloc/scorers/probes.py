@@ -13,7 +13,7 @@ from bitalloc.formats import storage_bits
 from bitalloc.formats.affine import QuantOption
 from bitalloc.formats.affine_rtn import SCALE_SEARCH_VERSION, fake_quantize
 from bitalloc.scorers.context import ScoringContext, importance_digest, make_table
-from bitalloc.scorers.table import ErrorTable
+from bitalloc.table import ErrorTable
 from bitalloc.model.units import get_weight
 
 def score_linearity(ctx: ScoringContext, name: str) -> ErrorTable:

@@ -7,7 +7,7 @@ import numpy as np
 
 from bitalloc.scorers.alpha import alpha_importance, unit_alpha
 from bitalloc.scorers.context import ScoringContext, make_table
-from bitalloc.scorers.table import WEIGHT_ERROR_IMPORTANCE, ErrorTable
+from bitalloc.table import WEIGHT_ERROR_IMPORTANCE, ErrorTable
 from bitalloc.model.units import get_weight
 
 def score_weight_error(ctx: ScoringContext, name: str) -> ErrorTable:

@@ -13,7 +13,7 @@ from bitalloc.errors import BitallocError
 from bitalloc.formats.affine import QuantOption
 from bitalloc.plan import Plan
 from bitalloc.solve.problem import Constraints, budget_bits, cost_matrix, sizes_of
-from bitalloc.scorers.table import ErrorTable
+from bitalloc.table import ErrorTable
 from bitalloc.model.units import Inventory
 
 

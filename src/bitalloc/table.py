@@ -2,7 +2,8 @@
 
 The solver minimises the sum over units of ``importance[u] * distortion[u, o]``.
 Tables are versioned JSON files keyed by unit name, reusable for any budget.
-Scorers that fill them live in ``scorers.py``.
+Scorers (``scorers/``) fill them; the solver (``solve/``) reads them: the file is the contract
+between the two, as the plan file is between the solver and the quantizers.
 """
 
 from __future__ import annotations
