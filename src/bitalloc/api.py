@@ -14,22 +14,29 @@ import numpy as np
 from bitalloc.calib.grams import CalibSettings, importance_record
 from bitalloc.errors import BitallocError
 from bitalloc.evaluate import (
-    EvalSettings, evaluate as evaluate_windows, reference_logprobs, reference_result, token_windows, window_logprobs,
+    EvalSettings,
+    reference_logprobs,
+    reference_result,
+    token_windows,
+    window_logprobs,
 )
-from bitalloc.model.loading import ModelSource, load_model, resolve_source
+from bitalloc.evaluate import (
+    evaluate as evaluate_windows,
+)
+from bitalloc.evaluate.text import calibration_text, read_text_file, wiki_text
 from bitalloc.formats import is_gguf
 from bitalloc.formats.affine import QuantOption
 from bitalloc.formats.menu import MenuSettings, keep_type_rules, resolve_menu
-from bitalloc.plan import QUANTIZERS, Plan
-from bitalloc.solve.problem import Budget, Constraints, build_problem
-from bitalloc.solve.baselines import llama_rule_plan, uniform_plan  # noqa: F401  (public API)
-from bitalloc.solve.refine import RefineSettings, finish_plan, make_probe, start_plan
-from bitalloc.evaluate.text import calibration_text
-from bitalloc.scorers import ScorerSettings, ScoringContext, check_scorer, score
-from bitalloc.table import ErrorTable
-from bitalloc.solve.solvers import solve
-from bitalloc.evaluate.text import read_text_file, wiki_text
+from bitalloc.model.loading import ModelSource, load_model, resolve_source
 from bitalloc.model.units import Inventory, find_units
+from bitalloc.plan import Plan
+from bitalloc.quantizers import quantizer
+from bitalloc.scorers import ScorerSettings, ScoringContext, check_scorer, score
+from bitalloc.solve.baselines import llama_rule_plan, uniform_plan  # noqa: F401  (public API)
+from bitalloc.solve.problem import Budget, Constraints, build_problem
+from bitalloc.solve.refine import RefineSettings, finish_plan, make_probe, start_plan
+from bitalloc.solve.solvers import solve
+from bitalloc.table import ErrorTable
 
 
 def _tqdm(enabled: bool) -> Callable | None:
@@ -60,14 +67,13 @@ class PlanSettings:
 
     def __post_init__(self) -> None:
         check_scorer(self.scorer)
-        if self.menu.format == "gguf" and self.quantizer != "rtn":
+        quantizer(self.quantizer)  # a known name
+        if self.menu.format == "gguf" and not quantizer(self.quantizer).gguf:
             raise BitallocError("GGUF types are quantized by ggml's own quantizers (with the importance matrix), "
                                 "not by GPTQ; drop --quantizer gptq or use the integer menu.")
         if self.menu.format == "gguf" and self.scorer in ("salience", "baq"):
             raise BitallocError(f"The {self.scorer} scorer mixes bit-widths inside a tensor, which GGUF types cannot "
                                 "store; choose another scorer with --format gguf.")
-        if self.quantizer not in QUANTIZERS:
-            raise BitallocError(f"The 'quantizer' parameter must be one of {list(QUANTIZERS)}. Got {self.quantizer!r} instead.")
 
 
 @dataclass
@@ -137,9 +143,9 @@ def check_calibration_text(loaded: Loaded, settings: PlanSettings, scorers: Sequ
     """Tokenize the calibration text now if anything will need it, so that
     too little text fails before minutes of scoring, not after."""
     from bitalloc.calib.grams import calibration_windows
-    from bitalloc.scorers import SCORERS
+    from bitalloc.scorers import any_calibrated
 
-    needs = settings.quantizer == "gptq" or any(SCORERS[n][0] != "data-free" for n in scorers)
+    needs = quantizer(settings.quantizer).calibrated or any_calibrated(scorers)
     if needs and loaded.tokenizer is not None:
         text = calibration_text(settings.calib_text, settings.text_encoding)
         calibration_windows(loaded.tokenizer, text, settings.calib)
@@ -197,7 +203,7 @@ def plan(model: str | None = None, *, settings: PlanSettings, table_path: str | 
         table = score(ctx, [settings.scorer])[settings.scorer]
     if save_table:
         table.save(save_table)
-    hessians = ctx.hessians if settings.quantizer == "gptq" and (settings.guard or settings.refine.rounds) else None
+    hessians = ctx.hessians if quantizer(settings.quantizer).calibrated and (settings.guard or settings.refine.rounds) else None
     first = solve_plan(loaded.inventory, table, settings, loaded.source.label) if start is None else \
         start_plan(start, loaded.inventory, table, settings)
     result = finish_plan(loaded, first, table, settings, hessians=hessians, progress=_tqdm(progress))
@@ -213,7 +219,7 @@ def _calibration_for(loaded: Loaded, the_plan: Plan, settings: PlanSettings | No
     calibration windows (sequential GPTQ); for RTN the importance vectors if
     the plan was made with them, else nothing."""
     s = settings or PlanSettings(the_plan.budget)
-    if the_plan.quantizer != "gptq":
+    if not quantizer(the_plan.quantizer).calibrated:
         from bitalloc.quantizers.apply import uses_importance
 
         return {"importance": ensure_importance(loaded, s, progress)} if uses_importance(the_plan) else {}
@@ -405,7 +411,7 @@ def run(model: str | None = None, *, settings: PlanSettings, scorers: Sequence[s
     report, bench = reference_block(loaded, eval_settings, text_path, settings.keep_bits, progress, encoding)
     ctx = scoring_context(loaded, settings, options, progress=progress)
     tables = score(ctx, scorers)
-    if settings.quantizer == "gptq":
+    if quantizer(settings.quantizer).calibrated:
         bench.hessians = ctx.hessians
         if settings.sequential:
             from bitalloc.calib.grams import calibration_windows
@@ -425,7 +431,7 @@ def run(model: str | None = None, *, settings: PlanSettings, scorers: Sequence[s
                  "allocated": {}}
         for scorer in scorers:
             p = solve_plan(inv, tables[scorer], replace(s, scorer=scorer), loaded.source.label)
-            probe = probe or (make_probe(loaded, settings, ctx.hessians if settings.quantizer == "gptq" else None)
+            probe = probe or (make_probe(loaded, settings, ctx.hessians if quantizer(settings.quantizer).calibrated else None)
                               if settings.guard or settings.refine.rounds else None)
             p = finish_plan(loaded, p, tables[scorer], replace(s, scorer=scorer), probe=probe, progress=_tqdm(progress))
             if plans_dir:

@@ -11,13 +11,13 @@ from bitalloc.errors import BitallocError, PlanMismatchError
 from bitalloc.fileio import read_json, write_json
 from bitalloc.formats import fits, parse_option
 from bitalloc.formats.affine import QuantOption
-from bitalloc.solve.problem import Budget, Constraints, Sizes, sizes_of
-from bitalloc.schema import check_header, need, string_map
 from bitalloc.model.units import Inventory
+from bitalloc.quantizers import QUANTIZERS
+from bitalloc.schema import check_header, need, string_map
+from bitalloc.solve.problem import Budget, Constraints, Sizes, sizes_of
 
 PLAN_FORMAT = "bitalloc.plan"
 PLAN_VERSION = 1
-QUANTIZERS = ("rtn", "gptq")
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class Plan:
     keep_bits: int = 16
     allow_ragged: bool = False
     constraints: Constraints = field(default_factory=Constraints)
-    quantizer: str = "rtn"  # "rtn" or "gptq"
+    quantizer: str = "rtn"  # a name in quantizers.QUANTIZERS
     act_order: bool = False  # GPTQ only
     sequential: bool = False  # GPTQ only: each layer's Hessians after earlier layers are quantized
     column_bits: dict[str, tuple[int, ...]] = field(default_factory=dict)  # units with a mixed option

@@ -17,8 +17,8 @@ from bitalloc.errors import BitallocError, PlanMismatchError
 from bitalloc.fileio import read_json, write_json
 from bitalloc.formats import parse_option
 from bitalloc.formats.affine import QuantOption
-from bitalloc.schema import check_header, need, number_list
 from bitalloc.model.units import Inventory
+from bitalloc.schema import check_header, need, number_list
 
 TABLE_FORMAT = "bitalloc.error-table"
 TABLE_VERSION = 2  # 2: model_identity is the content hash

@@ -6,7 +6,6 @@ units, wrong shapes, non-finite values) is measured again and replaced."""
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -17,10 +16,9 @@ from torch import nn
 
 from bitalloc.errors import BitallocError
 from bitalloc.evaluate import EvalSettings, spread_windows
-from bitalloc.fileio import write_atomic
 from bitalloc.evaluate.text import Text, cache_dir, text_digest
+from bitalloc.fileio import write_atomic
 from bitalloc.model.units import Inventory
-
 
 CALIB_LAYOUT = "spread"  # calibration windows spread over the text (cache keys and plan records name it)
 

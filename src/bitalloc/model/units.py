@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bitalloc.model.archs import EXPERT_PART, FUSED_HALVES, GENERIC, ArchSpec, arch_for, arch_of_family
 from bitalloc.errors import BadWeightsError
+from bitalloc.model.archs import EXPERT_PART, FUSED_HALVES, GENERIC, ArchSpec, arch_for, arch_of_family
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,17 @@ import torch
 from bitalloc.errors import BitallocError
 from bitalloc.fileio import dumps_json, file_digest, read_json, replace_dir_atomic
 from bitalloc.formats.affine import QuantOption
-from bitalloc.plan import Plan
-from bitalloc.schema import check_header, need
 from bitalloc.formats.affine_rtn import (
-    QuantizedWeight, dequantize, group_bits_of, pack_weight_codes, quantize_rtn, unpack_weight_codes,
+    QuantizedWeight,
+    dequantize,
+    group_bits_of,
+    pack_weight_codes,
+    unpack_weight_codes,
 )
 from bitalloc.model.units import Inventory, Unit, check_finite, get_weight, set_weight
+from bitalloc.plan import Plan
+from bitalloc.quantizers import quantizer
+from bitalloc.schema import check_header, need
 
 SAVED_FORMAT = "bitalloc.quantized"
 SAVED_VERSION = 1
@@ -49,7 +54,8 @@ def quantize_model(model, inventory: Inventory, plan: Plan, *, hessians: dict[st
     def quantize_unit(model, unit: Unit, plan: Plan, H: torch.Tensor | None):
         return _quantize_unit(model, unit, plan, H, importance.get(unit.name))
 
-    if plan.quantizer == "gptq" and plan.sequential:
+    q = quantizer(plan.quantizer)
+    if q.sequential and plan.sequential:
         if calib_windows is None:
             raise BitallocError("Sequential GPTQ needs calibration windows; quantize through bitalloc.api.")
         from bitalloc.quantizers.sequential import LayerCaptureError, quantize_sequential
@@ -59,17 +65,17 @@ def quantize_model(model, inventory: Inventory, plan: Plan, *, hessians: dict[st
         except LayerCaptureError:  # blocks that cannot be chained (e.g. sliding-window layers): one pass per block
             stored = _quantize_sequential(model, inventory, plan, calib_windows, quantize_unit, progress)
     else:
-        if plan.quantizer == "gptq" and hessians is None:
+        if q.calibrated and hessians is None:
             raise BitallocError("A GPTQ plan needs calibration Hessians; quantize through bitalloc.api, which computes them.")
         units = progress(inventory.units, desc=f"quantizing ({plan.quantizer})", unit="tensor") if progress else inventory.units
         stored = {}
         for unit in units:
             key = (unit.name, plan.assignment[unit.name].name, plan.act_order, plan.column_bits.get(unit.name))
-            if plan.quantizer == "gptq" and cache is not None and key in cache:
+            if q.calibrated and cache is not None and key in cache:
                 qw = cache[key]
             else:
                 qw = quantize_unit(model, unit, plan, None if hessians is None else hessians.get(unit.name))
-                if plan.quantizer == "gptq" and cache is not None:
+                if q.calibrated and cache is not None:
                     cache[key] = qw
             set_weight(model, unit, dequantized(qw))
             stored[unit.name] = qw
@@ -102,17 +108,13 @@ def _quantize_unit(model, unit: Unit, plan: Plan, H: torch.Tensor | None, import
     unit's Hessian; a token embedding read by lookup has none and is rounded
     to nearest, which is what GPTQ does without input correlation), or ggml's
     bytes for a GGUF type."""
-    from bitalloc.quantizers.gptq import gptq_quantize
-
     W = get_weight(model, unit)  # (out, in)
     check_finite(W, unit)
     opt, bits = plan.assignment[unit.name], plan.column_bits.get(unit.name)
     if not opt.is_affine:  # a GGUF type: ggml's quantizer
         return opt.quantize(W, importance if opt.uses_importance else None)
-    if plan.quantizer == "gptq" and H is not None:
-        return gptq_quantize(W, H, opt, act_order=plan.act_order, allow_ragged=plan.allow_ragged, column_bits=bits,
-                             search=uses_importance(plan))[0]
-    return quantize_rtn(W, opt, allow_ragged=plan.allow_ragged, column_bits=bits, importance=importance)
+    return quantizer(plan.quantizer).store(W, opt, H=H, act_order=plan.act_order, allow_ragged=plan.allow_ragged,
+                                           column_bits=bits, importance=importance, search=uses_importance(plan))
 
 
 class _StopForward(Exception):

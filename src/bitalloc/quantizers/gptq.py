@@ -15,10 +15,16 @@ from __future__ import annotations
 import torch
 
 from bitalloc.errors import BitallocError
-
 from bitalloc.formats.affine import QuantOption, group_count
-from bitalloc.formats.affine_rtn import (QuantizedWeight, group_bits_of, group_qparams, group_size_of,
-                                         grouped, grouped_importance, pack_weight)
+from bitalloc.formats.affine_rtn import (
+    QuantizedWeight,
+    group_bits_of,
+    group_qparams,
+    group_size_of,
+    grouped,
+    grouped_importance,
+    pack_weight,
+)
 
 BLOCK = 128  # columns per lazy-update block; a multiple of every group size <= 128
 

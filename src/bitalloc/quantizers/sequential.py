@@ -36,9 +36,9 @@ from torch import nn
 
 from bitalloc.calib.grams import UnitGrams
 from bitalloc.errors import BitallocError
-from bitalloc.plan import Plan
 from bitalloc.formats.affine_rtn import QuantizedWeight, dequantize
 from bitalloc.model.units import Inventory, Unit, layer_index, set_weight
+from bitalloc.plan import Plan
 
 # (model, unit, plan, H (in, in)) -> stored weight; bitalloc.quantizers.apply._quantize_unit
 QuantizeUnit = Callable[[nn.Module, Unit, Plan, torch.Tensor], QuantizedWeight]

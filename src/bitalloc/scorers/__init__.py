@@ -23,6 +23,7 @@ windows of *calibration* text and are cached on disk, resumably.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from bitalloc.errors import BitallocError
@@ -33,23 +34,52 @@ from bitalloc.scorers.probes import score_kl, score_linearity
 from bitalloc.scorers.weights import score_alpha, score_weight_error
 from bitalloc.table import ErrorTable
 
-__all__ = ["SCORERS", "ScorerSettings", "ScoringContext", "check_scorer", "score"]
+__all__ = ["SCORERS", "Scorer", "ScorerSettings", "ScoringContext", "any_calibrated", "any_reads", "check_scorer", "score"]
 
 
-SCORERS: dict[str, tuple[str, Callable[[ScoringContext, str], ErrorTable]]] = {
-    "rtn-mse": ("data-free", score_weight_error),
-    "rtn-mse-rel": ("data-free", score_weight_error),
-    "alpha": ("data-free", score_alpha),
-    "alpha-rel": ("data-free", score_alpha),
-    "hessian": ("calibration", score_reduction),
-    "output": ("calibration", score_reduction),
-    "taylor": ("calibration", score_reduction),
-    "linearity": ("probe", score_linearity),
-    "kl": ("probe", score_kl),
-    "salience": ("calibration", score_mixed),
-    "baq": ("calibration", score_mixed),
-    "pmq": ("calibration", score_pmq),
-}
+@dataclass(frozen=True)
+class Scorer:
+    """One row of the registry: what the scorer measures from (``data``:
+    "data-free", "calibration" Grams, or "probe" forwards on calibration text,
+    which need the Grams too), the settings it reads, and its table builder
+    ``build(ctx, name) -> ErrorTable``."""
+
+    name: str
+    data: str
+    build: Callable[[ScoringContext, str], ErrorTable]
+    reads: frozenset[str] = frozenset()  # ScorerSettings fields that change its table
+
+    @property
+    def calibrated(self) -> bool:
+        return self.data != "data-free"
+
+
+_ALPHA = frozenset({"alpha_gamma", "alpha_fit", "alpha_farms"})
+_PROBES = frozenset({"probe_windows", "probe_seq_len"})
+SCORERS: dict[str, Scorer] = {s.name: s for s in (
+    Scorer("rtn-mse", "data-free", score_weight_error),
+    Scorer("rtn-mse-rel", "data-free", score_weight_error),
+    Scorer("alpha", "data-free", score_alpha, _ALPHA),
+    Scorer("alpha-rel", "data-free", score_alpha, _ALPHA),
+    Scorer("hessian", "calibration", score_reduction),
+    Scorer("output", "calibration", score_reduction),
+    Scorer("taylor", "calibration", score_reduction),
+    Scorer("linearity", "probe", score_linearity, _PROBES),
+    Scorer("kl", "probe", score_kl, _PROBES | {"kl_probes"}),
+    Scorer("salience", "calibration", score_mixed),
+    Scorer("baq", "calibration", score_mixed),
+    Scorer("pmq", "calibration", score_pmq),
+)}
+
+
+def any_calibrated(names: Sequence[str]) -> bool:
+    """Whether any of the scorers ``names`` needs calibration text."""
+    return any(SCORERS[n].calibrated for n in names if n in SCORERS)
+
+
+def any_reads(names: Sequence[str], setting: str) -> bool:
+    """Whether any of the scorers ``names`` reads ``ScorerSettings.<setting>``."""
+    return any(setting in SCORERS[n].reads for n in names if n in SCORERS)
 
 
 def check_scorer(name: str) -> None:
@@ -60,4 +90,4 @@ def check_scorer(name: str) -> None:
 def score(ctx: ScoringContext, names: Sequence[str]) -> dict[str, ErrorTable]:
     for n in names:
         check_scorer(n)
-    return {n: SCORERS[n][1](ctx, n) for n in names}
+    return {n: SCORERS[n].build(ctx, n) for n in names}

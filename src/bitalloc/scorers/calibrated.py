@@ -11,9 +11,10 @@ import torch
 
 from bitalloc.formats.affine import QuantOption
 from bitalloc.formats.affine_rtn import fake_quantize
+from bitalloc.model.units import get_weight
 from bitalloc.scorers.context import ScoringContext, make_table
 from bitalloc.table import ErrorTable
-from bitalloc.model.units import get_weight
+
 
 def score_reduction(ctx: ScoringContext, name: str) -> ErrorTable:
     kind = {"hessian": "obs", "output": "output", "taylor": "taylor"}[name]

@@ -16,14 +16,15 @@ import torch
 
 from bitalloc.calib.grams import CalibSettings, cached_calibration, calibration_windows
 from bitalloc.errors import BitallocError, GroupSizeError
+from bitalloc.evaluate.text import cache_dir
 from bitalloc.fileio import write_json
-from bitalloc.quantizers.gptq import inverse_hessian_factor
 from bitalloc.formats import fits
 from bitalloc.formats.affine import QuantOption
 from bitalloc.formats.affine_rtn import SCALE_SEARCH_VERSION, fake_quantize
-from bitalloc.table import ErrorTable
-from bitalloc.evaluate.text import cache_dir
 from bitalloc.model.units import check_finite, get_weight, unit_view
+from bitalloc.quantizers import quantizer as _quantizer
+from bitalloc.quantizers.gptq import inverse_hessian_factor
+from bitalloc.table import ErrorTable
 
 PROBE_FORMAT_VERSION = 2  # 2: the reference is taken before any weight changes (v1 was not)
 SWEEP_FORMAT_VERSION = 1  # cache files of the weight-error sweep
@@ -72,13 +73,12 @@ class ScoringContext:
         imp = self.importance_of(unit, option)
         if imp is _MISSING or not fits(W.shape, option, allow_ragged=True):
             raise GroupSizeError(f"{option.name} cannot store {unit.name}.")
-        if self.quantizer == "gptq" and unit.name in self.hessians:
-            from bitalloc.quantizers.gptq import gptq_quantize
+        q = _quantizer(self.quantizer)
+        if q.calibrated and unit.name in self.hessians:
             from bitalloc.formats.affine_rtn import dequantize
 
-            H = self.hessians[unit.name]
-            return dequantize(gptq_quantize(W, H, option, damp=self.settings.damp, act_order=self.act_order,
-                                            allow_ragged=True, search=bool(self.importance))[0])
+            return dequantize(q.store(W, option, H=self.hessians[unit.name], damp=self.settings.damp,
+                                      act_order=self.act_order, allow_ragged=True, search=bool(self.importance)))
         return fake_quantize(W, option, allow_ragged=True, importance=imp)
 
     def __init__(self, model, tokenizer, inventory, options: Sequence[QuantOption], *, calib_text: str | None = None,
@@ -87,7 +87,7 @@ class ScoringContext:
                  act_order: bool = False, importance: dict[str, torch.Tensor] | None = None):
         self.model, self.tokenizer, self.inventory = model, tokenizer, inventory
         self.quantizer = quantizer  # the kl probes quantize as the plan will: RTN, or GPTQ with the unit's Hessian
-        self.act_order = act_order and quantizer == "gptq"  # GPTQ's column order, as the plan's
+        self.act_order = act_order and _quantizer(quantizer).orders_columns  # GPTQ's column order, as the plan's
         self.options = tuple(options)
         self.calib_text, self.calib, self.settings = calib_text, calib, settings
         self.allow_ragged, self.progress = allow_ragged, progress

@@ -12,9 +12,11 @@ from bitalloc.errors import GroupSizeError
 from bitalloc.formats import storage_bits
 from bitalloc.formats.affine import QuantOption
 from bitalloc.formats.affine_rtn import SCALE_SEARCH_VERSION, fake_quantize
+from bitalloc.model.units import get_weight
+from bitalloc.quantizers import quantizer
 from bitalloc.scorers.context import ScoringContext, importance_digest, make_table
 from bitalloc.table import ErrorTable
-from bitalloc.model.units import get_weight
+
 
 def score_linearity(ctx: ScoringContext, name: str) -> ErrorTable:
     """Q-Palette/HIGGS: KL ~ a_l * relative MSE; a_l fitted through the origin
@@ -100,7 +102,7 @@ def score_kl(ctx: ScoringContext, name: str) -> ErrorTable:
                 out.append(float("nan"))
         return out
 
-    kind = ("kl" if ctx.quantizer == "rtn" else f"kl-{ctx.quantizer}") + ("-act" if ctx.act_order else "") \
+    kind = "kl" + quantizer(ctx.quantizer).tag + ("-act" if ctx.act_order else "") \
         + _menu_key(ctx)
     kls = ctx.measure_per_unit(kind, measure, len(probe_sets[0]))
     rel = ctx.reductions(["mse"])["mse"] / ctx.norms[:, None]  # (units, options)

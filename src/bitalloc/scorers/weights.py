@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from bitalloc.model.units import get_weight
 from bitalloc.scorers.alpha import alpha_importance, unit_alpha
 from bitalloc.scorers.context import ScoringContext, make_table
 from bitalloc.table import WEIGHT_ERROR_IMPORTANCE, ErrorTable
-from bitalloc.model.units import get_weight
+
 
 def score_weight_error(ctx: ScoringContext, name: str) -> ErrorTable:
     mse = ctx.reductions(["mse"])["mse"]

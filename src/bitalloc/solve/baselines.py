@@ -11,10 +11,10 @@ import numpy as np
 from bitalloc.calib.grams import importance_record
 from bitalloc.errors import BitallocError
 from bitalloc.formats.affine import QuantOption
+from bitalloc.model.units import Inventory
 from bitalloc.plan import Plan
 from bitalloc.solve.problem import Constraints, budget_bits, cost_matrix, sizes_of
 from bitalloc.table import ErrorTable
-from bitalloc.model.units import Inventory
 
 
 def _baseline_plan(inventory: Inventory, assignments: list[dict[str, QuantOption]], names: list[str],

@@ -9,8 +9,8 @@ precision, tied tensors once / all its weights).
 
 from __future__ import annotations
 
-import math
 import fnmatch
+import math
 from dataclasses import asdict, dataclass
 from typing import Sequence
 

@@ -23,9 +23,10 @@ from typing import Callable
 import numpy as np
 
 from bitalloc.errors import BitallocError
+from bitalloc.evaluate.probe import CalibrationProbe, Measure
 from bitalloc.formats.affine import QuantOption
 from bitalloc.plan import Plan
-from bitalloc.evaluate.probe import CalibrationProbe, Measure
+from bitalloc.quantizers import quantizer
 from bitalloc.solve.problem import Problem
 from bitalloc.solve.solvers import solve_ilp
 
@@ -221,8 +222,8 @@ def make_probe(loaded, settings, hessians: dict | None = None) -> CalibrationPro
     from bitalloc.evaluate.text import calibration_text
 
     def gptq_weight(unit, W, option):
-        from bitalloc.quantizers.gptq import gptq_quantize
         from bitalloc.formats.affine_rtn import dequantize
+        from bitalloc.quantizers.gptq import gptq_quantize
 
         H = hessians.get(unit.name)
         if H is None:  # a token embedding read by lookup: GPTQ without input correlation is RTN
@@ -231,15 +232,15 @@ def make_probe(loaded, settings, hessians: dict | None = None) -> CalibrationPro
                                         allow_ragged=settings.menu.allow_ragged, search=settings.menu.imatrix)[0])
 
     importance = getattr(loaded, "importance", None) if settings.menu.imatrix else None
-    quantize_weight = gptq_weight if settings.quantizer == "gptq" and hessians is not None else (
+    calibrated = quantizer(settings.quantizer).calibrated
+    quantize_weight = gptq_weight if calibrated and hessians is not None else (
         lambda unit, W, option: rtn_weight(unit, W, option, allow_ragged=settings.menu.allow_ragged,
                                            importance=importance))
     text = calibration_text(settings.calib_text, settings.text_encoding)
     r = settings.refine
-    gptq = settings.quantizer == "gptq"
     return CalibrationProbe(loaded.model, loaded.tokenizer, loaded.inventory, text, windows=r.windows,
                             seq_len=r.seq_len, quantize_weight=quantize_weight,
-                            clear_of=EvalSettings(settings.calib.seq_len, settings.calib.windows) if gptq else None)
+                            clear_of=EvalSettings(settings.calib.seq_len, settings.calib.windows) if calibrated else None)
 
 
 def start_plan(start: Plan, inventory, table, settings) -> Plan:
