@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import platform
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 from bitalloc import api
 from bitalloc.evaluate import EvalSettings
@@ -52,12 +52,12 @@ def main() -> None:
         t = time.perf_counter()
         returned = api.plan(settings=s, table=table, loaded=loaded, progress=False)
         seconds = time.perf_counter() - t
-        record = returned.provenance["guard"]
+        record = asdict(returned.provenance.guard)
         allocated = api.solve_plan(loaded.inventory, table, s, loaded.source.label)
         uniform = api.uniform_plan(loaded.inventory, options, s, loaded.source.label, table)
         uni = api.plan_row(loaded, uniform, bench, True, f"uniform {bpw:g}")
         alloc = api.plan_row(loaded, allocated, bench, True, f"allocated {bpw:g}")
-        row = {"budget": bpw, "uniform": uniform.scorer.split(":", 1)[-1], "guard": record, "plan_seconds": seconds,
+        row = {"budget": bpw, "uniform": uniform.only_option(), "guard": record, "plan_seconds": seconds,
                "returned": record["kept"], "eval_uniform": uni, "eval_allocated": alloc,
                "verdict_allocated": versus(alloc, uni)}
         report["rows"].append(row)

@@ -253,7 +253,7 @@ def test_int_menu_with_embeddings_saves_and_reloads_identically(tmp_path, capsys
     loaded = api.load(str(src), embeddings=True)
     from bitalloc.calib.grams import CalibSettings
 
-    calib = CalibSettings(**plan.provenance["importance"]["calib"])  # made with the importance matrix (default)
+    calib = CalibSettings(**plan.provenance.importance.calib)  # made with the importance matrix (default)
     importance = api.ensure_importance(loaded, api.PlanSettings(plan.budget, calib=calib), progress=False)
     quantize_model(loaded.model, loaded.inventory, plan, importance=importance)
     model, _, _ = load_quantized(str(out))

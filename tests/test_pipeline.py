@@ -254,9 +254,9 @@ def test_cli_quantize_uses_the_importance_matrix_the_plan_records(tiny_dir, text
         assert main(["--quiet", "quantize", "--model", tiny_dir, "--plan", p, "--out", p + ".q"]) == 0, \
             capsys.readouterr().err
         plans[bool(flag)] = (Plan.load(p), load_quantized(p + ".q")[0])
-    recorded = plans[False][0].provenance["importance"]
-    assert recorded["calib"] == {"windows": 4, "seq_len": 64} and recorded["text"] == text_file
-    assert "importance" not in plans[True][0].provenance
+    recorded = plans[False][0].provenance.importance
+    assert recorded.calib == {"windows": 4, "seq_len": 64} and recorded.text == text_file
+    assert plans[True][0].provenance.importance is None and not plans[True][0].uses_importance
     loaded = api.load(tiny_dir)
     windows = calibration_windows(loaded.tokenizer, open(text_file).read(), CalibSettings(4, 64))
     sums = {}
@@ -293,8 +293,8 @@ def test_default_window_lengths_fit_the_model_and_typed_ones_are_checked(tmp_pat
     assert main(["--quiet", "plan", "--model", str(src), "--bpw", "3.5", "--out", str(out)]) == 0, \
         capsys.readouterr().err
     plan = Plan.load(str(out))
-    assert plan.provenance["importance"]["calib"]["seq_len"] == 64
-    assert plan.provenance["guard"]["seq_len"] == 64
+    assert plan.provenance.importance.calib["seq_len"] == 64
+    assert plan.provenance.guard.seq_len == 64
     assert main(["--quiet", "plan", "--model", str(src), "--bpw", "3.5", "--calib-seq-len", "512",
                  "--out", str(tmp_path / "q.json")]) == 2
     assert "position limit of 64" in capsys.readouterr().err and not (tmp_path / "q.json").exists()

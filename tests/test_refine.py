@@ -114,10 +114,10 @@ def test_guard_keeps_uniform_when_the_allocation_is_worse(loaded):
                     scorer="deliberately bad")
     probe = make_probe(loaded, settings)
     kept, record = guard(probe, worse, uniform)
-    assert kept.assignment == uniform.assignment and record["kept"] == "uniform"
-    assert record["allocated"]["kl"] > record["uniform"]["kl"]
+    assert kept.assignment == uniform.assignment and record.kept == "uniform" and record.replaced
+    assert record.allocated["kl"] > record.uniform["kl"]
     kept, record = guard(probe, uniform, worse)
-    assert kept.assignment == uniform.assignment and record["kept"] == "allocated"
+    assert kept.assignment == uniform.assignment and record.kept == "allocated" and not record.replaced
 
 
 def test_a_plan_the_guard_replaced_says_so_with_both_measurements(loaded, tiny_dir, tmp_path, monkeypatch, capsys):
@@ -132,11 +132,11 @@ def test_a_plan_the_guard_replaced_says_so_with_both_measurements(loaded, tiny_d
     worse = replace(uniform, assignment={u.name: QuantOption(2, 32) for u in loaded.inventory.units}, scorer="bad")
     kept, record = guard(make_probe(loaded, settings), worse, uniform)
     notice = guard_notice(record, "bad")
-    a, u = record["allocated"]["kl"], record["uniform"]["kl"]
+    a, u = record.allocated["kl"], record.uniform["kl"]
     assert notice.startswith("the guard measured the bad allocation worse than the uniform plan")
     assert f"kl {a:.4f} vs {u:.4f}" in notice and f"{settings.refine.windows} x {settings.refine.seq_len}" in notice
     assert "--scorer taylor" in notice and "--recipe quality" in notice and "--no-guard" in notice
-    assert guard_notice({**record, "kept": "allocated"}, "bad") is None
+    assert guard_notice(replace(record, kept="allocated"), "bad") is None and guard_notice(None, "bad") is None
     assert "--scorer taylor" not in guard_notice(record, "taylor")  # already used
     assert "--recipe quality" not in guard_notice(record, "kl")
 
@@ -144,7 +144,7 @@ def test_a_plan_the_guard_replaced_says_so_with_both_measurements(loaded, tiny_d
 
     def always_uniform(probe, allocated, uni, objective="kl"):
         _, rec = real(probe, allocated, uni, objective)
-        return replace(uni, scorer=f"{allocated.scorer} (guard: uniform kept)"), {**rec, "kept": "uniform"}
+        return replace(uni, scorer=f"{allocated.scorer} (guard: uniform kept)"), replace(rec, kept="uniform")
 
     monkeypatch.setattr(refine_module, "guard", always_uniform)
     capsys.readouterr()
@@ -155,7 +155,7 @@ def test_a_plan_the_guard_replaced_says_so_with_both_measurements(loaded, tiny_d
 def test_plans_come_back_guarded_and_refined_through_the_api(loaded, tmp_path):
     p = api.plan(settings=_settings(3.25), loaded=loaded, out=str(tmp_path / "plan.json"), progress=False)
     assert p.sizes(loaded.inventory).quantized_bpw <= 3.25
-    assert "refinement" in p.provenance and "guard" in p.provenance
+    assert p.provenance.refinement is not None and p.provenance.guard is not None
     from bitalloc.plan import Plan
 
     assert Plan.load(str(tmp_path / "plan.json")) == p
@@ -163,7 +163,7 @@ def test_plans_come_back_guarded_and_refined_through_the_api(loaded, tmp_path):
 
 def _rounds(plan):
     return [{k: r[k] for k in ("index", "before", "after", "moves", "accepted")}
-            for r in plan.provenance["refinement"]["rounds"]]
+            for r in plan.provenance.refinement["rounds"]]
 
 
 def test_refinement_continued_from_a_plan_file_equals_one_longer_refinement(loaded, tmp_path):
@@ -187,9 +187,11 @@ def test_refine_from_refuses_a_plan_over_the_budget_or_off_the_menu(loaded, tmp_
     wide = api.plan(settings=replace(_settings(4.5), refine=RefineSettings(rounds=0)), loaded=loaded, progress=False)
     with pytest.raises(BitallocError, match="over this budget"):
         api.plan(settings=_settings(3.25), loaded=loaded, start=wide, progress=False)
-    odd = replace(wide, assignment={**wide.assignment, loaded.inventory.units[0].name: QuantOption(7, 32)})
+    # an edited plan whose recorded budget still holds it (else it is refused as edited: test_bad_inputs)
+    odd = replace(wide, assignment={**wide.assignment, loaded.inventory.units[0].name: QuantOption(7, 32)},
+                  budget=replace(wide.budget, value=8.0))
     with pytest.raises(BitallocError, match="options outside this menu"):
-        api.plan(settings=_settings(4.5), loaded=loaded, start=odd, progress=False)
+        api.plan(settings=_settings(8.0), loaded=loaded, start=odd, progress=False)
 
 
 def test_cli_run_with_refinement_and_recipe_conflicts(tiny_dir, text_file, tmp_path, capsys):
@@ -258,7 +260,8 @@ def test_default_plans_are_never_worse_than_uniform_on_calibration_kl(loaded):
         check.apply(dict(uniform.assignment))
         assert got <= check.measure().kl + 1e-12, bpw
         check.restore()  # the model goes back to its own weights before the next plan measures it
-        assert p.provenance["guard"]["kept"] in ("allocated", "uniform")
+        assert p.provenance.guard.kept in ("allocated", "uniform")
+        assert p.provenance.guard.replaced == (p.only_option() is not None and p.scorer.endswith("kept)"))
 
 
 def test_gptq_refinement_windows_lie_between_gptq_calibration_windows(loaded):

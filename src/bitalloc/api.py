@@ -208,7 +208,7 @@ def plan(model: str | None = None, *, settings: PlanSettings, table_path: str | 
         start_plan(start, loaded.inventory, table, settings)
     result = finish_plan(loaded, first, table, settings, hessians=hessians, progress=_tqdm(progress))
     if ctx.notices:
-        result = replace(result, provenance={**result.provenance, "notices": list(ctx.notices)})
+        result = replace(result, provenance=replace(result.provenance, notices=tuple(ctx.notices)))
     if out:
         result.save(out, loaded.inventory)
     return result
@@ -220,9 +220,8 @@ def _calibration_for(loaded: Loaded, the_plan: Plan, settings: PlanSettings | No
     the plan was made with them, else nothing."""
     s = settings or PlanSettings(the_plan.budget)
     if not quantizer(the_plan.quantizer).calibrated:
-        from bitalloc.quantizers.apply import uses_importance
 
-        return {"importance": ensure_importance(loaded, s, progress)} if uses_importance(the_plan) else {}
+        return {"importance": ensure_importance(loaded, s, progress)} if the_plan.uses_importance else {}
     if the_plan.sequential:
         from bitalloc.calib.grams import calibration_windows
 
@@ -358,7 +357,7 @@ def plan_row(loaded: Loaded, the_plan: Plan, bench: EvalBench, progress: bool, d
     sizes = the_plan.sizes(loaded.inventory)
     return {
         **result.to_dict(),
-        **({"provenance": the_plan.provenance} if the_plan.provenance else {}),
+        **({"provenance": the_plan.provenance.to_dict()} if the_plan.provenance.to_dict() else {}),
         **({"other_texts": other} if other else {}),
         "bpw": sizes.quantized_bpw, "code_bpw": sizes.code_bpw, "model_bpw": sizes.model_bpw,
         "model_mb": sizes.model_bytes / 1e6, "objective": the_plan.objective,
@@ -426,7 +425,7 @@ def run(model: str | None = None, *, settings: PlanSettings, scorers: Sequence[s
         s = replace(settings, budget=replace(settings.budget, value=value))
         uni = uniform_plan(inv, options, s, loaded.source.label, table=tables[scorers[0]])
         entry = {"budget": s.budget.to_dict(),
-                 "uniform": {"option": uni.scorer.split(":", 1)[1],
+                 "uniform": {"option": uni.only_option(),
                              **plan_row(loaded, uni, bench, progress, f"uniform {value:g}")},
                  "allocated": {}}
         for scorer in scorers:

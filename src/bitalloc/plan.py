@@ -4,7 +4,7 @@ model, and the sizes it realises in both bpw measures."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bitalloc.errors import BitallocError, PlanMismatchError
@@ -18,6 +18,85 @@ from bitalloc.solve.problem import Budget, Constraints, Sizes, sizes_of
 
 PLAN_FORMAT = "bitalloc.plan"
 PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ImportanceRecord:
+    """The calibration a plan's importance matrix came from; quantize and
+    export recompute the matrix from it."""
+
+    calib: dict  # CalibSettings.to_dict(): windows, seq_len
+    text: str  # the calibration text's path, or calib.grams.DEFAULT_CALIB_LABEL
+    layout: str  # how windows are taken from the text (calib.grams.CALIB_LAYOUT)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str) -> "ImportanceRecord":
+        calib = need(data, "calib", "object", where)
+        for key in ("windows", "seq_len"):
+            need(calib, key, "int", f"{where}: calib")
+        return cls(calib=dict(calib), text=need(data, "text", "string", where),
+                   layout=need(data, "layout", "string", where, optional=True, default=""))
+
+
+@dataclass(frozen=True)
+class GuardVerdict:
+    """The guard's two measurements on calibration windows and what it kept."""
+
+    objective: str
+    allocated: dict  # the allocation's measurements (objective -> value)
+    uniform: dict  # the uniform plan's of the same size
+    kept: str  # "allocated" or "uniform"
+    windows: int
+    seq_len: int
+
+    @property
+    def replaced(self) -> bool:
+        """Whether the guard returned the uniform plan instead of the allocation."""
+        return self.kept == "uniform"
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str) -> "GuardVerdict":
+        kept = need(data, "kept", "string", where)
+        if kept not in ("allocated", "uniform"):
+            raise BitallocError(f"{where}: 'kept' must be 'allocated' or 'uniform'; it holds {kept!r}.")
+        return cls(objective=need(data, "objective", "string", where), allocated=need(data, "allocated", "object", where),
+                   uniform=need(data, "uniform", "object", where), kept=kept,
+                   windows=need(data, "windows", "int", where), seq_len=need(data, "seq_len", "int", where))
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """How a plan was made beyond its table: the importance matrix's
+    calibration, refinement rounds, the guard's verdict, notices. Written as
+    the plan file's ``provenance`` object; every field optional."""
+
+    importance: ImportanceRecord | None = None
+    refinement: dict | None = None  # RefineSettings.to_dict() + "rounds": [Round.to_dict()]
+    guard: GuardVerdict | None = None
+    notices: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        out: dict = {}
+        if self.importance is not None:
+            out["importance"] = asdict(self.importance)
+        if self.refinement is not None:
+            out["refinement"] = self.refinement
+        if self.guard is not None:
+            out["guard"] = asdict(self.guard)
+        if self.notices:
+            out["notices"] = list(self.notices)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str) -> "Provenance":
+        where = f"{where}: provenance"
+        importance = need(data, "importance", "object", where, optional=True)
+        guard = need(data, "guard", "object", where, optional=True)
+        notices = need(data, "notices", "list", where, optional=True, default=[])
+        return cls(importance=None if importance is None else ImportanceRecord.from_dict(importance, f"{where}.importance"),
+                   refinement=need(data, "refinement", "object", where, optional=True),
+                   guard=None if guard is None else GuardVerdict.from_dict(guard, f"{where}.guard"),
+                   notices=tuple(str(n) for n in notices))
 
 
 @dataclass(frozen=True)
@@ -37,11 +116,23 @@ class Plan:
     sequential: bool = False  # GPTQ only: each layer's Hessians after earlier layers are quantized
     column_bits: dict[str, tuple[int, ...]] = field(default_factory=dict)  # units with a mixed option
     model_content: str = ""  # content hash of the checkpoint the plan was made on (Inventory.content_id)
-    provenance: dict = field(default_factory=dict)  # how it was made beyond the table: refinement rounds, guard
+    provenance: Provenance = field(default_factory=Provenance)  # how it was made beyond the table
 
     def __post_init__(self) -> None:
         if self.quantizer not in QUANTIZERS:
             raise BitallocError(f"The 'quantizer' parameter must be one of {list(QUANTIZERS)}. Got {self.quantizer!r} instead.")
+
+    @property
+    def uses_importance(self) -> bool:
+        """Whether the plan was made with the importance matrix: RTN scales by
+        the weighted search, GGUF types by ggml with the imatrix (older plans
+        and --no-imatrix: no)."""
+        return self.provenance.importance is not None
+
+    def only_option(self) -> str | None:
+        """The option's name when every unit has the same one (a uniform plan), else None."""
+        names = {o.name for o in self.assignment.values()}
+        return names.pop() if len(names) == 1 else None
 
     def sizes(self, inventory: Inventory) -> Sizes:
         return sizes_of(inventory, self.assignment, keep_bits=self.keep_bits, allow_ragged=self.allow_ragged)
@@ -113,8 +204,8 @@ class Plan:
                 "quantized_bpw: stored bits (codes + fp16 scales + fp16 zeros) of the quantized units / their "
                 "weights; code_bpw: codes only; model_bpw: whole model with kept tensors at keep_bits, tied once"
             )
-        if self.provenance:
-            data["provenance"] = self.provenance
+        if self.provenance.to_dict():
+            data["provenance"] = self.provenance.to_dict()
         data["units"] = units
         if self.column_bits:
             data["column_bits"] = {name: list(bits) for name, bits in self.column_bits.items()}
@@ -161,7 +252,7 @@ class Plan:
             sequential=need(data, "sequential", "bool", where, optional=True, default=False),
             column_bits={name: tuple(b) for name, b in column_bits.items()},
             model_content=need(model, "content", "string", f"{where}: model", optional=True, default=""),
-            provenance=need(data, "provenance", "object", where, optional=True, default={}),
+            provenance=Provenance.from_dict(need(data, "provenance", "object", where, optional=True, default={}), where),
         )
 
     def save(self, path: str, inventory: Inventory | None = None) -> None:

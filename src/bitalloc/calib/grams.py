@@ -19,6 +19,7 @@ from bitalloc.evaluate import EvalSettings, spread_windows
 from bitalloc.evaluate.text import Text, cache_dir, text_digest
 from bitalloc.fileio import write_atomic
 from bitalloc.model.units import Inventory
+from bitalloc.plan import ImportanceRecord, Provenance
 
 CALIB_LAYOUT = "spread"  # calibration windows spread over the text (cache keys and plan records name it)
 
@@ -328,11 +329,11 @@ def _valid_importance(vectors: dict[str, torch.Tensor], inventory: Inventory) ->
 DEFAULT_CALIB_LABEL = "default calibration half"  # a plan's record of the default calibration text
 
 
-def importance_record(settings) -> dict:
+def importance_record(settings) -> Provenance:
     """A plan's record of the importance matrix it was made with (``settings``
     a PlanSettings): the calibration it comes from, which quantize and export
     recompute it from; empty with --no-imatrix."""
     if not settings.menu.imatrix:
-        return {}
-    return {"importance": {"calib": settings.calib.to_dict(), "text": settings.calib_text or DEFAULT_CALIB_LABEL,
-                           "layout": CALIB_LAYOUT}}
+        return Provenance()
+    return Provenance(importance=ImportanceRecord(settings.calib.to_dict(), settings.calib_text or DEFAULT_CALIB_LABEL,
+                                                  CALIB_LAYOUT))

@@ -41,12 +41,11 @@ def run(args) -> None:
     from bitalloc.fileio import check_output_file
     from bitalloc.model.loading import resolve_source
     from bitalloc.plan import Plan
-    from bitalloc.quantizers.apply import uses_importance
 
     plan = Plan.load(args.plan)
     check_plan_types(plan, args.plan)
     source_gguf(resolve_source(args.model))
-    calibrated = uses_importance(plan)
+    calibrated = plan.uses_importance
     calib = given_flags(args, CALIB_FLAGS + (("--imatrix", "imatrix"),))
     if calib and not calibrated:
         raise BitallocError(f"{calib[0]} would be ignored: the plan {args.plan!r} was made without an importance "

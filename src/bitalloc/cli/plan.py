@@ -90,8 +90,8 @@ def run(args) -> None:
     result = api.plan(settings=settings, table=table_file, save_table=args.save_table, out=args.out,
                       progress=not args.quiet, loaded=loaded, start=start)
     sizes = result.sizes(api.with_plan_units(loaded, result).inventory)
-    notices(result.provenance.get("notices", ()))
-    notices(n for n in [guard_notice(result.provenance.get("guard", {}), settings.scorer)] if n)
+    notices(result.provenance.notices)
+    notices(n for n in [guard_notice(result.provenance.guard, settings.scorer)] if n)
     counts: dict[str, int] = {}
     for opt in result.assignment.values():
         counts[opt.name] = counts.get(opt.name, 0) + 1

@@ -35,11 +35,11 @@ def run(args) -> None:
     from bitalloc.calib.grams import CalibSettings
     from bitalloc.fileio import check_output_dir
     from bitalloc.plan import Plan
-    from bitalloc.quantizers.apply import MANIFEST, SAVED_FORMAT, uses_importance
+    from bitalloc.quantizers.apply import MANIFEST, SAVED_FORMAT
 
     plan = Plan.load(args.plan)
     calib = given_flags(args, CALIB_FLAGS)
-    calibrated = quantizer(plan.quantizer).calibrated or uses_importance(plan)
+    calibrated = quantizer(plan.quantizer).calibrated or plan.uses_importance
     if calib and not calibrated:
         raise BitallocError(f"{calib[0]} would be ignored: the plan {args.plan!r} quantizes by RTN without an "
                             "importance matrix (it was made with --no-imatrix), which uses no calibration text.")

@@ -66,13 +66,13 @@ def recorded_calibration(args, plan) -> None:
     importance matrix without the flags being typed again."""
     from bitalloc.calib.grams import DEFAULT_CALIB_LABEL
 
-    recorded = plan.provenance.get("importance")
-    if not isinstance(recorded, dict) or not isinstance(recorded.get("calib"), dict):
+    recorded = plan.provenance.importance
+    if recorded is None:
         return
-    args.calib_windows = recorded["calib"].get("windows")
-    args.calib_seq_len = recorded["calib"].get("seq_len")
-    if recorded.get("text") not in (None, DEFAULT_CALIB_LABEL):
-        args.calib_text = recorded["text"]
+    args.calib_windows = recorded.calib["windows"]
+    args.calib_seq_len = recorded.calib["seq_len"]
+    if recorded.text != DEFAULT_CALIB_LABEL:
+        args.calib_text = recorded.text
 
 
 def eval_settings(args):

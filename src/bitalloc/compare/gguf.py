@@ -156,7 +156,7 @@ def _plan_row(loaded: api.Loaded, table, settings: api.PlanSettings, probe, sour
     info = write_gguf(source, out, types, importance={names[n]: vectors[names[n]] for n, o in plan.assignment.items()
                                                       if o.uses_importance and names[n] in vectors})
     return {"method": f"bitalloc {plan.scorer}", "file": out, "tensor_bytes": info["tensor_data_bytes"],
-            "plan_seconds": time.perf_counter() - t1, "types": _type_counts(types), "provenance": plan.provenance}
+            "plan_seconds": time.perf_counter() - t1, "types": _type_counts(types), "provenance": plan.provenance.to_dict()}
 
 
 def _type_counts(types: dict[str, str]) -> dict[str, int]:

@@ -69,9 +69,8 @@ def export_gguf(plan_path: str, out: str, *, model: str | None = None, settings=
     source = source_gguf(loaded.source)
     names = gguf_names(loaded.inventory, loaded.model.config.num_hidden_layers, _arch(source))
     settings = settings or api.PlanSettings(the_plan.budget)
-    from bitalloc.quantizers.apply import uses_importance
 
-    importance = api.ensure_importance(loaded, settings, progress) if uses_importance(the_plan) else {}
+    importance = api.ensure_importance(loaded, settings, progress) if the_plan.uses_importance else {}
     types = {names[n]: o.name for n, o in the_plan.assignment.items()}
     vectors = {names[n]: v.numpy() for n, v in importance.items()
                if n in the_plan.assignment and the_plan.assignment[n].uses_importance}

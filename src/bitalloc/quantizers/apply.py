@@ -49,7 +49,7 @@ def quantize_model(model, inventory: Inventory, plan: Plan, *, hessians: dict[st
     after the layers before it are quantized. A unit planned at a GGUF type
     is quantized by ggml, weighing errors by ``importance[unit]`` (in,)."""
     plan.check_model(inventory)
-    importance = (importance or {}) if uses_importance(plan) else {}
+    importance = (importance or {}) if plan.uses_importance else {}
 
     def quantize_unit(model, unit: Unit, plan: Plan, H: torch.Tensor | None):
         return _quantize_unit(model, unit, plan, H, importance.get(unit.name))
@@ -87,13 +87,6 @@ def quantize_model(model, inventory: Inventory, plan: Plan, *, hessians: dict[st
     return stored
 
 
-def uses_importance(plan: Plan) -> bool:
-    """Whether the plan was made with the importance matrix (its provenance
-    says from which calibration text): RTN scales by the weighted search,
-    GGUF types by ggml with the imatrix. Older plans and --no-imatrix: no."""
-    return "importance" in plan.provenance
-
-
 def dequantized(stored) -> torch.Tensor:
     """Float32 (out, in) weight from any stored form (integer codes or ggml bytes)."""
     if isinstance(stored, QuantizedWeight):
@@ -114,7 +107,7 @@ def _quantize_unit(model, unit: Unit, plan: Plan, H: torch.Tensor | None, import
     if not opt.is_affine:  # a GGUF type: ggml's quantizer
         return opt.quantize(W, importance if opt.uses_importance else None)
     return quantizer(plan.quantizer).store(W, opt, H=H, act_order=plan.act_order, allow_ragged=plan.allow_ragged,
-                                           column_bits=bits, importance=importance, search=uses_importance(plan))
+                                           column_bits=bits, importance=importance, search=plan.uses_importance)
 
 
 class _StopForward(Exception):

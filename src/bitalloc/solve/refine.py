@@ -25,7 +25,7 @@ import numpy as np
 from bitalloc.errors import BitallocError
 from bitalloc.evaluate.probe import CalibrationProbe, Measure
 from bitalloc.formats.affine import QuantOption
-from bitalloc.plan import Plan
+from bitalloc.plan import GuardVerdict, Plan
 from bitalloc.quantizers import quantizer
 from bitalloc.solve.problem import Problem
 from bitalloc.solve.solvers import solve_ilp
@@ -161,7 +161,7 @@ def _candidate_moves(problem: Problem, choice: np.ndarray, candidates: int) -> l
 
 
 def guard(probe: CalibrationProbe, allocated: Plan, uniform: Plan,
-          objective: str = "kl") -> tuple[Plan, dict]:
+          objective: str = "kl") -> tuple[Plan, GuardVerdict]:
     """The allocated plan, or the uniform plan of the same size when the
     allocation measures worse on the calibration windows."""
     measures: dict[str, Measure] = {}
@@ -170,28 +170,27 @@ def guard(probe: CalibrationProbe, allocated: Plan, uniform: Plan,
         measures[name] = probe.measure()
     probe.restore()
     worse = measures["allocated"].value(objective) > measures["uniform"].value(objective)
-    record = {"objective": objective, "allocated": asdict(measures["allocated"]), "uniform": asdict(measures["uniform"]),
-              "kept": "uniform" if worse else "allocated", "windows": int(probe.windows.shape[0]),
-              "seq_len": int(probe.windows.shape[1])}
+    record = GuardVerdict(objective, asdict(measures["allocated"]), asdict(measures["uniform"]),
+                          "uniform" if worse else "allocated", int(probe.windows.shape[0]), int(probe.windows.shape[1]))
     if worse:
-        kept = replace(uniform, scorer=f"{allocated.scorer} (guard: uniform {uniform.scorer.split(':', 1)[-1]} kept)")
+        kept = replace(uniform, scorer=f"{allocated.scorer} (guard: uniform {uniform.only_option()} kept)")
         return kept, record
     return allocated, record
 
 
-def guard_notice(record: dict, table: str) -> str | None:
+def guard_notice(record: GuardVerdict | None, table: str) -> str | None:
     """What to tell a user whose ``table`` allocation the guard replaced by
     the uniform plan (None when the allocation was kept, or no guard ran):
     both measurements, and where a better allocation may come from."""
-    if record.get("kept") != "uniform":
+    if record is None or not record.replaced:
         return None
-    objective = record["objective"]
+    objective = record.objective
     ways = [w for w, used in (("--scorer taylor (needs a backward pass through the model)", table.startswith("taylor")),
                               ("--recipe quality (measured tables, refinement and GPTQ; much slower)",
                                table.startswith("kl"))) if not used]
     return (f"the guard measured the {table} allocation worse than the uniform plan of the same size on "
-            f"{record['windows']} x {record['seq_len']} calibration tokens ({objective} "
-            f"{record['allocated'][objective]:.4f} vs {record['uniform'][objective]:.4f}) and returned the uniform "
+            f"{record.windows} x {record.seq_len} calibration tokens ({objective} "
+            f"{record.allocated[objective]:.4f} vs {record.uniform[objective]:.4f}) and returned the uniform "
             "plan. " + (f"A stronger table may beat it: {' or '.join(ways)}. " if ways else "")
             + "--no-guard returns the allocation anyway.")
 
@@ -285,7 +284,7 @@ def finish_plan(loaded, table_plan: Plan, table, settings, *, probe: Calibration
     if any(o.mixed for o in table.options) and refining:
         raise BitallocError("Refinement measures plain options only; use it with a scorer other than salience/baq.")
     probe = probe or make_probe(loaded, settings, hessians)
-    plan, provenance = table_plan, dict(table_plan.provenance)
+    plan, provenance = table_plan, table_plan.provenance
     try:
         if refining:
             inv = loaded.inventory
@@ -295,16 +294,16 @@ def finish_plan(loaded, table_plan: Plan, table, settings, *, probe: Calibration
                                     settings.refine, progress=progress)
             assignment = {inv.units[i].name: problem.options[int(choice[g])]
                           for g, members in enumerate(problem.groups) for i in members}
-            earlier = provenance.get("refinement", {}).get("rounds", [])  # a plan continued with --refine-from
+            earlier = (provenance.refinement or {}).get("rounds", [])  # a plan continued with --refine-from
             rounds = [{**r.to_dict(), "index": len(earlier) + r.index} for r in rounds]
-            provenance["refinement"] = {**settings.refine.to_dict(), "rounds": earlier + rounds}
+            provenance = replace(provenance, refinement={**settings.refine.to_dict(), "rounds": earlier + rounds})
             scorer = plan.scorer if plan.scorer.endswith("+refined") else f"{plan.scorer}+refined"
             plan = replace(plan, assignment=assignment, scorer=scorer, provenance=provenance)
         if settings.guard and not any(o.mixed for o in plan.assignment.values()):
             uniform = _guard_uniform(loaded, table, settings, plan.model_label)
             if uniform is not None:
                 plan, record = guard(probe, plan, uniform, settings.refine.objective)
-                plan = replace(plan, provenance={**provenance, "guard": record})
+                plan = replace(plan, provenance=replace(provenance, guard=record))
     finally:
         probe.restore()
     return plan
