@@ -29,7 +29,7 @@ from torch import nn
 
 from bitalloc.evaluate import EvalSettings, spread_windows, token_windows
 from bitalloc.formats.affine import QuantOption
-from bitalloc.model.units import Inventory, Unit, get_weight, layer_index, set_weight
+from bitalloc.model.units import Inventory, Unit, get_weight, group_by_block, layer_index, set_weight
 
 # (unit, its original (out, in) weight, option) -> dequantized (out, in) weight
 QuantizeWeight = Callable[[Unit, torch.Tensor, QuantOption], torch.Tensor]
@@ -187,14 +187,9 @@ class CalibrationProbe:
 def _block_stack(model: nn.Module, inventory: Inventory) -> tuple[nn.Module, nn.ModuleList, str] | None:
     """(parent module, its ModuleList of decoder blocks, attribute name), from
     the unit names ``<stack>.<i>.<rest>``; None when there is no one stack."""
-    stacks = set()
-    for u in inventory.units:
-        i = layer_index(u.name)
-        if i is not None:
-            stacks.add(u.name.split(f".{i}.")[0])
-    if len(stacks) != 1:
+    name = group_by_block(inventory.units).stack
+    if name is None:
         return None
-    name = stacks.pop()
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     blocks = getattr(parent, attr, None)

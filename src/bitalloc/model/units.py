@@ -246,6 +246,49 @@ def layer_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+@dataclass(frozen=True)
+class BlockGroups:
+    """Units grouped by the numbered block they live in (``<stack>.<i>.<rest>``,
+    e.g. ``model.layers.3.mlp.up_proj``): what sequential GPTQ, the per-layer
+    quantize pass and the calibration probes walk."""
+
+    by_block: dict[int, list[Unit]]
+    outside: list[Unit]  # units in no numbered block (token embedding, lm_head)
+    stacks: frozenset[str]  # the numbered stacks' module names, e.g. {"model.layers"}
+
+    @property
+    def stack(self) -> str | None:
+        """The one stack's name; None when there are none or several."""
+        return next(iter(self.stacks)) if len(self.stacks) == 1 else None
+
+    def block_name(self, index: int) -> str:
+        """Module name of block ``index`` of the one stack."""
+        return f"{self.stack}.{index}"
+
+
+def group_by_block(units) -> BlockGroups:
+    by_block: dict[int, list[Unit]] = {}
+    outside: list[Unit] = []
+    stacks: set[str] = set()
+    for u in units:
+        i = layer_index(u.name)
+        if i is None:
+            outside.append(u)
+            continue
+        stacks.add(u.name.split(f".{i}.")[0])
+        by_block.setdefault(i, []).append(u)
+    return BlockGroups(by_block, outside, frozenset(stacks))
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early (its work is done)."""
+
+
+def stop_forward(*_args) -> None:
+    """A forward (pre-)hook that ends the pass at the module it is registered on."""
+    raise StopForward
+
+
 def llama_cpp_promotes(layer: int, n_layers: int) -> bool:
     """Q4_K_M's choice of layers for more bits: the first and last eighth of
     the layers and every third layer in between."""

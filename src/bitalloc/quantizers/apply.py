@@ -23,7 +23,16 @@ from bitalloc.formats.affine_rtn import (
     pack_weight_codes,
     unpack_weight_codes,
 )
-from bitalloc.model.units import Inventory, Unit, check_finite, get_weight, set_weight
+from bitalloc.model.units import (
+    Inventory,
+    StopForward,
+    Unit,
+    check_finite,
+    get_weight,
+    group_by_block,
+    set_weight,
+    stop_forward,
+)
 from bitalloc.plan import Plan
 from bitalloc.quantizers import quantizer
 from bitalloc.schema import check_header, need
@@ -110,26 +119,16 @@ def _quantize_unit(model, unit: Unit, plan: Plan, H: torch.Tensor | None, import
                                            column_bits=bits, importance=importance, search=plan.uses_importance)
 
 
-class _StopForward(Exception):
-    pass
-
-
-def _raise_stop(*_args) -> None:
-    raise _StopForward
-
-
 def _quantize_sequential(model, inventory: Inventory, plan: Plan, windows: torch.Tensor, quantize_unit: Callable,
                          progress: Callable | None) -> dict[str, QuantizedWeight]:
     """Layer by layer: Gram matrices of this layer's inputs from the model with
     every earlier layer already quantized (the forward stops after this
     layer), then GPTQ on this layer's units. Units outside numbered layers go last."""
     from bitalloc.calib.grams import UnitGrams
-    from bitalloc.model.units import layer_index
 
-    by_layer: dict[int | None, list[Unit]] = {}
-    for u in inventory.units:
-        by_layer.setdefault(layer_index(u.name), []).append(u)
-    order = sorted(k for k in by_layer if k is not None) + ([None] if None in by_layer else [])
+    groups = group_by_block(inventory.units)
+    by_layer: dict[int | None, list[Unit]] = {**groups.by_block, **({None: groups.outside} if groups.outside else {})}
+    order = sorted(groups.by_block) + ([None] if groups.outside else [])
     stored: dict[str, QuantizedWeight] = {}
     for layer in progress(order, desc="quantizing (sequential GPTQ)", unit="layer") if progress else order:
         units = by_layer[layer]
@@ -137,13 +136,13 @@ def _quantize_sequential(model, inventory: Inventory, plan: Plan, windows: torch
         block = None
         if layer is not None:
             block = model.get_submodule(units[0].name.split(f".{layer}.")[0] + f".{layer}")
-        stop = block.register_forward_hook(_raise_stop) if block is not None else None
+        stop = block.register_forward_hook(stop_forward) if block is not None else None
         try:
             with torch.no_grad():
                 for row in windows:
                     try:
                         model(row[None, :])
-                    except _StopForward:
+                    except StopForward:
                         pass
         finally:
             acc.remove()

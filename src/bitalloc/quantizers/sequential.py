@@ -37,7 +37,7 @@ from torch import nn
 from bitalloc.calib.grams import UnitGrams
 from bitalloc.errors import BitallocError
 from bitalloc.formats.affine_rtn import QuantizedWeight, dequantize
-from bitalloc.model.units import Inventory, Unit, layer_index, set_weight
+from bitalloc.model.units import Inventory, StopForward, Unit, group_by_block, set_weight, stop_forward
 from bitalloc.plan import Plan
 
 # (model, unit, plan, H (in, in)) -> stored weight; bitalloc.quantizers.apply._quantize_unit
@@ -46,10 +46,6 @@ QuantizeUnit = Callable[[nn.Module, Unit, Plan, torch.Tensor], QuantizedWeight]
 
 class LayerCaptureError(BitallocError):
     """The model's decoder blocks cannot be run one by one on captured inputs."""
-
-
-class _StopForward(Exception):
-    """Raised at block 0 while capturing: nothing after it needs to run."""
 
 
 @dataclass
@@ -79,22 +75,14 @@ class BlockInputs:
 
 def layer_stack(model: nn.Module, units: tuple[Unit, ...]) -> LayerStack:
     """Group the units by numbered block and find the blocks' ModuleList."""
-    by_block: dict[int, list[Unit]] = {}
-    outside: list[Unit] = []
-    stacks: set[str] = set()
-    for u in units:
-        i = layer_index(u.name)
-        if i is None:
-            outside.append(u)
-            continue
-        stacks.add(u.name.split(f".{i}.")[0])
-        by_block.setdefault(i, []).append(u)
+    groups = group_by_block(units)
+    by_block, outside = groups.by_block, groups.outside
     if not by_block:
         return LayerStack("", nn.ModuleList(), {}, outside)
-    if len(stacks) > 1:
-        raise LayerCaptureError(f"Units lie in more than one stack of numbered blocks ({sorted(stacks)}); "
+    if groups.stack is None:
+        raise LayerCaptureError(f"Units lie in more than one stack of numbered blocks ({sorted(groups.stacks)}); "
                                 "one-pass sequential GPTQ follows a single stack.")
-    name = stacks.pop()
+    name = groups.stack
     blocks = model.get_submodule(name)
     if not isinstance(blocks, nn.ModuleList) or max(by_block) >= len(blocks):
         raise LayerCaptureError(f"{name!r} is not a list of blocks holding units up to block {max(by_block)}.")
@@ -197,7 +185,7 @@ def capture_block_inputs(model: nn.Module, stack: LayerStack, windows: torch.Ten
         inputs.hidden.append(hidden)  # (1, seq, hidden)
         inputs.args.append(rest)
         inputs.kwargs.append(kw)
-        raise _StopForward
+        raise StopForward
 
     rows = progress(list(windows), desc="capturing block inputs", unit="window") if progress else windows
     handle = stack.blocks[0].register_forward_pre_hook(record, with_kwargs=True)
@@ -205,7 +193,7 @@ def capture_block_inputs(model: nn.Module, stack: LayerStack, windows: torch.Ten
         for row in rows:
             try:
                 model(row[None, :], use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
     finally:
         handle.remove()
@@ -230,8 +218,6 @@ def _last_input_module(model: nn.Module, units: list[Unit], run_first: Callable[
     return model.get_submodule(calls[-1]) if once else None
 
 
-def _stop(_module, _args):
-    raise _StopForward
 
 
 @torch.no_grad()
@@ -243,11 +229,11 @@ def block_hessians(model: nn.Module, block: nn.Module, units: list[Unit], inputs
     handle = None
     try:
         last = _last_input_module(model, units, lambda: inputs.run(block, 0)) if inputs.hidden else None
-        handle = last.register_forward_pre_hook(_stop) if last is not None else None
+        handle = last.register_forward_pre_hook(stop_forward) if last is not None else None
         for i in range(1, len(inputs.hidden)):
             try:
                 inputs.run(block, i)
-            except _StopForward:
+            except StopForward:
                 pass
     finally:
         acc.remove()
