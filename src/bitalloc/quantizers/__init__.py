@@ -64,6 +64,25 @@ def quantizer(name: str) -> Quantizer:
         raise BitallocError(f"Unknown quantizer {name!r}; choose from {', '.join(QUANTIZERS)}.") from None
 
 
+def stored_weight(name: str, W, option, *, H=None, importance=None, search: bool = False, act_order: bool = False,
+                  allow_ragged: bool = False, damp: float = 0.01):
+    """W after a round trip through storage, as quantizer ``name`` stores it
+    at ``option``: a calibrated quantizer given the unit's Gram ``H`` (GPTQ,
+    scales searched by diag(H) when ``search``); otherwise rounded to nearest
+    in any format (ggml for a GGUF type), weighing errors by ``importance``
+    (in,) where the format uses one. What the probes, refinement and the
+    guard measure a candidate weight by."""
+    q = quantizer(name)
+    if q.calibrated and H is not None and option.is_affine:
+        from bitalloc.formats.affine_rtn import dequantize
+
+        return dequantize(q.store(W, option, H=H, damp=damp, act_order=act_order, allow_ragged=allow_ragged,
+                                  search=search))
+    from bitalloc.formats.affine_rtn import fake_quantize
+
+    return fake_quantize(W, option, allow_ragged=allow_ragged, importance=importance)
+
+
 def any_calibrated(names: Iterable[str] | None) -> bool:
     """Whether any of ``names`` needs calibration Grams."""
     return any(quantizer(n).calibrated for n in names or ())

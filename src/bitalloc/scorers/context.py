@@ -23,6 +23,7 @@ from bitalloc.formats.affine import QuantOption
 from bitalloc.formats.affine_rtn import SCALE_SEARCH_VERSION, fake_quantize
 from bitalloc.model.units import check_finite, get_weight, unit_view
 from bitalloc.quantizers import quantizer as _quantizer
+from bitalloc.quantizers import stored_weight
 from bitalloc.quantizers.gptq import inverse_hessian_factor
 from bitalloc.table import ErrorTable
 
@@ -73,13 +74,9 @@ class ScoringContext:
         imp = self.importance_of(unit, option)
         if imp is _MISSING or not fits(W.shape, option, allow_ragged=True):
             raise GroupSizeError(f"{option.name} cannot store {unit.name}.")
-        q = _quantizer(self.quantizer)
-        if q.calibrated and unit.name in self.hessians:
-            from bitalloc.formats.affine_rtn import dequantize
-
-            return dequantize(q.store(W, option, H=self.hessians[unit.name], damp=self.settings.damp,
-                                      act_order=self.act_order, allow_ragged=True, search=bool(self.importance)))
-        return fake_quantize(W, option, allow_ragged=True, importance=imp)
+        H = self.hessians.get(unit.name) if _quantizer(self.quantizer).calibrated else None
+        return stored_weight(self.quantizer, W, option, H=H, importance=imp, search=bool(self.importance),
+                             act_order=self.act_order, allow_ragged=True, damp=self.settings.damp)
 
     def __init__(self, model, tokenizer, inventory, options: Sequence[QuantOption], *, calib_text: str | None = None,
                  calib: CalibSettings = CalibSettings(), settings: ScorerSettings = ScorerSettings(),

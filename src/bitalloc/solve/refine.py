@@ -24,9 +24,8 @@ import numpy as np
 
 from bitalloc.errors import BitallocError
 from bitalloc.evaluate.probe import CalibrationProbe, Measure
-from bitalloc.formats.affine import QuantOption
 from bitalloc.plan import GuardVerdict, Plan
-from bitalloc.quantizers import quantizer
+from bitalloc.quantizers import quantizer, stored_weight
 from bitalloc.solve.problem import Problem
 from bitalloc.solve.solvers import solve_ilp
 
@@ -201,13 +200,6 @@ def assignment_choice(problem: Problem, units: list, plan: Plan) -> np.ndarray:
     return np.array([index[plan.assignment[units[members[0]].name]] for members in problem.groups], dtype=np.int64)
 
 
-def rtn_weight(unit, W, option: QuantOption, *, allow_ragged: bool = False, importance: dict | None = None):
-    """W rounded to ``option`` (a GGUF type: by ggml, with the unit's importance vector)."""
-    from bitalloc.formats.affine_rtn import fake_quantize
-
-    return fake_quantize(W, option, allow_ragged=allow_ragged, importance=(importance or {}).get(unit.name))
-
-
 # ---- orchestration: what api.plan and api.run call --------------------------
 
 def make_probe(loaded, settings, hessians: dict | None = None) -> CalibrationProbe:
@@ -220,21 +212,15 @@ def make_probe(loaded, settings, hessians: dict | None = None) -> CalibrationPro
     from bitalloc.evaluate import EvalSettings
     from bitalloc.evaluate.text import calibration_text
 
-    def gptq_weight(unit, W, option):
-        from bitalloc.formats.affine_rtn import dequantize
-        from bitalloc.quantizers.gptq import gptq_quantize
-
-        H = hessians.get(unit.name)
-        if H is None:  # a token embedding read by lookup: GPTQ without input correlation is RTN
-            return rtn_weight(unit, W, option, allow_ragged=settings.menu.allow_ragged)
-        return dequantize(gptq_quantize(W, H, option, act_order=settings.act_order,
-                                        allow_ragged=settings.menu.allow_ragged, search=settings.menu.imatrix)[0])
-
-    importance = getattr(loaded, "importance", None) if settings.menu.imatrix else None
+    importance = (getattr(loaded, "importance", None) or {}) if settings.menu.imatrix else {}
     calibrated = quantizer(settings.quantizer).calibrated
-    quantize_weight = gptq_weight if calibrated and hessians is not None else (
-        lambda unit, W, option: rtn_weight(unit, W, option, allow_ragged=settings.menu.allow_ragged,
-                                           importance=importance))
+
+    def quantize_weight(unit, W, option):
+        if calibrated and hessians is not None:  # GPTQ; a token embedding read by lookup (no H) is rounded
+            return stored_weight(settings.quantizer, W, option, H=hessians.get(unit.name), search=settings.menu.imatrix,
+                                 act_order=settings.act_order, allow_ragged=settings.menu.allow_ragged)
+        return stored_weight(settings.quantizer, W, option, importance=importance.get(unit.name),
+                             allow_ragged=settings.menu.allow_ragged)
     text = calibration_text(settings.calib_text, settings.text_encoding)
     r = settings.refine
     return CalibrationProbe(loaded.model, loaded.tokenizer, loaded.inventory, text, windows=r.windows,
