@@ -227,7 +227,13 @@ def _calibration_for(loaded: Loaded, the_plan: Plan, settings: PlanSettings | No
 
         text = calibration_text(s.calib_text, s.text_encoding)
         return {"calib_windows": calibration_windows(loaded.tokenizer, text, s.calib)}
-    return {"hessians": scoring_context(loaded, s, options=(), progress=progress).hessians}
+    from bitalloc.calib.state import calibration_state
+
+    if loaded.tokenizer is None:
+        raise BitallocError("GPTQ needs calibration text and a tokenizer; this model was loaded without one.")
+    text = calibration_text(s.calib_text, s.text_encoding)
+    return {"hessians": calibration_state(loaded.model, loaded.inventory, loaded.tokenizer, text, s.calib,
+                                          progress=_tqdm(progress)).hessians}
 
 
 def quantize(model: str | None = None, *, plan_path: str, out: str, progress: bool = True,

@@ -14,14 +14,15 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from bitalloc.calib.grams import CalibSettings, cached_calibration, calibration_windows
+from bitalloc.calib.grams import CalibSettings
+from bitalloc.calib.state import CalibrationState, calibration_gradients, calibration_state
 from bitalloc.errors import BitallocError, GroupSizeError
 from bitalloc.evaluate.text import cache_dir
 from bitalloc.fileio import write_json
 from bitalloc.formats import fits
 from bitalloc.formats.affine import QuantOption
 from bitalloc.formats.affine_rtn import SCALE_SEARCH_VERSION, fake_quantize
-from bitalloc.model.units import check_finite, get_weight, unit_view
+from bitalloc.model.units import check_finite, get_weight
 from bitalloc.quantizers import quantizer as _quantizer
 from bitalloc.quantizers import stored_weight
 from bitalloc.quantizers.gptq import inverse_hessian_factor
@@ -104,25 +105,23 @@ class ScoringContext:
 
     # ---- calibration data -------------------------------------------------
     @cached_property
+    def calibration(self) -> CalibrationState:
+        """The calibration state (Grams, routing), computed once; its notices join the context's."""
+        state = calibration_state(self.model, self.inventory, self.tokenizer, self._need_text(), self.calib,
+                                  progress=self.progress)
+        self.notices.extend(state.notices)
+        return state
+
+    @property
     def hessians(self) -> dict[str, torch.Tensor]:
-        """H per unit; an expert no calibration token reached gets the mean H
-        of the reached experts of its projection (listed in ``notices``)."""
-        H, self._routing = cached_calibration(self.model, self.inventory, self.tokenizer, self._need_text(),
-                                              self.calib, progress=self.progress)
-        filled, missing = fill_unreached_experts(H, [u for u in self.inventory.units if not u.lookup])
-        if missing:
-            self.notices.append(
-                f"{len(missing)} expert slice(s) received no calibration token (e.g. {missing[0]}); their calibrated "
-                "tables and GPTQ use the mean Gram matrix of the reached experts of the same projection. More or "
-                "other calibration text (--calib-text, --calib-windows) would reach them.")
-        return filled
+        """H per unit (unreached experts filled in: ``calib.state``)."""
+        return self.calibration.hessians
 
     @property
     def routing(self) -> dict[str, dict]:
         """Experts module -> tokens seen, tokens routed to each expert and the
         routing-weight mass they carried (from the calibration pass)."""
-        self.hessians  # noqa: B018  (computes both)
-        return self._routing
+        return self.calibration.routing
 
     @cached_property
     def obs_weights(self) -> dict[str, torch.Tensor]:
@@ -136,25 +135,9 @@ class ScoringContext:
     @cached_property
     def gradients(self) -> dict[str, torch.Tensor]:
         """Mean gradient of the calibration NLL w.r.t. each unit's (out, in) weight."""
-        windows = calibration_windows(self.tokenizer, self._need_text(),
-                                      CalibSettings(self.settings.taylor_windows, self.calib.seq_len))
-        params = {u.param for u in self.inventory.units}
-        for name, p in self.model.named_parameters():
-            p.requires_grad_(name in params)
-            p.grad = None
-        rows = self.progress(list(windows), desc="gradients", unit="window") if self.progress else windows
-        for row in rows:
-            loss = self.model(row[None, :], labels=row[None, :]).loss / len(windows)
-            loss.backward()
-        out = {}
-        for u in self.inventory.units:
-            p = self.model.get_parameter(u.param)
-            g = unit_view(p.grad, u)
-            out[u.name] = (g.t() if u.transposed else g).detach().float().clone()
-        for p in self.model.parameters():
-            p.grad = None
-            p.requires_grad_(False)
-        return out
+        return calibration_gradients(self.model, self.inventory, self.tokenizer, self._need_text(),
+                                     CalibSettings(self.settings.taylor_windows, self.calib.seq_len),
+                                     progress=self.progress)
 
     @cached_property
     def probe(self):
@@ -268,24 +251,6 @@ class ScoringContext:
         """Probe KL (mean per token, nats) with one unit's weight replaced, the
         rest of the model as loaded; the weight is put back."""
         return self.probe.measure_weight(self.inventory.units[unit_index], W_new).kl
-
-
-def fill_unreached_experts(H: dict[str, torch.Tensor], units) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """H with every unit present: an expert slice without one gets the mean of
-    the reached slices of the same parameter (identity scaled to the mean
-    diagonal of all of H if none of them was reached)."""
-    missing = [u for u in units if u.name not in H]
-    if not missing:
-        return H, []
-    out = dict(H)
-    for u in missing:
-        peers = [H[v.name] for v in units if (v.param, v.part) == (u.param, u.part) and v.name in H]
-        if peers:
-            out[u.name] = torch.stack(peers).mean(0)
-        else:
-            scale = float(torch.stack([h.diagonal().mean() for h in H.values()]).mean()) if H else 1.0
-            out[u.name] = torch.eye(u.shape[1]) * scale
-    return out, [u.name for u in missing]
 
 
 def importance_digest(importance: dict[str, torch.Tensor]) -> str:
