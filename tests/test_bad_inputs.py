@@ -30,7 +30,7 @@ def test_bad_input_is_refused_in_one_line(case, workspace, monkeypatch):
     monkeypatch.chdir(root)
     if not case.loads:
         monkeypatch.setattr("bitalloc.api.load", _refuse_loading)
-        monkeypatch.setattr("bitalloc.quantizers.apply.load_quantized", _refuse_loading)
+        monkeypatch.setattr("bitalloc.export.native.load_quantized", _refuse_loading)
     before = B.snapshot(root)
     outcome = B.run_case(case, ws)
     lines = outcome.stderr.strip().splitlines()

@@ -13,7 +13,8 @@ from bitalloc.errors import BadWeightsError, BitallocError, GroupSizeError, Infe
 from bitalloc.evaluate import EvalSettings, evaluate, reference_logprobs, token_windows
 from bitalloc.plan import Plan
 from bitalloc.solve.problem import Budget, Constraints
-from bitalloc.quantizers.apply import load_quantized, quantize_model, restored, save_quantized
+from bitalloc.quantizers.apply import quantize_model, restored
+from bitalloc.export.native import load_quantized, save_quantized
 from conftest import tiny_llama
 
 

@@ -110,7 +110,7 @@ def test_plans_and_tables_are_reproducible(work, tmp_path):
 
 @pytest.mark.parametrize("where", ["size", "middle"])
 def test_a_changed_byte_in_a_quantized_folder_is_caught_on_load(work, where, capsys):
-    from bitalloc.quantizers.apply import load_quantized
+    from bitalloc.export.native import load_quantized
 
     out = work["root"] / "q"
     assert quantize(work, 3.5, out) == 0
@@ -130,7 +130,7 @@ def test_a_changed_byte_in_a_quantized_folder_is_caught_on_load(work, where, cap
 KILLER = r"""
 import os, signal, sys
 import bitalloc.fileio as F
-import bitalloc.quantizers.apply as Q
+import bitalloc.export.native as Q
 from bitalloc.cli import main
 
 stage = sys.argv[1]
@@ -172,7 +172,7 @@ def test_kill_9_during_a_save_keeps_an_intact_output_and_the_next_run_cleans_up(
     leftovers = [p for p in work["root"].iterdir() if TMP_TAG in p.name or OLD_TAG in p.name]
     if stage == "after-swap":
         assert tree(out) != old and leftovers  # the new output is whole; the old one awaits deletion
-        from bitalloc.quantizers.apply import read_manifest
+        from bitalloc.export.native import read_manifest
 
         read_manifest(str(out))
     elif stage == "between-renames":

@@ -31,7 +31,7 @@ def run(args) -> None:
     check_report_path(args)
     reference = None if args.reference is None else ("" if args.reference == "default" else args.reference)
     if args.quantized:
-        from bitalloc.quantizers.apply import read_manifest
+        from bitalloc.export.native import read_manifest
 
         read_manifest(args.quantized)  # damaged or incomplete folders fail here, before any loading
     if args.gguf and not str(args.gguf).endswith(".gguf"):

@@ -33,9 +33,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args) -> None:
     from bitalloc import api
     from bitalloc.calib.grams import CalibSettings
+    from bitalloc.export.native import MANIFEST, SAVED_FORMAT
     from bitalloc.fileio import check_output_dir
     from bitalloc.plan import Plan
-    from bitalloc.quantizers.apply import MANIFEST, SAVED_FORMAT
 
     plan = Plan.load(args.plan)
     calib = given_flags(args, CALIB_FLAGS)
