@@ -31,7 +31,7 @@ from bitalloc.model.loading import ModelSource, load_model, resolve_source
 from bitalloc.model.units import Inventory, find_units
 from bitalloc.plan import Plan
 from bitalloc.quantizers import quantizer
-from bitalloc.scorers import ScorerSettings, ScoringContext, check_scorer, score
+from bitalloc.scorers import SCORERS, ScorerSettings, ScoringContext, check_scorer, score
 from bitalloc.solve.baselines import llama_rule_plan, uniform_plan  # noqa: F401  (public API)
 from bitalloc.solve.problem import Budget, Constraints, build_problem
 from bitalloc.solve.refine import RefineSettings, finish_plan, make_probe, start_plan
@@ -68,10 +68,10 @@ class PlanSettings:
     def __post_init__(self) -> None:
         check_scorer(self.scorer)
         quantizer(self.quantizer)  # a known name
-        if self.menu.format == "gguf" and not quantizer(self.quantizer).gguf:
+        if self.menu.gguf and not quantizer(self.quantizer).gguf:
             raise BitallocError("GGUF types are quantized by ggml's own quantizers (with the importance matrix), "
                                 "not by GPTQ; drop --quantizer gptq or use the integer menu.")
-        if self.menu.format == "gguf" and self.scorer in ("salience", "baq"):
+        if self.menu.gguf and SCORERS[self.scorer].mixes_bits:
             raise BitallocError(f"The {self.scorer} scorer mixes bit-widths inside a tensor, which GGUF types cannot "
                                 "store; choose another scorer with --format gguf.")
 
@@ -239,7 +239,8 @@ def _calibration_for(loaded: Loaded, the_plan: Plan, settings: PlanSettings | No
 def quantize(model: str | None = None, *, plan_path: str, out: str, progress: bool = True,
              loaded: Loaded | None = None, settings: PlanSettings | None = None) -> dict:
     """Quantize per a plan file (RTN or GPTQ, as the plan says) and save."""
-    from bitalloc.quantizers.apply import quantize_model, save_quantized
+    from bitalloc.export.native import save_quantized
+    from bitalloc.quantizers.apply import quantize_model
 
     loaded = loaded or load(model)
     the_plan = Plan.load(plan_path)
@@ -279,7 +280,7 @@ def evaluate(model: str | None = None, *, quantized: str | None = None, referenc
              encoding: str = "utf-8") -> dict:
     """Perplexity of a model or a quantized folder; with ``reference_model``,
     also KL and top-1 agreement against it."""
-    from bitalloc.quantizers.apply import load_quantized
+    from bitalloc.export.native import load_quantized
 
     text, label = eval_text(text_path, encoding)
     if quantized:

@@ -60,7 +60,6 @@ def run(args) -> None:
     check_output_dir(args.out, "compare.json", "bitalloc.report", flag="--out", overwrite=args.overwrite,
                      own=frozenset({"compare.md", "compare.png", "gguf"}))
     if gguf:
-        from bitalloc.compare.gguf import _run_gguf
 
         return _run_gguf(args)
     settings = CompareSettings(tuple(args.budgets), _scorers_of(args), tuple(args.quantizer), eval_settings(args))

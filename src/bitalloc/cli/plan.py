@@ -9,7 +9,9 @@ from bitalloc.cli.checks import INT_MENU_FLAGS, _given, given_flags, prepare_pla
 from bitalloc.cli.options import MODEL_HELP, budget_args, menu_args
 from bitalloc.cli.settings import notices, plan_settings, write_report
 from bitalloc.errors import BitallocError
+from bitalloc.plan import GuardVerdict
 from bitalloc.quantizers import any_calibrated
+from bitalloc.scorers import stronger_than
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -47,7 +49,6 @@ def run(args) -> None:
     from bitalloc import api
     from bitalloc.compare.report import table
     from bitalloc.fileio import check_output_file
-    from bitalloc.solve.refine import guard_notice
 
     if args.dry_run and (args.out or args.table or args.save_table):
         raise BitallocError("--dry-run writes nothing; --out, --table and --save-table would be ignored. Drop them "
@@ -128,3 +129,18 @@ def _dry_run(loaded, settings, args) -> None:
           f"{'feasible' if ok else 'INFEASIBLE'} (before --allow/--min-bits/--max-bits/--tie constraints)")
     write_report(args.json, {"options": [dict(zip(["option", "bpw", "model_bpw", "mb"], r)) for r in rows],
                              "feasible": [lo, hi], "budget": settings.budget.to_dict()})
+
+
+def guard_notice(record: GuardVerdict | None, table: str) -> str | None:
+    """What to tell a user whose ``table`` allocation the guard replaced by
+    the uniform plan (None when the allocation was kept, or no guard ran):
+    both measurements, and where a better allocation may come from."""
+    if record is None or not record.replaced:
+        return None
+    objective = record.objective
+    ways = stronger_than(table)
+    return (f"the guard measured the {table} allocation worse than the uniform plan of the same size on "
+            f"{record.windows} x {record.seq_len} calibration tokens ({objective} "
+            f"{record.allocated[objective]:.4f} vs {record.uniform[objective]:.4f}) and returned the uniform "
+            "plan. " + (f"A stronger table may beat it: {' or '.join(ways)}. " if ways else "")
+            + "--no-guard returns the allocation anyway.")

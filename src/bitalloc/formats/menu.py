@@ -41,6 +41,11 @@ class MenuSettings:
             raise BitallocError("--keep-type pins the embedding and output units; they are units only with "
                                 "--embeddings (the default of --format gguf).")
 
+    @property
+    def gguf(self) -> bool:
+        """Whether the menu is llama.cpp's GGUF types (else integer affine options)."""
+        return self.format == "gguf"
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -70,7 +75,7 @@ def keep_type_rules(inventory: Inventory, menu: MenuSettings, options: Sequence)
 def resolve_menu(inventory: Inventory, menu: MenuSettings) -> tuple[tuple[QuantOption, ...], list[str]]:
     """The option menu for this model, and notices about what was dropped."""
     notices = []
-    if menu.format == "gguf":
+    if menu.gguf:
         options = gguf_menu(menu.types)
         unfit = [u.name for u in inventory.units if not any(fits(u.shape, o) for o in options)]
         if unfit:

@@ -48,6 +48,8 @@ class Scorer:
     data: str
     build: Callable[[ScoringContext, str], ErrorTable]
     reads: frozenset[str] = frozenset()  # ScorerSettings fields that change its table
+    mixes_bits: bool = False  # its options give column groups of one tensor different bit-widths
+    stronger: str = ""  # how a user gets a table that measures more than the others (the guard's advice)
 
     @property
     def calibrated(self) -> bool:
@@ -63,11 +65,13 @@ SCORERS: dict[str, Scorer] = {s.name: s for s in (
     Scorer("alpha-rel", "data-free", score_alpha, _ALPHA),
     Scorer("hessian", "calibration", score_reduction),
     Scorer("output", "calibration", score_reduction),
-    Scorer("taylor", "calibration", score_reduction),
+    Scorer("taylor", "calibration", score_reduction,
+           stronger="--scorer taylor (needs a backward pass through the model)"),
     Scorer("linearity", "probe", score_linearity, _PROBES),
-    Scorer("kl", "probe", score_kl, _PROBES | {"kl_probes"}),
-    Scorer("salience", "calibration", score_mixed),
-    Scorer("baq", "calibration", score_mixed),
+    Scorer("kl", "probe", score_kl, _PROBES | {"kl_probes"},
+           stronger="--recipe quality (measured tables, refinement and GPTQ; much slower)"),
+    Scorer("salience", "calibration", score_mixed, mixes_bits=True),
+    Scorer("baq", "calibration", score_mixed, mixes_bits=True),
     Scorer("pmq", "calibration", score_pmq),
 )}
 
@@ -75,6 +79,14 @@ SCORERS: dict[str, Scorer] = {s.name: s for s in (
 def any_calibrated(names: Sequence[str]) -> bool:
     """Whether any of the scorers ``names`` needs calibration text."""
     return any(SCORERS[n].calibrated for n in names if n in SCORERS)
+
+
+def stronger_than(table: str) -> list[str]:
+    """Advice for a user whose ``table`` allocation lost to uniform: the ways
+    to a table that measures more, leaving out the scorer that made it (a
+    table's name is its scorer's, perhaps with "+refined")."""
+    used = table.split("+", 1)[0]
+    return [s.stronger for s in SCORERS.values() if s.stronger and s.name != used]
 
 
 def any_reads(names: Sequence[str], setting: str) -> bool:

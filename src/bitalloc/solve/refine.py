@@ -177,23 +177,6 @@ def guard(probe: CalibrationProbe, allocated: Plan, uniform: Plan,
     return allocated, record
 
 
-def guard_notice(record: GuardVerdict | None, table: str) -> str | None:
-    """What to tell a user whose ``table`` allocation the guard replaced by
-    the uniform plan (None when the allocation was kept, or no guard ran):
-    both measurements, and where a better allocation may come from."""
-    if record is None or not record.replaced:
-        return None
-    objective = record.objective
-    ways = [w for w, used in (("--scorer taylor (needs a backward pass through the model)", table.startswith("taylor")),
-                              ("--recipe quality (measured tables, refinement and GPTQ; much slower)",
-                               table.startswith("kl"))) if not used]
-    return (f"the guard measured the {table} allocation worse than the uniform plan of the same size on "
-            f"{record.windows} x {record.seq_len} calibration tokens ({objective} "
-            f"{record.allocated[objective]:.4f} vs {record.uniform[objective]:.4f}) and returned the uniform "
-            "plan. " + (f"A stronger table may beat it: {' or '.join(ways)}. " if ways else "")
-            + "--no-guard returns the allocation anyway.")
-
-
 def assignment_choice(problem: Problem, units: list, plan: Plan) -> np.ndarray:
     """The plan's option per group of ``problem``."""
     index = {o: j for j, o in enumerate(problem.options)}

@@ -23,8 +23,6 @@ import numpy as np
 
 from bitalloc.errors import BitallocError, InfeasibleBudgetError
 
-SOLVERS = ("ilp", "lagrangian")
-
 
 @dataclass(frozen=True)
 class Solution:
@@ -50,10 +48,10 @@ def _evaluate(cost, error, choice) -> tuple[int, float]:
 
 
 def solve(problem, solver: str = "ilp", **kwargs) -> Solution:
+    """The problem solved by the registered solver ``solver`` (``SOLVERS``)."""
     if solver not in SOLVERS:
         raise BitallocError(f"The 'solver' parameter must be one of {list(SOLVERS)}. Got {solver!r} instead.")
-    fn = solve_ilp if solver == "ilp" else solve_lagrangian
-    return fn(problem.cost, problem.error, problem.allowed, problem.budget_bits, **kwargs)
+    return SOLVERS[solver](problem.cost, problem.error, problem.allowed, problem.budget_bits, **kwargs)
 
 
 def solve_ilp(cost: np.ndarray, error: np.ndarray, allowed: np.ndarray, budget: int, *,
@@ -178,3 +176,7 @@ def _greedy_fill(cost, error, allowed, budget, choice) -> np.ndarray:
         d_cost[g] = cost[g] - cost[g, o]
         d_err[g] = error[g] - error[g, o]
     return choice
+
+
+# The registry: name -> solver of (cost, error, allowed, budget bits). A new solver is one function and one line.
+SOLVERS = {"ilp": solve_ilp, "lagrangian": solve_lagrangian}
