@@ -125,7 +125,7 @@ def test_a_plan_the_guard_replaced_says_so_with_both_measurements(loaded, tiny_d
     guard recorded them, the sample and the ways to a stronger allocation;
     `bitalloc plan` prints it; a kept allocation gets none."""
     from bitalloc.solve import refine as refine_module
-    from bitalloc.solve.refine import guard_notice
+    from bitalloc.cli.plan import guard_notice
 
     settings = _settings(4.25)
     uniform = api.uniform_plan(loaded.inventory, api.resolve_menu(loaded.inventory, settings.menu)[0], settings, "t")

@@ -6,7 +6,7 @@ import torch
 
 from bitalloc import api
 from bitalloc.calib.grams import CalibSettings
-from bitalloc.compare.integer import CompareSettings, compare, correlations, write_outputs
+from bitalloc.compare.integer import CompareSettings, compare, correlations, figure, write_outputs
 from bitalloc.evaluate import EvalSettings
 from bitalloc.formats.affine import QuantOption
 from bitalloc.solve.problem import Budget
@@ -102,13 +102,57 @@ def test_taylor_matches_autograd(tables, ctx):
     assert float(g.abs().sum()) > 0
 
 
-def test_linearity_slopes_are_positive(ctx, tables):
-    assert (tables["linearity"].importance > 0).all()
+def test_linearity_slope_is_the_fit_of_kl_measured_by_whole_forwards(ctx, tables):
+    """importance[u] = sum_r r*KL(r) / sum_r r^2 over the noise levels, where
+    KL(r) is measured here by whole-model forwards with the unit's weight
+    plus the scorer's seeded noise (||noise|| = ||W||) scaled by sqrt(r): the
+    scorer measures from the probed block on (tail-only forwards)."""
+    import torch.nn.functional as F
+
+    from bitalloc.model.units import set_weight
+
+    levels = np.array(ctx.settings.noise_levels)
+    windows = ctx.probe.windows
+    with torch.no_grad():
+        ref = F.log_softmax(ctx.model(windows).logits[:, :-1].double(), dim=-1)
+    for i in (1, len(ctx.inventory.units) - 1):  # a unit in the first block, one in the last
+        unit = ctx.inventory.units[i]
+        W = get_weight(ctx.model, unit).clone()
+        g = torch.Generator().manual_seed(ctx.settings.seed * 100_003 + i)
+        noise = torch.randn(W.shape, generator=g)
+        noise *= (W.double().pow(2).sum() / noise.double().pow(2).sum()).sqrt().float()
+        kls = []
+        for r in levels:
+            set_weight(ctx.model, unit, W + float(np.sqrt(r)) * noise)
+            with torch.no_grad():
+                logp = F.log_softmax(ctx.model(windows).logits[:, :-1].double(), dim=-1)
+            kls.append(float((ref.exp() * (ref - logp)).sum()) / (ref.shape[0] * ref.shape[1]))
+        set_weight(ctx.model, unit, W)
+        slope = float(np.dot(levels, kls) / np.dot(levels, levels))
+        assert slope > 0 and tables["linearity"].importance[i] == pytest.approx(slope, rel=1e-3), unit.name
 
 
-def test_spearman_of_kl_with_itself_is_one(tables):
-    rho = correlations({"kl": tables["kl"], "same": tables["kl"]}, QuantOption(3, 64))
-    assert rho["same"] == pytest.approx(1.0)
+def test_correlations_are_spearman_by_hand(ctx):
+    """rho = 1 - 6 sum d^2 / (n (n^2 - 1)) over the units where both tables are
+    finite, at the one option asked for; the kl table is the measure."""
+    from bitalloc.table import ErrorTable
+
+    names = tuple(f"u{i}" for i in range(6))
+    options = (QuantOption(3, 64), QuantOption(4, 64))
+
+    def table(scorer, at3):
+        distortion = np.stack([np.array(at3, dtype=float), np.arange(6, dtype=float)], axis=1)  # (units, options)
+        return ErrorTable(scorer, "m", names, options, distortion, np.ones(6))
+
+    kl = table("kl", [1, 2, 3, 4, 5, 6])
+    same_order = table("a", [10, 20, 30, 40, 50, 600])
+    reversed_ = table("b", [6, 5, 4, 3, 2, 1])
+    swapped = table("c", [2, 1, 3, 4, 6, 5])  # d = (1, 1, 0, 0, 1, 1): rho = 1 - 6*4/(6*35)
+    with_nan = table("d", [np.nan, 1, 2, 3, 5, 4])  # u0 left out: ranks over 5, d = (0,0,0,1,1): 1 - 6*2/(5*24)
+    rho = correlations({"kl": kl, "a": same_order, "b": reversed_, "c": swapped, "d": with_nan}, options[0])
+    assert rho["a"] == pytest.approx(1.0) and rho["b"] == pytest.approx(-1.0)
+    assert rho["c"] == pytest.approx(1 - 6 * 4 / (6 * 35)) and rho["d"] == pytest.approx(1 - 6 * 2 / (5 * 24))
+    assert correlations({"a": same_order}, options[0]) == {}  # nothing to correlate with
 
 
 def test_llama_rule_plan_promotes_attn_v_and_ffn_down(ctx):
@@ -131,8 +175,23 @@ def test_compare_writes_table_plot_and_correlations(ctx, tmp_path):
     assert all(r["bpw"] <= 3.5 for r in report["rows"])
     assert set(report["spearman_vs_kl"]) == {"rtn-mse", "output"}
     paths = write_outputs(report, str(tmp_path))
-    png = open(paths[2], "rb").read(8)
-    assert png.startswith(b"\x89PNG")
+    # the plot shows the report: one panel per quantizer, one line per method through its (bpw, ppl) points,
+    # the reference's perplexity as a horizontal line; the PNG is that figure at 110 dpi
+    import matplotlib.image
+
+    fig = figure(report)
+    assert [ax.get_title() for ax in fig.axes] == ["RTN: perplexity vs size", "GPTQ: perplexity vs size"]
+    for ax, q in zip(fig.axes, ("rtn", "gptq")):
+        lines = {ln.get_label(): ln for ln in ax.get_lines()}
+        assert set(lines) == {r["method"] for r in report["rows"]} | {"reference"}
+        for method, ln in lines.items():
+            if method == "reference":
+                assert set(ln.get_ydata()) == {report["reference"]["ppl"]}
+                continue
+            want = sorted((r["bpw"], r["ppl"]) for r in report["rows"] if r["quantizer"] == q and r["method"] == method)
+            assert list(zip(ln.get_xdata(), ln.get_ydata())) == want
+    image = matplotlib.image.imread(paths[2])
+    assert image.shape[:2] == (round(5.5 * 110), round(2 * 6.5 * 110))
 
 
 def test_kl_probes_quantize_as_the_plans_quantizer(ctx):

@@ -121,6 +121,15 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: str) -> None:
+    """The figure of ``report`` written as a PNG at 110 dpi."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(report)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+def figure(report: dict):
     """Perplexity (log) against realized bpw, one line per method, a panel per quantizer."""
     import matplotlib
 
@@ -153,8 +162,7 @@ def plot(report: dict, path: str) -> None:
     axes[0][-1].legend(fontsize=8, loc="upper right")
     fig.suptitle(report["model"], fontsize=10)
     fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
+    return fig
 
 
 def write_outputs(report: dict, out_dir: str) -> list[str]:
