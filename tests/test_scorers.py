@@ -102,34 +102,41 @@ def test_taylor_matches_autograd(tables, ctx):
     assert float(g.abs().sum()) > 0
 
 
-def test_linearity_slope_is_the_fit_of_kl_measured_by_whole_forwards(ctx, tables):
+def test_linearity_slope_is_the_fit_of_kl_measured_by_whole_forwards(ctx):
     """importance[u] = sum_r r*KL(r) / sum_r r^2 over the noise levels, where
-    KL(r) is measured here by whole-model forwards with the unit's weight
-    plus the scorer's seeded noise (||noise|| = ||W||) scaled by sqrt(r): the
-    scorer measures from the probed block on (tail-only forwards)."""
+    KL(r) is measured here by whole-model forwards in float64 with the unit's
+    weight plus the scorer's seeded noise (||noise|| = ||W||) scaled by
+    sqrt(r): the scorer measures from the probed block on (tail-only
+    forwards, float32). Noise levels large enough that float32 rounding of
+    the logits (about 1e-9 nats of KL on this tiny model) does not decide."""
+    from dataclasses import replace
+
     import torch.nn.functional as F
 
     from bitalloc.model.units import set_weight
 
-    levels = np.array(ctx.settings.noise_levels)
-    windows = ctx.probe.windows
+    settings = replace(SETTINGS, scorer_settings=ScorerSettings(noise_levels=(0.25, 1.0)))
+    loud = api.scoring_context(ctx.loaded, settings, progress=False)
+    table = score(loud, ["linearity"])["linearity"]
+    levels = np.array(loud.settings.noise_levels)
+    windows = loud.probe.windows
     with torch.no_grad():
-        ref = F.log_softmax(ctx.model(windows).logits[:, :-1].double(), dim=-1)
-    for i in (1, len(ctx.inventory.units) - 1):  # a unit in the first block, one in the last
-        unit = ctx.inventory.units[i]
-        W = get_weight(ctx.model, unit).clone()
-        g = torch.Generator().manual_seed(ctx.settings.seed * 100_003 + i)
+        ref = F.log_softmax(loud.model(windows).logits[:, :-1].double(), dim=-1)
+    for i in (1, len(loud.inventory.units) - 1):  # a unit in the first block, one in the last
+        unit = loud.inventory.units[i]
+        W = get_weight(loud.model, unit).clone()
+        g = torch.Generator().manual_seed(loud.settings.seed * 100_003 + i)
         noise = torch.randn(W.shape, generator=g)
         noise *= (W.double().pow(2).sum() / noise.double().pow(2).sum()).sqrt().float()
         kls = []
         for r in levels:
-            set_weight(ctx.model, unit, W + float(np.sqrt(r)) * noise)
+            set_weight(loud.model, unit, W + float(np.sqrt(r)) * noise)
             with torch.no_grad():
-                logp = F.log_softmax(ctx.model(windows).logits[:, :-1].double(), dim=-1)
+                logp = F.log_softmax(loud.model(windows).logits[:, :-1].double(), dim=-1)
             kls.append(float((ref.exp() * (ref - logp)).sum()) / (ref.shape[0] * ref.shape[1]))
-        set_weight(ctx.model, unit, W)
+        set_weight(loud.model, unit, W)
         slope = float(np.dot(levels, kls) / np.dot(levels, levels))
-        assert slope > 0 and tables["linearity"].importance[i] == pytest.approx(slope, rel=1e-3), unit.name
+        assert slope > 1e-7 and table.importance[i] == pytest.approx(slope, rel=2e-2), unit.name
 
 
 def test_correlations_are_spearman_by_hand(ctx):

@@ -77,18 +77,22 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, option: QuantOption, *, damp
     n_groups = group_count(cols, option, allow_ragged=allow_ragged and not option.mixed)
     gbits = group_bits_of(option, n_groups, column_bits)  # (groups,)
     g = group_size_of(cols, option)
-    U, dead = _shared_factor(H, damp)  # the column sweep runs in float32 too
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
+    if act_order:  # the factor of the permuted H: a permuted factor of H is not triangular
+        U, dead = inverse_hessian_factor(H[perm][:, perm], damp, torch.float32)
+        dead = dead[torch.argsort(perm)]  # back to column order
+    else:
+        U, dead = _shared_factor(H, damp)  # the column sweep runs in float32 too
     U = U.float()
     W = W.detach().float().clone()
     W[:, dead] = 0.0
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
     static = act_order or g > BLOCK or BLOCK % g != 0
     scale = torch.zeros(rows, n_groups)
     zero = torch.zeros(rows, n_groups)
     weights = grouped_importance(torch.diag(H).float(), cols, g) if search else None  # (groups, g)
     if static:
         scale, zero = group_qparams(grouped(W, g), option, gbits.float(), weights)
-    W, U = W[:, perm], U[perm][:, perm]
+    W = W[:, perm]  # U is already in the order columns are quantized
     qmax = (2.0**gbits - 1).tolist()  # (groups,) largest code
     codes = torch.zeros(rows, cols)
     loss = 0.0
