@@ -83,7 +83,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, option: QuantOption, *, damp
         dead = dead[torch.argsort(perm)]  # back to column order
     else:
         U, dead = _shared_factor(H, damp)  # the column sweep runs in float32 too
-    U = U.float()
+    U = U.float().contiguous()  # row-major, as the sweep's slices and products expect (and as before act-order)
     W = W.detach().float().clone()
     W[:, dead] = 0.0
     static = act_order or g > BLOCK or BLOCK % g != 0
