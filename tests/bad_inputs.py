@@ -1,5 +1,5 @@
 """Bad and hostile inputs to every command, each with the one-line refusal a
-user must see. ``tests/test_bad_inputs.py`` runs them; running this file
+user must see. ``tests/test_cli_bad_inputs.py`` runs them; running this file
 regenerates the table in ``docs/bad-inputs.md`` from the same cases:
 
     .venv/bin/python tests/bad_inputs.py
@@ -537,7 +537,7 @@ def render(rows: list[tuple[Case, str]]) -> str:
     lines = [
         "# Bad inputs and what bitalloc says",
         "",
-        "Generated from `tests/bad_inputs.py` by `.venv/bin/python tests/bad_inputs.py`; `tests/test_bad_inputs.py`",
+        "Generated from `tests/bad_inputs.py` by `.venv/bin/python tests/bad_inputs.py`; `tests/test_cli_bad_inputs.py`",
         "runs every case and fails when this table is out of date. Each command exits with status 2, prints the one",
         "line shown on stderr (no traceback) and leaves no new file or folder. Cases marked *after load* depend on",
         "the model and are refused after it is loaded, before any scoring; every other case is refused before the",

@@ -114,6 +114,7 @@ def _quantize_sequential(model, inventory: Inventory, plan: Plan, windows: torch
     every earlier layer already quantized (the forward stops after this
     layer), then GPTQ on this layer's units. Units outside numbered layers go last."""
     from bitalloc.calib.grams import UnitGrams
+    from bitalloc.quantizers.sequential import quantize_units
 
     groups = group_by_block(inventory.units)
     by_layer: dict[int | None, list[Unit]] = {**groups.by_block, **({None: groups.outside} if groups.outside else {})}
@@ -137,11 +138,7 @@ def _quantize_sequential(model, inventory: Inventory, plan: Plan, windows: torch
             acc.remove()
             if stop is not None:
                 stop.remove()
-        hessians = acc.hessians()
-        for unit in units:
-            qw = quantize_unit(model, unit, plan, hessians.get(unit.name))
-            set_weight(model, unit, dequantized(qw))
-            stored[unit.name] = qw
+        stored.update(quantize_units(model, units, plan, acc.hessians(), quantize_unit))
     return stored
 
 

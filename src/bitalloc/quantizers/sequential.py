@@ -262,8 +262,11 @@ def full_forward_hessians(model: nn.Module, units: list[Unit], windows: torch.Te
     return acc.hessians()
 
 
-def _quantize_units(model: nn.Module, units: list[Unit], plan: Plan, hessians: dict[str, torch.Tensor],
-                    quantize_unit: QuantizeUnit) -> dict[str, QuantizedWeight]:
+def quantize_units(model: nn.Module, units: list[Unit], plan: Plan, hessians: dict[str, torch.Tensor],
+                   quantize_unit: QuantizeUnit) -> dict[str, QuantizedWeight]:
+    """Quantize each unit with its Gram, put the dequantized weight in place
+    (later units see it) and return the stored forms: the step both
+    sequential drivers take once a block's Grams are measured."""
     stored = {}
     for unit in units:
         qw = quantize_unit(model, unit, plan, hessians.get(unit.name))
@@ -290,12 +293,12 @@ def quantize_sequential(model: nn.Module, inventory: Inventory, plan: Plan, wind
         if step is None:
             inputs = None  # free the activations before the full forwards
             hessians = full_forward_hessians(model, stack.outside, windows)
-            stored.update(_quantize_units(model, stack.outside, plan, hessians, quantize_unit))
+            stored.update(quantize_units(model, stack.outside, plan, hessians, quantize_unit))
             continue
         block, units = stack.blocks[step], stack.units.get(step, [])
         if units:
             hessians = block_hessians(model, block, units, inputs)
-            stored.update(_quantize_units(model, units, plan, hessians, quantize_unit))
+            stored.update(quantize_units(model, units, plan, hessians, quantize_unit))
         if step < last:
             advance(block, inputs)  # the quantized block makes the next block's inputs
     return stored

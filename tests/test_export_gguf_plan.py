@@ -169,7 +169,7 @@ def test_run_cli_gguf(wide_dir, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
-    from test_gguf_export import tiny_model, write_tiny_gguf
+    from test_export_gguf import tiny_model, write_tiny_gguf
 
     path = tmp_path_factory.mktemp("gguf-src") / "tiny.gguf"
     write_tiny_gguf(tiny_model(), path)
@@ -207,7 +207,7 @@ def test_export_cli_writes_the_plan(tiny_gguf, tmp_path, capsys):
     from bitalloc.evaluate.llamacpp import llamacpp_logprobs
 
     # llama.cpp runs the mixed file as transformers does (gguf-py dequantizes the same bytes)
-    from test_gguf_export import KL_TOLERANCE, _mean_kl, _transformers_logprobs
+    from test_export_gguf import KL_TOLERANCE, _mean_kl, _transformers_logprobs
 
     rows = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
     assert 0 <= _mean_kl(_transformers_logprobs(out, rows), llamacpp_logprobs(str(out), rows)) < KL_TOLERANCE

@@ -187,7 +187,7 @@ def test_refine_from_refuses_a_plan_over_the_budget_or_off_the_menu(loaded, tmp_
     wide = api.plan(settings=replace(_settings(4.5), refine=RefineSettings(rounds=0)), loaded=loaded, progress=False)
     with pytest.raises(BitallocError, match="over this budget"):
         api.plan(settings=_settings(3.25), loaded=loaded, start=wide, progress=False)
-    # an edited plan whose recorded budget still holds it (else it is refused as edited: test_bad_inputs)
+    # an edited plan whose recorded budget still holds it (else it is refused as edited: test_cli_bad_inputs)
     odd = replace(wide, assignment={**wide.assignment, loaded.inventory.units[0].name: QuantOption(7, 32)},
                   budget=replace(wide.budget, value=8.0))
     with pytest.raises(BitallocError, match="options outside this menu"):

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
-    from test_gguf_export import tiny_model, write_tiny_gguf
+    from test_export_gguf import tiny_model, write_tiny_gguf
 
     path = tmp_path_factory.mktemp("runner") / "tiny.gguf"
     write_tiny_gguf(tiny_model(), path, tokenizer=True)
