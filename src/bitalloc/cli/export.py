@@ -7,7 +7,7 @@ from pathlib import Path
 
 import bitalloc.cli.argtypes as A
 from bitalloc.cli.options import MODEL_HELP, calib_args
-from bitalloc.cli.settings import notices, recorded_calibration
+from bitalloc.cli.settings import load_for_plan, recorded_calibration
 from bitalloc.errors import BitallocError
 from bitalloc.export.gguf_plan import check_plan_types, export_gguf, source_gguf
 
@@ -28,15 +28,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> None:
-    from bitalloc import api
-    from bitalloc.calib.grams import CalibSettings
     from bitalloc.cli.checks import (
         CALIB_FLAGS,
-        check_model_source,
-        check_plan_architecture,
         fill_defaults,
         given_flags,
-        read_texts,
     )
     from bitalloc.fileio import check_output_file
     from bitalloc.model.loading import resolve_source
@@ -60,13 +55,7 @@ def run(args) -> None:
         if Path(path).exists() and not args.overwrite:
             raise BitallocError(f"{flag} {path!r} already exists; bitalloc replaces it only with --overwrite. "
                                 "Choose another path, or pass --overwrite.")
-    check_model_source(args.model, {"--calib-seq-len": args.calib_seq_len} if calibrated else {})
-    check_plan_architecture(plan, args.plan, args.model)
-    read_texts(args)
-    settings = api.PlanSettings(plan.budget, calib_text=args.calib_text, text_encoding=args.encoding,
-                                calib=CalibSettings(args.calib_windows, args.calib_seq_len))
-    loaded = api.load(args.model)
-    notices(loaded.inventory.notices)
+    settings, loaded = load_for_plan(args, plan, calibrated)
     info = export_gguf(args.plan, args.out, settings=settings, tensor_types=args.tensor_types, imatrix=args.imatrix,
                        progress=not args.quiet, loaded=loaded)
     print(f"wrote {info['path']}: {info['file_bytes'] / 1e6:.3f} MB; tensor data {info['tensor_data_bytes']:,} bytes "

@@ -7,14 +7,11 @@ import argparse
 import bitalloc.cli.argtypes as A
 from bitalloc.cli.checks import (
     CALIB_FLAGS,
-    check_model_source,
-    check_plan_architecture,
     fill_defaults,
     given_flags,
-    read_texts,
 )
 from bitalloc.cli.options import MODEL_HELP, calib_args
-from bitalloc.cli.settings import notices, recorded_calibration
+from bitalloc.cli.settings import load_for_plan, notices, recorded_calibration
 from bitalloc.errors import BitallocError
 from bitalloc.quantizers import quantizer
 
@@ -32,7 +29,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args) -> None:
     from bitalloc import api
-    from bitalloc.calib.grams import CalibSettings
     from bitalloc.export.native import MANIFEST, SAVED_FORMAT
     from bitalloc.fileio import check_output_dir
     from bitalloc.plan import Plan
@@ -47,13 +43,7 @@ def run(args) -> None:
         recorded_calibration(args, plan)
     fill_defaults(args)
     check_output_dir(args.out, MANIFEST, SAVED_FORMAT, flag="--out", overwrite=args.overwrite)
-    check_model_source(args.model, {"--calib-seq-len": args.calib_seq_len} if calibrated else {})
-    check_plan_architecture(plan, args.plan, args.model)
-    read_texts(args)
-    settings = api.PlanSettings(plan.budget, calib_text=args.calib_text, text_encoding=args.encoding,
-                                calib=CalibSettings(args.calib_windows, args.calib_seq_len))
-    loaded = api.load(args.model)
-    notices(loaded.inventory.notices)
+    settings, loaded = load_for_plan(args, plan, calibrated)
     info = api.quantize(plan_path=args.plan, out=args.out, progress=not args.quiet, settings=settings, loaded=loaded)
     notices(info["notices"])
     s = info["sizes"]

@@ -89,3 +89,21 @@ def check_plans_dir(args, values, scorers) -> None:
             for value in values:
                 check_output_file(Path(args.plans_dir) / f"plan-{scorer}-{value:g}.json", "bitalloc.plan",
                                   flag="--plans-dir file", overwrite=args.overwrite)
+
+
+def load_for_plan(args, plan, calibrated: bool):
+    """What quantize and export share once their own flags are checked: the
+    model source and the plan's architecture checked before loading, the
+    calibration text read, the plan's settings, and the model loaded."""
+    from bitalloc import api
+    from bitalloc.calib.grams import CalibSettings
+    from bitalloc.cli.checks import check_model_source, check_plan_architecture, read_texts
+
+    check_model_source(args.model, {"--calib-seq-len": args.calib_seq_len} if calibrated else {})
+    check_plan_architecture(plan, args.plan, args.model)
+    read_texts(args)
+    settings = api.PlanSettings(plan.budget, calib_text=args.calib_text, text_encoding=args.encoding,
+                                calib=CalibSettings(args.calib_windows, args.calib_seq_len))
+    loaded = api.load(args.model)
+    notices(loaded.inventory.notices)
+    return settings, loaded
