@@ -267,6 +267,21 @@ CASES = (
     C("export-same-files", "export {gguf_plan} --out {new}.gguf --tensor-types {new}.gguf", "name the same place"),
     C("export-imatrix-without", "export {gguf_plan} --out {new}.gguf --imatrix {new}.imatrix", "--imatrix would be ignored"),
     C("export-to-other", "export {gguf_plan} --to safetensors --out {new}.gguf", "invalid choice: 'safetensors'"),
+    # ---- the vLLM menu and the compressed-tensors export ----------------------------------
+    C("vllm-bits", M + " plan --format vllm --bits 3,4 --bpw 5 --out {new}", r"offers \[4, 8\] bits", loads=True),
+    C("vllm-group-size", M + " plan --format vllm --group-sizes 48 --bpw 5 --out {new}", "takes group sizes",
+      loads=True),
+    C("vllm-salience", "plan --format vllm --scorer salience --bpw 5 --out {new}", "vLLM schemes cannot store"),
+    C("vllm-embeddings", "plan --format vllm --embeddings --bpw 5 --out {new}", "serves the token embedding"),
+    C("vllm-fine-groups", "plan --format vllm --fine-groups --bpw 5 --out {new}", "has no place in --format vllm"),
+    C("export-ct-int-plan", M + " export {plan} --to compressed-tensors --out {newdir}", "vLLM does not serve",
+      loads=True),
+    C("export-ct-broken-tie", M + " export {vllm_plan_untied} --to compressed-tensors --out {newdir}",
+      "as one fused layer in one scheme", loads=True),
+    C("export-ct-tensor-types", M + " export {vllm_plan} --to compressed-tensors --out {newdir} --tensor-types {new}",
+      "--tensor-types would be ignored"),
+    C("export-ct-out-file", M + " export {vllm_plan} --to compressed-tensors --out {user_file}",
+      "is an existing file"),
     C("compare-gguf-budgets", "compare --format gguf --budgets 3.5", "--budgets would be ignored"),
     C("compare-presets-int", "compare --presets Q4_K_M", "--presets would be ignored"),
     C("compare-gguf-preset-unknown", "compare --format gguf --presets Q4_K_X --out {newdir}", "Unknown llama.cpp preset"),
@@ -375,6 +390,13 @@ def build_workspace(root: Path) -> dict[str, str]:
     api.plan(settings=gguf_settings, loaded=api.load(ws["tiny"], embeddings=True), out=ws["gguf_plan"], progress=False)
     ws["plan_budget_inf"] = _write(root / "plan_budget_inf.json",
                                    Path(ws["plan"]).read_text().replace('"value": 4.0', '"value": Infinity'))
+    ws["vllm_plan"] = str(root / "vllm-plan.json")
+    api.plan(settings=replace(settings, budget=Budget(6.0), menu=api.MenuSettings(format="vllm", schemes=("sym",))),
+             loaded=tiny, out=ws["vllm_plan"], progress=False)
+    untied = json.loads(Path(ws["vllm_plan"]).read_text())
+    k = "model.layers.0.self_attn.k_proj"
+    untied["units"][k] = "w4a16-pc-sym" if untied["units"][k] != "w4a16-pc-sym" else "w4a16-g32-sym"
+    ws["vllm_plan_untied"] = _write(root / "vllm-plan-untied.json", json.dumps(untied))
     ws["q"] = str(root / "q")
     api.quantize(plan_path=ws["plan"], out=ws["q"], loaded=tiny, progress=False)
     for name, damage in (("q_flipped", "flip"), ("q_no_weights", "drop"), ("q_bad_manifest", "manifest")):

@@ -26,7 +26,7 @@ from bitalloc.evaluate import (
 from bitalloc.evaluate.text import calibration_text, read_text_file, wiki_text
 from bitalloc.formats import is_gguf
 from bitalloc.formats.affine import QuantOption
-from bitalloc.formats.menu import MenuSettings, keep_type_rules, resolve_menu
+from bitalloc.formats.menu import MenuSettings, keep_type_rules, resolve_menu, runtime_ties
 from bitalloc.model.loading import ModelSource, load_model, resolve_source
 from bitalloc.model.units import Inventory, find_units
 from bitalloc.plan import Plan
@@ -71,9 +71,10 @@ class PlanSettings:
         if self.menu.gguf and not quantizer(self.quantizer).gguf:
             raise BitallocError("GGUF types are quantized by ggml's own quantizers (with the importance matrix), "
                                 "not by GPTQ; drop --quantizer gptq or use the integer menu.")
-        if self.menu.gguf and SCORERS[self.scorer].mixes_bits:
-            raise BitallocError(f"The {self.scorer} scorer mixes bit-widths inside a tensor, which GGUF types cannot "
-                                "store; choose another scorer with --format gguf.")
+        if self.menu.format != "int" and SCORERS[self.scorer].mixes_bits:
+            raise BitallocError(f"The {self.scorer} scorer mixes bit-widths inside a tensor, which "
+                                f"{'GGUF types' if self.menu.gguf else 'vLLM schemes'} cannot store; choose another "
+                                f"scorer with --format {self.menu.format}.")
 
 
 @dataclass
@@ -93,7 +94,8 @@ def load(model: str | None = None, *, embeddings: bool = False) -> Loaded:
 
 def prepare(loaded: Loaded, settings: PlanSettings, progress: bool = True) -> tuple[Loaded, PlanSettings]:
     """What the menu needs before anything is measured: the embedding and
-    output units (``menu.embeddings``), ``--keep-type`` as allow rules, and
+    output units (``menu.embeddings``), ``--keep-type`` as allow rules, the
+    ties of vLLM's fused layers (``--format vllm``), and
     the importance matrix from the calibration text, taken from the model as
     loaded (integer options: for the weighted clipping search; a model without
     a tokenizer has no text to calibrate on and is quantized without it)."""
@@ -104,7 +106,10 @@ def prepare(loaded: Loaded, settings: PlanSettings, progress: bool = True) -> tu
         rules = keep_type_rules(loaded.inventory, settings.menu, options)
         constraints = replace(settings.constraints, allow=tuple(settings.constraints.allow) + rules)
         settings = replace(settings, constraints=constraints)
-    if settings.menu.imatrix and loaded.tokenizer is None and settings.menu.format == "int":
+    if settings.menu.format == "vllm":
+        ties = tuple(t for t in runtime_ties(loaded.inventory) if t not in settings.constraints.ties)
+        settings = replace(settings, constraints=replace(settings.constraints, ties=settings.constraints.ties + ties))
+    if settings.menu.imatrix and loaded.tokenizer is None and not settings.menu.gguf:
         settings = replace(settings, menu=replace(settings.menu, imatrix=False))  # no text to calibrate on
     if settings.menu.imatrix:
         ensure_importance(loaded, settings, progress)
@@ -237,8 +242,11 @@ def _calibration_for(loaded: Loaded, the_plan: Plan, settings: PlanSettings | No
 
 
 def quantize(model: str | None = None, *, plan_path: str, out: str, progress: bool = True,
-             loaded: Loaded | None = None, settings: PlanSettings | None = None) -> dict:
-    """Quantize per a plan file (RTN or GPTQ, as the plan says) and save."""
+             loaded: Loaded | None = None, settings: PlanSettings | None = None, to: str = "native") -> dict:
+    """Quantize per a plan file (RTN or GPTQ, as the plan says) and save:
+    bitalloc's own folder (``to="native"``) or, for a plan of vLLM schemes,
+    the compressed-tensors folder vLLM and transformers load."""
+    from bitalloc.export.compressed_tensors import check_exportable, save_compressed
     from bitalloc.export.native import save_quantized
     from bitalloc.quantizers.apply import quantize_model
 
@@ -249,13 +257,18 @@ def quantize(model: str | None = None, *, plan_path: str, out: str, progress: bo
                             f"`bitalloc export {plan_path} --to gguf --out FILE.gguf`.")
     loaded = with_plan_units(loaded, the_plan)
     the_plan.check_model(loaded.inventory)
+    if to == "compressed-tensors":
+        check_exportable(the_plan, loaded.inventory, plan_path)  # before any weight is quantized
     notices = []
     if the_plan.model_content and the_plan.model_content != loaded.inventory.content_id:
         notices.append("The plan was made on another checkpoint of this architecture (its weights differ); its "
                        "allocation is applied as it is.")
     calibration = _calibration_for(loaded, the_plan, settings, progress)
     stored = quantize_model(loaded.model, loaded.inventory, the_plan, progress=_tqdm(progress), **calibration)
-    folder = save_quantized(out, loaded.model, loaded.tokenizer, loaded.inventory, the_plan, stored)
+    if to == "compressed-tensors":
+        folder = save_compressed(out, loaded.model, loaded.tokenizer, loaded.inventory, the_plan, stored, plan_path)
+    else:
+        folder = save_quantized(out, loaded.model, loaded.tokenizer, loaded.inventory, the_plan, stored)
     sizes = the_plan.sizes(loaded.inventory)
     return {"out": str(folder), "file_bytes": (folder / "model.safetensors").stat().st_size, "sizes": sizes.to_dict(),
             "notices": notices}

