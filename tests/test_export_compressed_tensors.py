@@ -243,3 +243,14 @@ def test_menu_refusals(tiny):
     options, notices = resolve_menu(loaded.inventory, MenuSettings(format="vllm"))
     assert {o.name for o in options} == {o.name for o in ALL_SCHEMES}
     assert any("fused" in n for n in notices) and any("zero points" in n for n in notices)
+
+
+def test_plan_cli_defaults_to_symmetric_w4_w8_and_says_what_it_tied(tiny, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--model", tiny, "--format", "vllm", "--bpw", "6", "--scorer", "rtn-mse", "--no-imatrix",
+                 "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "fused layers" in err and "qkv" in err and "gate_up" in err
+    plan = Plan.load(str(out))
+    assert {(o.bits, o.symmetric) for o in plan.assignment.values()} <= {(4, True), (8, True)}
+    assert all(isinstance(o, WNA16Option) for o in plan.assignment.values())

@@ -193,6 +193,7 @@ def plan(model: str | None = None, *, settings: PlanSettings, table_path: str | 
     Everything that can fail without scoring is checked before scoring.
     ``start``: refine this plan's allocation instead of the table's plan."""
     loaded, settings = prepare(loaded or load(model, embeddings=settings.menu.embeddings), settings, progress)
+    menu_notices: list[str] = []
     if table_path:
         table = ErrorTable.load(table_path)
     if table is not None:
@@ -202,7 +203,7 @@ def plan(model: str | None = None, *, settings: PlanSettings, table_path: str | 
         preflight(loaded, settings, options=table.options)
         ctx = scoring_context(loaded, settings, table.options, progress=progress)
     else:
-        options, _ = preflight(loaded, settings)
+        options, menu_notices = preflight(loaded, settings)
         check_calibration_text(loaded, settings, [settings.scorer])
         ctx = scoring_context(loaded, settings, options, progress=progress)
         table = score(ctx, [settings.scorer])[settings.scorer]
@@ -212,8 +213,8 @@ def plan(model: str | None = None, *, settings: PlanSettings, table_path: str | 
     first = solve_plan(loaded.inventory, table, settings, loaded.source.label) if start is None else \
         start_plan(start, loaded.inventory, table, settings)
     result = finish_plan(loaded, first, table, settings, hessians=hessians, progress=_tqdm(progress))
-    if ctx.notices:
-        result = replace(result, provenance=replace(result.provenance, notices=tuple(ctx.notices)))
+    if menu_notices or ctx.notices:
+        result = replace(result, provenance=replace(result.provenance, notices=tuple(menu_notices + ctx.notices)))
     if out:
         result.save(out, loaded.inventory)
     return result
