@@ -51,8 +51,12 @@ class CalibrationProbe:
     between (``restore`` puts the original weights back)."""
 
     def __init__(self, model: nn.Module, tokenizer, inventory: Inventory, text: str, *, windows: int,
-                 seq_len: int, quantize_weight: QuantizeWeight, clear_of: EvalSettings | None = None):
+                 seq_len: int, quantize_weight: QuantizeWeight, clear_of: EvalSettings | None = None,
+                 cache_weights: bool = True):
         self.model, self.inventory, self.quantize_weight = model, inventory, quantize_weight
+        # refinement revisits options, so their quantized weights are kept; a probe that measures each plan once
+        # (the guard) keeps none: two plans' worth of float32 copies is twice the model (OOM on a 1.5B model)
+        self.cache_weights = cache_weights
         settings = EvalSettings(seq_len, windows, "auto")
         # the text's first windows; with clear_of, in the gaps between those (spread) calibration windows
         self.windows = token_windows(tokenizer, text, settings) if clear_of is None else \
@@ -70,6 +74,8 @@ class CalibrationProbe:
         if option is None:
             return self.original[unit.name]
         key = (unit.name, option.name)
+        if not self.cache_weights:
+            return self.quantize_weight(unit, self.original[unit.name], option)
         if key not in self._cache:
             self._cache[key] = self.quantize_weight(unit, self.original[unit.name], option)
         return self._cache[key]

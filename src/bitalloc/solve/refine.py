@@ -185,7 +185,7 @@ def assignment_choice(problem: Problem, units: list, plan: Plan) -> np.ndarray:
 
 # ---- orchestration: what api.plan and api.run call --------------------------
 
-def make_probe(loaded, settings, hessians: dict | None = None) -> CalibrationProbe:
+def make_probe(loaded, settings, hessians: dict | None = None, *, cache_weights: bool = True) -> CalibrationProbe:
     """Calibration windows and reference log-probs for refinement and the
     guard; weights quantized by the plan's quantizer (GPTQ: one-shot, from
     the calibration Hessians). With GPTQ the windows lie in the gaps between
@@ -207,7 +207,7 @@ def make_probe(loaded, settings, hessians: dict | None = None) -> CalibrationPro
     text = calibration_text(settings.calib_text, settings.text_encoding)
     r = settings.refine
     return CalibrationProbe(loaded.model, loaded.tokenizer, loaded.inventory, text, windows=r.windows,
-                            seq_len=r.seq_len, quantize_weight=quantize_weight,
+                            seq_len=r.seq_len, quantize_weight=quantize_weight, cache_weights=cache_weights,
                             clear_of=EvalSettings(settings.calib.seq_len, settings.calib.windows) if calibrated else None)
 
 
@@ -252,7 +252,7 @@ def finish_plan(loaded, table_plan: Plan, table, settings, *, probe: Calibration
         return table_plan
     if any(o.mixed for o in table.options) and refining:
         raise BitallocError("Refinement measures plain options only; use it with a scorer other than salience/baq.")
-    probe = probe or make_probe(loaded, settings, hessians)
+    probe = probe or make_probe(loaded, settings, hessians, cache_weights=refining)
     plan, provenance = table_plan, table_plan.provenance
     try:
         if refining:
