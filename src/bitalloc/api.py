@@ -5,9 +5,8 @@ Orchestration only; the maths lives in options/quant/gptq/scorers/problem/solver
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -16,14 +15,15 @@ from bitalloc.errors import BitallocError
 from bitalloc.evaluate import (
     EvalSettings,
     reference_logprobs,
-    reference_result,
     token_windows,
     window_logprobs,
 )
 from bitalloc.evaluate import (
     evaluate as evaluate_windows,
 )
-from bitalloc.evaluate.text import calibration_text, read_text_file, wiki_text
+from bitalloc.evaluate.rows import EvalBench, eval_text, plan_row, reference_block  # noqa: F401  (public API)
+from bitalloc.evaluate.rows import progress_bar as _tqdm
+from bitalloc.evaluate.text import calibration_text
 from bitalloc.formats import is_gguf
 from bitalloc.formats.affine import QuantOption
 from bitalloc.formats.menu import MenuSettings, keep_type_rules, resolve_menu, runtime_ties
@@ -37,14 +37,6 @@ from bitalloc.solve.problem import Budget, Constraints, build_problem
 from bitalloc.solve.refine import RefineSettings, finish_plan, make_probe, start_plan
 from bitalloc.solve.solvers import solve
 from bitalloc.table import ErrorTable
-
-
-def _tqdm(enabled: bool) -> Callable | None:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return lambda it, **kw: tqdm(it, leave=False, **kw)
 
 
 @dataclass(frozen=True)
@@ -282,13 +274,6 @@ def with_plan_units(loaded: Loaded, the_plan: Plan) -> Loaded:
     return loaded
 
 
-def eval_text(text_path: str | None, encoding: str = "utf-8") -> tuple[str, str]:
-    """(text, label): a user's file, or the evaluation part of the offline Wikipedia sample."""
-    if text_path:
-        return read_text_file(text_path, encoding), text_path
-    return wiki_text("eval"), "gensim enwiki sample, evaluation half (even-numbered articles)"
-
-
 def evaluate(model: str | None = None, *, quantized: str | None = None, reference_model: str | None = None,
              text_path: str | None = None, settings: EvalSettings = EvalSettings(), progress: bool = True,
              encoding: str = "utf-8") -> dict:
@@ -349,68 +334,6 @@ def evaluate_in_llamacpp(gguf: str, *, reference_model: str | None = None, text_
 def _iter(items, progress: bool, desc: str):
     bar = _tqdm(progress)
     return bar(list(items), desc=desc, unit="window") if bar else items
-
-
-@dataclass
-class EvalBench:
-    """Windows, reference log-probs and GPTQ state shared by many plan rows."""
-
-    windows: object
-    reference: list
-    hessians: dict | None = None
-    gptq_cache: dict = field(default_factory=dict)
-    calib_windows: object = None  # sequential GPTQ
-
-
-def plan_row(loaded: Loaded, the_plan: Plan, bench: EvalBench, progress: bool, desc: str,
-             others: dict[str, EvalBench] | None = None) -> dict:
-    """Quantize per the plan in memory, evaluate (also on ``others``, by name), restore; sizes and timings."""
-    from bitalloc.quantizers.apply import quantize_model, restored
-
-    t0 = time.perf_counter()
-    with restored(loaded.model):
-        quantize_model(loaded.model, loaded.inventory, the_plan, hessians=bench.hessians, cache=bench.gptq_cache,
-                       calib_windows=bench.calib_windows, progress=_tqdm(progress and the_plan.sequential),
-                       importance=loaded.importance)
-        t_quant = time.perf_counter() - t0
-        result = evaluate_windows(loaded.model, bench.windows, bench.reference, progress=_tqdm(progress), desc=desc)
-        other = {k: evaluate_windows(loaded.model, b.windows, b.reference).to_dict() for k, b in (others or {}).items()}
-    sizes = the_plan.sizes(loaded.inventory)
-    return {
-        **result.to_dict(),
-        **({"provenance": the_plan.provenance.to_dict()} if the_plan.provenance.to_dict() else {}),
-        **({"other_texts": other} if other else {}),
-        "bpw": sizes.quantized_bpw, "code_bpw": sizes.code_bpw, "model_bpw": sizes.model_bpw,
-        "model_mb": sizes.model_bytes / 1e6, "objective": the_plan.objective,
-        "options_used": sorted({o.name for o in the_plan.assignment.values()}),
-        "quantize_s": t_quant, "seconds": time.perf_counter() - t0,
-    }
-
-
-def reference_block(loaded: Loaded, eval_settings: EvalSettings, text_path: str | None, keep_bits: int,
-                    progress: bool, encoding: str = "utf-8") -> tuple[dict, EvalBench]:
-    text, label = eval_text(text_path, encoding)
-    if loaded.tokenizer is None:
-        raise BitallocError(f"{loaded.source.label} has no tokenizer files; evaluation on text needs one.")
-    windows = token_windows(loaded.tokenizer, text, eval_settings)
-    reference = reference_logprobs(loaded.model, windows, progress=_tqdm(progress))
-    inv = loaded.inventory
-    block = {
-        "model": loaded.source.label,
-        "model_note": "the reference is the model as loaded; for the embedded default its weights already sit on a "
-                      "4-bit grid (Q4_1 GGUF), not an fp16 original",
-        "text": label,
-        "eval": eval_settings.to_dict(),
-        "units": len(inv.units),
-        "quantized_numel": inv.quantized_numel,
-        "kept_numel": inv.kept_numel,
-        "bpw_note": "bpw: stored bits of the quantized units (codes + fp16 scales + fp16 zeros) / their weights; "
-                    "code_bpw: codes only; model_bpw and model_mb: whole model, kept tensors (embeddings, norms) "
-                    f"at {keep_bits} bits, tied tensors once",
-        "reference": {**reference_result(windows, reference).to_dict(),
-                      "model_mb": (inv.quantized_numel + inv.kept_numel) * 2 / 1e6, "model_mb_note": "at fp16"},
-    }
-    return block, EvalBench(windows, reference)
 
 
 def run(model: str | None = None, *, settings: PlanSettings, scorers: Sequence[str] | None = None,

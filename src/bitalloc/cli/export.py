@@ -77,22 +77,15 @@ def run(args) -> None:
 def _run_compressed(args, plan) -> None:
     """--to compressed-tensors: quantize per the plan (RTN or GPTQ, as it says) and write the folder."""
     from bitalloc import api
-    from bitalloc.cli.checks import CALIB_FLAGS, fill_defaults, given_flags
-    from bitalloc.cli.settings import notices
+    from bitalloc.cli.checks import fill_defaults
+    from bitalloc.cli.settings import notices, plan_calibration
     from bitalloc.export.compressed_tensors import MANIFEST, MANIFEST_FORMAT
     from bitalloc.fileio import check_output_dir
-    from bitalloc.quantizers import quantizer
 
     for path, flag in ((args.tensor_types, "--tensor-types"), (args.imatrix, "--imatrix")):
         if path:
             raise BitallocError(f"{flag} would be ignored: it belongs to --to gguf (llama-quantize's inputs).")
-    calibrated = quantizer(plan.quantizer).calibrated or plan.uses_importance
-    calib = given_flags(args, CALIB_FLAGS)
-    if calib and not calibrated:
-        raise BitallocError(f"{calib[0]} would be ignored: the plan {args.plan!r} quantizes by RTN without an "
-                            "importance matrix (it was made with --no-imatrix), which uses no calibration text.")
-    if not calib:
-        recorded_calibration(args, plan)
+    calibrated = plan_calibration(args, plan)
     fill_defaults(args)
     check_output_dir(args.out, MANIFEST, MANIFEST_FORMAT, flag="--out", overwrite=args.overwrite)
     settings, loaded = load_for_plan(args, plan, calibrated)

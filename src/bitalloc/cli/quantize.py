@@ -5,15 +5,9 @@ from __future__ import annotations
 import argparse
 
 import bitalloc.cli.argtypes as A
-from bitalloc.cli.checks import (
-    CALIB_FLAGS,
-    fill_defaults,
-    given_flags,
-)
+from bitalloc.cli.checks import fill_defaults
 from bitalloc.cli.options import MODEL_HELP, calib_args
-from bitalloc.cli.settings import load_for_plan, notices, recorded_calibration
-from bitalloc.errors import BitallocError
-from bitalloc.quantizers import quantizer
+from bitalloc.cli.settings import load_for_plan, notices, plan_calibration
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -34,13 +28,7 @@ def run(args) -> None:
     from bitalloc.plan import Plan
 
     plan = Plan.load(args.plan)
-    calib = given_flags(args, CALIB_FLAGS)
-    calibrated = quantizer(plan.quantizer).calibrated or plan.uses_importance
-    if calib and not calibrated:
-        raise BitallocError(f"{calib[0]} would be ignored: the plan {args.plan!r} quantizes by RTN without an "
-                            "importance matrix (it was made with --no-imatrix), which uses no calibration text.")
-    if not calib:
-        recorded_calibration(args, plan)
+    calibrated = plan_calibration(args, plan)
     fill_defaults(args)
     check_output_dir(args.out, MANIFEST, SAVED_FORMAT, flag="--out", overwrite=args.overwrite)
     settings, loaded = load_for_plan(args, plan, calibrated)

@@ -75,6 +75,23 @@ def recorded_calibration(args, plan) -> None:
         args.calib_text = recorded.text
 
 
+def plan_calibration(args, plan) -> bool:
+    """Whether quantizing ``plan`` reads calibration text (GPTQ, or RTN with the
+    importance matrix); calibration flags given for a plan that reads none are
+    refused, and flags not given take the values the plan records."""
+    from bitalloc.cli.checks import CALIB_FLAGS, given_flags
+    from bitalloc.quantizers import quantizer
+
+    calibrated = quantizer(plan.quantizer).calibrated or plan.uses_importance
+    calib = given_flags(args, CALIB_FLAGS)
+    if calib and not calibrated:
+        raise BitallocError(f"{calib[0]} would be ignored: the plan {args.plan!r} quantizes by RTN without an "
+                            "importance matrix (it was made with --no-imatrix), which uses no calibration text.")
+    if not calib:
+        recorded_calibration(args, plan)
+    return calibrated
+
+
 def eval_settings(args):
     from bitalloc.evaluate import EvalSettings
 
