@@ -97,17 +97,28 @@ def resolve_menu(inventory: Inventory, menu: MenuSettings) -> tuple[tuple[QuantO
     groups = menu.group_sizes
     if groups is None and menu.fine:
         groups = fine_group_sizes(inventory)
-    elif groups is None:
-        cols = {u.shape[1] for u in inventory.units}
-        groups = tuple(g for g in DEFAULT_GROUP_SIZES if g == 0 or all(c % g == 0 for c in cols))
-        dropped = sorted(set(DEFAULT_GROUP_SIZES) - set(groups))
-        if dropped:
-            notices.append(f"Group sizes {dropped} do not divide every unit's input size {sorted(cols)}; the menu uses {['channel' if g == 0 else g for g in groups]}.")
-    elif not menu.allow_ragged:
-        for u in inventory.units:
-            for g in groups:
-                group_count(u.shape[1], QuantOption(menu.bits[0], g), name=u.param)  # raises GroupSizeError
+    elif groups is None or not menu.allow_ragged:
+        groups = group_sizes_for(inventory, groups, DEFAULT_GROUP_SIZES, notices, "the menu")
     return build_menu(menu.bits, groups, menu.schemes), notices
+
+
+def group_sizes_for(inventory: Inventory, given, standard: tuple[int, ...], notices: list[str], menu: str):
+    """Group sizes named (each checked to divide every unit: GroupSizeError
+    names the first that does not) or, with none named, those of ``standard``
+    that divide every unit's input size (0, per channel, always), with a
+    notice for those left out."""
+    cols = sorted({u.shape[1] for u in inventory.units})
+    if given is not None:
+        for u in inventory.units:
+            for g in given:
+                group_count(u.shape[1], QuantOption(8, g), name=u.param)  # raises GroupSizeError
+        return tuple(given)
+    groups = tuple(g for g in standard if g == 0 or all(c % g == 0 for c in cols))
+    dropped = sorted(set(standard) - set(groups))
+    if dropped:
+        notices.append(f"Group sizes {dropped} do not divide every unit's input size {cols}; {menu} uses "
+                       f"{['channel' if g == 0 else g for g in groups]}.")
+    return groups
 
 
 FINE_GROUPS = tuple(range(32, 513, 16))  # candidate group sizes of --fine-groups
@@ -131,22 +142,12 @@ def vllm_menu(inventory: Inventory, menu: MenuSettings) -> tuple[tuple, list[str
     if not set(bits) <= set(WNA16_BITS):
         raise BitallocError(f"--format vllm offers {list(WNA16_BITS)} bits (vLLM's W4A16 and W8A16 kernels); "
                             f"--bits {','.join(map(str, bits))} asks for {sorted(set(bits) - set(WNA16_BITS))}.")
-    cols = sorted({u.shape[1] for u in inventory.units})
-    notices = []
-    if menu.group_sizes is None:
-        groups = tuple(g for g in WNA16_GROUP_SIZES if g == 0 or all(c % g == 0 for c in cols))
-        dropped = sorted(set(WNA16_GROUP_SIZES) - set(groups))
-        if dropped:
-            notices.append(f"Group sizes {dropped} do not divide every unit's input size {cols}; the vLLM menu uses "
-                           f"{['channel' if g == 0 else g for g in groups]}.")
-    else:
-        groups = tuple(menu.group_sizes)
-        if not set(groups) <= set(WNA16_GROUP_SIZES):
-            raise BitallocError(f"--format vllm takes group sizes {[g for g in WNA16_GROUP_SIZES if g]} or 0 (per "
-                                f"channel); --group-sizes asks for {sorted(set(groups) - set(WNA16_GROUP_SIZES))}.")
-        for u in inventory.units:
-            for g in groups:
-                group_count(u.shape[1], QuantOption(bits[0], g), name=u.param)  # raises GroupSizeError
+    given = menu.group_sizes
+    if given is not None and not set(given) <= set(WNA16_GROUP_SIZES):
+        raise BitallocError(f"--format vllm takes group sizes {[g for g in WNA16_GROUP_SIZES if g]} or 0 (per "
+                            f"channel); --group-sizes asks for {sorted(set(given) - set(WNA16_GROUP_SIZES))}.")
+    notices: list[str] = []
+    groups = group_sizes_for(inventory, given, WNA16_GROUP_SIZES, notices, "the vLLM menu")
     options = wna16_menu(bits, groups, menu.schemes)
     if "asym" in menu.schemes:
         notices.append("Asymmetric schemes store packed integer zero points, which vLLM reads; the transformers "
