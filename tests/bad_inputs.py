@@ -282,6 +282,21 @@ CASES = (
       "--tensor-types would be ignored"),
     C("export-ct-out-file", M + " export {vllm_plan} --to compressed-tensors --out {user_file}",
       "is an existing file"),
+    # ---- the KV cache -------------------------------------------------------------------
+    C("kv-codec-unknown", "kv --codecs int4,fp8", "Unknown KV cache codec 'fp8'"),
+    C("kv-ladder-unknown", "kv --ladder rot2,rot4,q3_k", "Unknown KV cache codec 'q3_k'"),
+    C("kv-budget-negative", "kv --budgets 3,-1", "got '-1'"),
+    C("kv-plan-missing", "kv --plan {missing}", "KV plan file .* does not exist"),
+    C("kv-plan-weights", "kv --plan {plan}", "is not a bitalloc KV cache plan"),
+    C("kv-plan-with-budgets", "kv --plan {kvplan_other} --budgets 3", "--budgets would be ignored"),
+    C("kv-llamacpp-not-gguf", "kv --llamacpp {text}", "is not a .gguf file"),
+    C("kv-llamacpp-hf-model", M + " kv --llamacpp --seq-len 64 --calib-seq-len 32 --out {newdir}",
+      "needs a .gguf model"),
+    C("kv-seq-len-too-long", M + " kv --out {newdir}", "--seq-len 2048 is longer than the model's position limit"),
+    C("kv-budget-infeasible", M + " kv --budgets 1 --codecs rot2,int8 --seq-len 64 --calib-seq-len 32 --out {newdir}",
+      r"below what the codecs .* reach at head dimension 16: \[3\.0000, 10\.0000\]", loads=True),
+    C("kv-plan-other-model", M + " kv --plan {kvplan_other} --out {newdir} --seq-len 32 --windows 1",
+      "The KV plan is for a cache of", loads=True),
     C("compare-gguf-budgets", "compare --format gguf --budgets 3.5", "--budgets would be ignored"),
     C("compare-presets-int", "compare --presets Q4_K_M", "--presets would be ignored"),
     C("compare-gguf-preset-unknown", "compare --format gguf --presets Q4_K_X --out {newdir}", "Unknown llama.cpp preset"),
@@ -397,6 +412,12 @@ def build_workspace(root: Path) -> dict[str, str]:
     k = "model.layers.0.self_attn.k_proj"
     untied["units"][k] = "w4a16-pc-sym" if untied["units"][k] != "w4a16-pc-sym" else "w4a16-g32-sym"
     ws["vllm_plan_untied"] = _write(root / "vllm-plan-untied.json", json.dumps(untied))
+    from bitalloc.kvcache.layout import KVLayout
+    from bitalloc.kvcache.plan import KVPlan
+
+    other_cache = KVLayout(5, 1, 64)
+    ws["kvplan_other"] = str(root / "kvplan-other.json")
+    KVPlan("another model", other_cache, {u: "rot3" for u in other_cache.units}, 3.25).save(ws["kvplan_other"])
     ws["q"] = str(root / "q")
     api.quantize(plan_path=ws["plan"], out=ws["q"], loaded=tiny, progress=False)
     for name, damage in (("q_flipped", "flip"), ("q_no_weights", "drop"), ("q_bad_manifest", "manifest")):

@@ -138,3 +138,34 @@ def test_gguf_plan_export_and_preset_compare_on_the_embedded_model(tmp_path, cap
     preset, mix = rows
     assert preset["method"] == "llama.cpp Q4_K_M" and mix["tensor_bytes"] <= preset["tensor_bytes"]
     assert 0 <= mix["kl"] < 1 and 0 <= preset["kl"] < 1 and mix["vs_preset"]
+
+
+def test_kv_cache_plan_and_llamacpp_pair_on_the_embedded_model(tmp_path, capsys):
+    """`bitalloc kv` on SmolLM2, a few tokens: the KV table from 180 probes, a plan within its budget whose
+    llama.cpp pair runs in llama.cpp, and the saved plan evaluated again by `kv --plan`."""
+    import json
+
+    from bitalloc.kvcache.plan import KVPlan
+
+    out = tmp_path / "kv"
+    small = ["--windows", "2", "--seq-len", "96", "--calib-windows", "1", "--calib-seq-len", "96"]
+    assert main(["--quiet", "kv", *small, "--budgets", "3.25", "--uniform", "rot3,q8_0", "--llamacpp",
+                 "--out", str(out)]) == 0, capsys.readouterr().err
+    report = json.loads((out / "kv.json").read_text())
+    assert report["layout"] == {"layers": 30, "kv_heads": 3, "head_dim": 64}
+    rows = {r["name"]: r for r in report["rows"]}
+    assert rows["rot3"]["bpe"] == 3.25 and rows["q8_0"]["bpe"] == 8.5 and rows["f16"]["kl"] < 1e-4
+    plan = KVPlan.load(str(out / "kvplan-3.25.json"))
+    assert plan.bpe <= 3.25 and rows["bitalloc 3.25"]["bpe"] == plan.bpe
+    assert rows["per-token 3.25"]["bpe"] <= 3.25
+    guard = rows["bitalloc 3.25"]["guard"]  # measured on calibration windows against the best uniform codec
+    assert guard["uniform"] == "rot3" and (guard["kept"] == "plan") == (guard["plan_kl"] < guard["uniform_kl"])
+    pairs = report["llamacpp"]["rows"]
+    assert {r["name"] for r in pairs} >= {"q8_0/q8_0", "q4_0/q4_0"} and sum(r["picked"] for r in pairs) == 1
+    assert all(r["bpe"] <= 6.5 or r["name"] == "q8_0/q8_0" for r in pairs)
+    assert all(0 <= r["kl"] < 1 for r in pairs)
+    again = tmp_path / "again"
+    assert main(["--quiet", "kv", "--plan", str(out / "kvplan-3.25.json"), "--uniform", "rot3", "--windows", "2",
+                 "--seq-len", "96", "--out", str(again)]) == 0, capsys.readouterr().err
+    replay = {r["name"]: r for r in json.loads((again / "kv.json").read_text())["rows"]}
+    assert replay["plan 3.25"]["kl"] == pytest.approx(rows["bitalloc 3.25"]["kl"], rel=1e-5)

@@ -1,4 +1,4 @@
-"""Command line: `bitalloc plan | quantize | export | eval | run | compare | demo`.
+"""Command line: `bitalloc plan | quantize | export | eval | run | compare | kv | demo`.
 
 One module per command (``cli/plan.py`` …), each with its ``add_parser``
 and its ``run``; ``COMMANDS`` is their registry. Every argument is checked
@@ -22,6 +22,7 @@ import bitalloc.cli.compare as compare
 import bitalloc.cli.demo as demo
 import bitalloc.cli.eval as eval_
 import bitalloc.cli.export as export
+import bitalloc.cli.kv as kv
 import bitalloc.cli.plan as plan
 import bitalloc.cli.quantize as quantize
 import bitalloc.cli.run as run_
@@ -35,7 +36,7 @@ class Command(NamedTuple):
 
 
 COMMANDS = {module.__name__.rpartition(".")[2]: Command(module.add_parser, module.run)
-            for module in (plan, quantize, export, eval_, run_, compare, demo)}
+            for module in (plan, quantize, export, eval_, run_, compare, kv, demo)}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,7 +25,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Callable, Iterable
@@ -169,7 +169,7 @@ class LlamaCpp:
         except LlamaCppCrash as crash:
             if not (crash.signal_name == "SIGILL" and "AMX" in self._system_info and self.options.extra_bufts):
                 raise
-            self.options = Options(n_threads=self.options.n_threads, extra_bufts=False)
+            self.options = replace(self.options, extra_bufts=False)
             self.notices.append(f"llama.cpp crashed with an illegal instruction in a library built with AMX; it "
                                 f"runs here without its extra buffer types (AMX, weight repacking), slower. "
                                 f"{REBUILD_HINT}")
@@ -199,6 +199,11 @@ class LlamaCpp:
         return self._system_info.strip()
 
     # ---- what callers use ----------------------------------------------------
+    def set_cache(self, cache_type_k: str = "f16", cache_type_v: str = "f16", *, flash_attn: bool = True) -> None:
+        """Run later requests with these K and V cache types (``--cache-type-k/-v``) and flash attention."""
+        self.options = replace(self.options, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
+                               flash_attn=flash_attn)
+
     def logprobs(self, gguf: str | os.PathLike, windows: torch.Tensor, *, desc: str = "llama.cpp") -> StoredLogprobs:
         """The file's log-probabilities on ``windows`` (B, T) token ids, stored on disk."""
         path = _existing(gguf)

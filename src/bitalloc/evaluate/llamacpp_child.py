@@ -22,10 +22,20 @@ import numpy as np
 class Options:
     n_threads: int = 2
     extra_bufts: bool = True  # llama.cpp's extra buffer types: weight repacking and, where compiled, AMX
+    cache_type_k: str = "f16"  # --cache-type-k: the type of the cached keys
+    cache_type_v: str = "f16"  # --cache-type-v
+    flash_attn: bool = False  # llama.cpp needs it for a quantized V cache
 
 
 class RequestError(Exception):
     """A failure to report to the parent as one line (not a crash)."""
+
+
+def _ggml_type(llama_cpp, name: str) -> int:
+    value = getattr(llama_cpp, f"GGML_TYPE_{name.upper()}", None)
+    if value is None:
+        raise RequestError(f"This llama.cpp has no cache type {name!r}.")
+    return int(value)
 
 
 class _Model:
@@ -44,8 +54,12 @@ class _Model:
         ctx_params.n_ctx = ctx_params.n_batch = ctx_params.n_ubatch = n_ctx
         ctx_params.n_threads = ctx_params.n_threads_batch = options.n_threads
         ctx_params.no_perf = True
-        # flash attention off, as llama-cpp-python's Llama has it: attention in F32 over the F16 cache
-        ctx_params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        # flash attention off by default, as llama-cpp-python's Llama has it: attention in F32 over the F16
+        # cache; the KV cache comparisons turn it on for every row (a quantized V cache requires it)
+        ctx_params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if options.flash_attn \
+            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        ctx_params.type_k = _ggml_type(llama_cpp, options.cache_type_k)
+        ctx_params.type_v = _ggml_type(llama_cpp, options.cache_type_v)
         self.ctx = llama_cpp.llama_init_from_model(self.model, ctx_params)
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)

@@ -65,7 +65,7 @@ class CalibrationProbe:
         self._cache: dict[tuple[str, str], torch.Tensor] = {}
         self.current: dict[str, QuantOption | None] = {u.name: None for u in inventory.units}
         self.ref_logp = self._logprobs()  # (B, T-1, V) of the model as loaded
-        self.stack = _block_stack(model, inventory)
+        self.stack = block_stack(model, inventory)
         self._inputs: dict[int, torch.Tensor] = {}
         self.tail_ok = False
 
@@ -190,7 +190,7 @@ class CalibrationProbe:
             handle.remove()
 
 
-def _block_stack(model: nn.Module, inventory: Inventory) -> tuple[nn.Module, nn.ModuleList, str] | None:
+def block_stack(model: nn.Module, inventory: Inventory) -> tuple[nn.Module, nn.ModuleList, str] | None:
     """(parent module, its ModuleList of decoder blocks, attribute name), from
     the unit names ``<stack>.<i>.<rest>``; None when there is no one stack."""
     name = group_by_block(inventory.units).stack
