@@ -105,7 +105,8 @@ def _refuse_ignored(args) -> None:
 def run(args) -> None:
 
     from bitalloc import api
-    from bitalloc.compare.kv import KVCompareSettings, compare_kv, evaluate_plan, markdown, write_outputs
+    from bitalloc.compare.kv import KVCompareSettings, compare_kv, evaluate_plan
+    from bitalloc.compare.kv_report import markdown, write_outputs
     from bitalloc.evaluate import EvalSettings
     from bitalloc.evaluate.rows import eval_text
     from bitalloc.fileio import check_output_dir

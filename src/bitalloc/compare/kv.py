@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from bitalloc.compare.report import versus, with_ci
+from bitalloc.compare.report import versus
 from bitalloc.errors import BitallocError, InfeasibleBudgetError
 from bitalloc.evaluate import (
     EvalSettings,
@@ -26,9 +26,9 @@ from bitalloc.evaluate import (
     token_windows,
 )
 from bitalloc.evaluate.probe import block_stack
+from bitalloc.evaluate.rows import progress_bar
 from bitalloc.evaluate.stats import method_note
 from bitalloc.evaluate.text import calibration_text
-from bitalloc.fileio import write_atomic, write_json
 from bitalloc.formats.kv import DEFAULT_MENU, KVCodec, parse_codec
 from bitalloc.kvcache.allocate import (
     LLAMACPP_TYPES,
@@ -90,14 +90,6 @@ def check_budgets(layout: KVLayout, menu: list[KVCodec], budgets) -> None:
                                     "it or add a cheaper codec.")
 
 
-def _progress(enabled: bool) -> Callable | None:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return lambda it, **kw: tqdm(it, leave=False, **kw)
-
-
 def _row(model, layout: KVLayout, windows: torch.Tensor, reference: list, assign: Callable, desc: str,
          progress: Callable | None) -> dict:
     t0 = time.perf_counter()
@@ -142,7 +134,7 @@ def compare_kv(loaded, settings: KVCompareSettings, *, calib_text_path: str | No
     """Everything ``bitalloc kv`` measures; ``loaded`` is an ``api.Loaded``,
     ``eval_text`` (text, label). Plans are written to ``out_dir`` as they are made."""
     t_start = time.perf_counter()
-    bar = _progress(progress)
+    bar = progress_bar(progress)
     model, tok = loaded.model, loaded.tokenizer
     if tok is None:
         raise BitallocError(f"{loaded.source.label} has no tokenizer files; the KV comparison runs on text.")
@@ -152,13 +144,8 @@ def compare_kv(loaded, settings: KVCompareSettings, *, calib_text_path: str | No
     scored = menu + [parse_codec(t) for t in LLAMACPP_TYPES if settings.llamacpp_gguf
                      and parse_codec(t) not in menu and parse_codec(t).available(layout.head_dim)]
     calib_label = calib_text_path or "gensim enwiki sample, calibration half (odd-numbered articles)"
-    calib = spread_windows(tok, calibration_text(calib_text_path, encoding), settings.calib)
-    windows = token_windows(tok, eval_text[0], settings.eval)
-    seconds: dict[str, float] = {}
-    t0 = time.perf_counter()
-    calib_ref = reference_logprobs(model, calib, progress=bar)
-    ref = reference_logprobs(model, windows, progress=bar)
-    seconds["reference"] = time.perf_counter() - t0
+    calib, calib_ref, windows, ref, seconds = _references(model, tok, settings, calib_text_path, encoding,
+                                                          eval_text[0], bar)
     table = build_table(model, layout, calib, scored, settings.scorer, calib_ref, progress=bar,
                         stack=block_stack(model, loaded.inventory))
     seconds.update({f"table_{k}": v for k, v in (table.seconds or {}).items()})
@@ -179,26 +166,8 @@ def compare_kv(loaded, settings: KVCompareSettings, *, calib_text_path: str | No
     t0 = time.perf_counter()
     rows.extend(uniform_rows(model, layout, windows, ref, settings, bar))
     seconds["uniform_rows"] = time.perf_counter() - t0
-    uniform_kl: dict[str, float] = {}
-    for budget in settings.budgets:
-        t0 = time.perf_counter()
-        plan = plan_for_budget(model, layout, menu_table, budget, calib, calib_ref, loaded.source.label, uniform_kl)
-        seconds[f"plan_{budget}"] = time.perf_counter() - t0
-        if out_dir:
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
-            plan.save(str(Path(out_dir) / f"kvplan-{budget:g}.json"))
-        assignment = KVAssignment.per_unit(layout, plan.codecs)
-        t0 = time.perf_counter()
-        rows.append({"method": "bitalloc", "name": f"bitalloc {budget:g}", "budget_bpe": budget,
-                     "guard": plan.guard, **_static(layout, plan.codecs, settings.context),
-                     "heatmap": _heatmap(layout, plan), **_row(model, layout, windows, ref,
-                                                              lambda ids, a=assignment: a, f"plan {budget:g}", bar)})
-        seconds[f"plan_row_{budget}"] = time.perf_counter() - t0
-        if settings.token_policy:
-            try:
-                rows.append(_policy_row(model, layout, tok, calib, windows, ref, budget, settings, bar))
-            except BitallocError as e:  # this ladder cannot reach the budget: the other rows still stand
-                report["notices"].append(f"no per-token row at {budget:g} bits: {' '.join(str(e).split())}")
+    _budget_rows(model, tok, loaded.source.label, layout, menu_table, settings, (calib, calib_ref), (windows, ref),
+                 report, out_dir, bar)
     if settings.llamacpp_gguf:
         t0 = time.perf_counter()
         report["llamacpp"] = llamacpp_pairs(settings.llamacpp_gguf, layout, table, settings.llamacpp_budget,
@@ -209,6 +178,40 @@ def compare_kv(loaded, settings: KVCompareSettings, *, calib_text_path: str | No
     report["method_note"] = method_note(settings.eval.windows, int(report["reference"]["tokens"]),
                                         baseline="the best uniform codec within the same budget")
     return report
+
+
+def _budget_rows(model, tok, label: str, layout: KVLayout, menu_table: KVTable, settings: KVCompareSettings,
+                 calib_pair: tuple, eval_pair: tuple, report: dict, out_dir: str | None, bar: Callable | None) -> None:
+    """For each budget: the plan (saved to ``out_dir``), its row and the per-token row, into ``report``."""
+    (calib, calib_ref), (windows, ref) = calib_pair, eval_pair
+    rows, seconds = report["rows"], report["seconds"]
+    uniform_kl: dict[str, float] = {}
+    for budget in settings.budgets:
+        t0 = time.perf_counter()
+        plan = plan_for_budget(model, layout, menu_table, budget, calib, calib_ref, label, uniform_kl)
+        seconds[f"plan_{budget}"] = time.perf_counter() - t0
+        if out_dir:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            plan.save(str(Path(out_dir) / f"kvplan-{budget:g}.json"))
+        t0 = time.perf_counter()
+        rows.append(plan_row(model, layout, plan, windows, ref, settings.context, f"bitalloc {budget:g}", bar))
+        seconds[f"plan_row_{budget}"] = time.perf_counter() - t0
+        if settings.token_policy:
+            try:
+                rows.append(_policy_row(model, layout, tok, calib, windows, ref, budget, settings, bar))
+            except BitallocError as e:  # this ladder cannot reach the budget: the other rows still stand
+                report["notices"].append(f"no per-token row at {budget:g} bits: {' '.join(str(e).split())}")
+
+
+def _references(model, tok, settings: KVCompareSettings, calib_text_path: str | None, encoding: str, text: str,
+                bar: Callable | None) -> tuple:
+    """(calibration windows, their float32-cache log-probs, evaluation windows, theirs, seconds)."""
+    calib = spread_windows(tok, calibration_text(calib_text_path, encoding), settings.calib)
+    windows = token_windows(tok, text, settings.eval)
+    t0 = time.perf_counter()
+    calib_ref = reference_logprobs(model, calib, progress=bar)
+    ref = reference_logprobs(model, windows, progress=bar)
+    return calib, calib_ref, windows, ref, {"reference": time.perf_counter() - t0}
 
 
 def uniform_rows(model, layout: KVLayout, windows: torch.Tensor, ref: list, settings: KVCompareSettings,
@@ -229,7 +232,7 @@ def uniform_rows(model, layout: KVLayout, windows: torch.Tensor, ref: list, sett
 def evaluate_plan(loaded, plan: KVPlan, settings: KVCompareSettings, *, eval_text: tuple[str, str],
                   progress: bool = True) -> dict:
     """A saved KV plan on the evaluation windows, beside f16 and the uniform codecs."""
-    bar = _progress(progress)
+    bar = progress_bar(progress)
     model, tok = loaded.model, loaded.tokenizer
     if tok is None:
         raise BitallocError(f"{loaded.source.label} has no tokenizer files; the KV evaluation runs on text.")
@@ -246,16 +249,22 @@ def evaluate_plan(loaded, plan: KVPlan, settings: KVCompareSettings, *, eval_tex
                     "calib": {"windows": 0, "seq_len": 0}, "calibration_text": "(the plan's)",
                     "reference": {**reference_result(windows, ref).to_dict(), "cache": "float32 (as computed)"},
                     "rows": uniform_rows(model, layout, windows, ref, settings, bar)}
-    assignment = KVAssignment.per_unit(layout, plan.codecs)
-    report["rows"].append({"method": "bitalloc", "name": f"plan {plan.budget_bpe:g}", "budget_bpe": plan.budget_bpe,
-                           "guard": plan.guard, **_static(layout, plan.codecs, settings.context),
-                           "heatmap": _heatmap(layout, plan),
-                           **_row(model, layout, windows, ref, lambda ids: assignment, "plan", bar)})
+    report["rows"].append(plan_row(model, layout, plan, windows, ref, settings.context,
+                                   f"plan {plan.budget_bpe:g}", bar))
     _verdicts(report)
     report["seconds"] = {"total": time.perf_counter() - t0}
     report["method_note"] = method_note(settings.eval.windows, int(report["reference"]["tokens"]),
                                         baseline="the best uniform codec within the same budget")
     return report
+
+
+def plan_row(model, layout: KVLayout, plan: KVPlan, windows: torch.Tensor, ref: list, context: int, name: str,
+             bar: Callable | None) -> dict:
+    """One plan evaluated on the windows, with its bits, guard record and the per-unit bits for the figure."""
+    assignment = KVAssignment.per_unit(layout, plan.codecs)
+    return {"method": "bitalloc", "name": name, "budget_bpe": plan.budget_bpe, "guard": plan.guard,
+            **_static(layout, plan.codecs, context), "heatmap": _heatmap(layout, plan),
+            **_row(model, layout, windows, ref, lambda ids: assignment, name, bar)}
 
 
 def _sub_table(table: KVTable, names: list[str]) -> KVTable:
@@ -318,7 +327,7 @@ def llamacpp_pairs(gguf: str, layout: KVLayout, table: KVTable, budget: float, w
     if same:
         rows_to_run[f"{same[0].k}/{same[0].v}"] = same[0]
     rows_to_run[f"{chosen.k}/{chosen.v}"] = chosen
-    with LlamaCpp(progress=_progress(progress)) as runner:
+    with LlamaCpp(progress=progress_bar(progress)) as runner:
         runner.set_cache("f16", "f16", flash_attn=True)
         reference = runner.logprobs(gguf, windows, desc="llama.cpp f16 cache")
         rows = []
@@ -339,86 +348,3 @@ def llamacpp_pairs(gguf: str, layout: KVLayout, table: KVTable, budget: float, w
                           for e, p in ranked[:8]],
             "reference": "the same GGUF in llama.cpp with an f16 cache (flash attention on in every row)",
             "rows": rows, "runtime": info}
-
-
-# ---- outputs ------------------------------------------------------------------------------------
-
-def markdown(report: dict) -> str:
-    lines = [f"# KV cache: {report['model']}", "",
-             f"Text: {report['text']}; {report['eval']['windows']} windows of {report['eval']['seq_len']} tokens. "
-             f"Scorer {report['scorer']} (probe {report['probe']}), calibration {report['calib']['windows']} × "
-             f"{report['calib']['seq_len']} tokens of {report['calibration_text']}.", "",
-             f"Reference (float32 cache): ppl {with_ci(report['reference'], 'ppl')}", "",
-             f"| row | bpe | cache MB @ {report['context']} | ppl | KL | top-1 | vs best uniform within budget |",
-             "|---|---|---|---|---|---|---|"]
-    for r in report["rows"]:
-        vs = r.get("vs_uniform")
-        vs_text = "" if not vs else f"{vs['verdict']} vs {vs['baseline']} (KL {100 * vs['kl_change']:+.1f} %)"
-        if r.get("vs_plan"):
-            vs_text += f"; {r['vs_plan']['verdict']} vs {r['vs_plan']['baseline']}"
-        lines.append(f"| {r['name']} | {r['bpe']:.3f} | {r['cache_mb']:.1f} | {with_ci(r, 'ppl')} | "
-                     f"{with_ci(r, 'kl', 4)} | {with_ci(r, 'top1')} | {vs_text} |")
-    if "llamacpp" in report:
-        lc = report["llamacpp"]
-        lines += ["", f"llama.cpp ({lc['reference']}), budget {lc['budget_bpe']} bits per value; bitalloc picks "
-                      f"`{lc['picked']['flags']}`", "", "| K/V | bpe | ppl | KL | top-1 | picked pair vs this |",
-                  "|---|---|---|---|---|---|"]
-        for r in lc["rows"]:
-            lines.append(f"| {r['name']}{' (picked)' if r['picked'] else ''} | {r['bpe']:.3f} | {with_ci(r, 'ppl')} | "
-                         f"{with_ci(r, 'kl', 4)} | {with_ci(r, 'top1')} | {r.get('picked_vs_this', '')} |")
-    lines += ["", report.get("method_note", "")]
-    return "\n".join(lines) + "\n"
-
-
-def figure(report: dict):
-    """Left: KL against bits per value (uniform codecs, plans, per-token rows). Right: the bits of each
-    unit in the first plan (layers × heads, keys then values)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plans = [r for r in report["rows"] if r["method"] == "bitalloc"]
-    fig, axes = plt.subplots(1, 2 if plans else 1, figsize=(13 if plans else 7, 5), squeeze=False)
-    ax = axes[0][0]
-    styles = {"uniform": dict(color="black", marker="s", linestyle="none"),
-              "bitalloc": dict(color="tab:blue", marker="o", linestyle="-"),
-              "per-token": dict(color="tab:orange", marker="^", linestyle="-")}
-    for method, style in styles.items():
-        pts = sorted((r["bpe"], max(r["kl"], 1e-6), r["name"]) for r in report["rows"] if r["method"] == method)
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=method, **style)
-            if method == "uniform":
-                for x, y, name in pts:
-                    ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_yscale("log")
-    ax.set_xlabel("stored bits per cached value (scales and norms included)")
-    ax.set_ylabel("KL to the float32 cache, nats/token (log)")
-    ax.set_title(f"KV cache at {report['eval']['seq_len']} tokens")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    if plans:
-        heat = plans[0]["heatmap"]
-        grid = np.concatenate([np.array(heat["k"]), np.array(heat["v"])], axis=1)  # (layers, 2 * heads)
-        im = axes[0][1].imshow(grid.T, aspect="auto", cmap="viridis", origin="lower")
-        heads = len(heat["k"][0])
-        axes[0][1].set_yticks(range(2 * heads), [f"{k} h{h}" for k in "kv" for h in range(heads)], fontsize=7)
-        axes[0][1].set_xlabel("layer")
-        axes[0][1].set_title(f"{plans[0]['name']}: bits per value of each unit")
-        fig.colorbar(im, ax=axes[0][1])
-    fig.suptitle(report["model"], fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def write_outputs(report: dict, out_dir: str) -> list[str]:
-    import matplotlib.pyplot as plt
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "kv.json", report)
-    write_atomic(out / "kv.md", lambda tmp: Path(tmp).write_text(markdown(report)))
-    fig = figure(report)
-    write_atomic(out / "kv.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    return [str(out / n) for n in ("kv.json", "kv.md", "kv.png")]
