@@ -297,6 +297,17 @@ CASES = (
       r"below what the codecs .* reach at head dimension 16: \[3\.0000, 10\.0000\]", loads=True),
     C("kv-plan-other-model", M + " kv --plan {kvplan_other} --out {newdir} --seq-len 32 --windows 1",
       "The KV plan is for a cache of", loads=True),
+    C("stream-probe-scorer", "plan --stream --scorer kl --bpw 4 --out {new}", "--stream scores from the weights alone"),
+    C("stream-gptq", "plan --stream --quantizer gptq --bpw 4 --out {new}", "--stream quantizes without calibration"),
+    C("stream-refine", "plan --stream --refine-rounds 1 --bpw 4 --out {new}", "--refine-rounds needs them"),
+    C("stream-hub-id", "plan --stream --model someorg/some-model --bpw 4 --out {new}", "--stream reads local files"),
+    C("stream-bin-weights", "plan --stream --model {bin_weights} --bpw 4 --out {new}",
+      "holds no .safetensors weights", loads=True),
+    C("stream-missing-tensor", "plan --stream --model {lacking_st} --bpw 4 --out {new}",
+      "lacks the tensor 'model.layers.1.mlp.down_proj.weight'", loads=True),
+    C("stream-truncated-shard", "plan --stream --model {truncated_st} --bpw 4 --out {new}", "damaged or truncated"),
+    C("stream-quantize-imatrix-plan", "quantize --stream --plan {plan} --out {newdir}",
+      "--stream quantizes without calibration; the plan .* needs an importance matrix"),
     C("compare-gguf-budgets", "compare --format gguf --budgets 3.5", "--budgets would be ignored"),
     C("compare-presets-int", "compare --presets Q4_K_M", "--presets would be ignored"),
     C("compare-gguf-preset-unknown", "compare --format gguf --presets Q4_K_X --out {newdir}", "Unknown llama.cpp preset"),
@@ -372,6 +383,22 @@ def build_workspace(root: Path) -> dict[str, str]:
         if data is not None:
             (folder / "model.safetensors").write_bytes(data)
         ws[name] = str(folder)
+
+    from safetensors.torch import load_file, save_file
+
+    lacking = root / "lacking_st"  # a checkpoint without one tensor its config calls for
+    lacking.mkdir()
+    (lacking / "config.json").write_text((root / "tiny" / "config.json").read_text())
+    tensors = load_file(str(root / "tiny" / "model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if k != "model.layers.1.mlp.down_proj.weight"},
+              str(lacking / "model.safetensors"))
+    ws["lacking_st"] = str(lacking)
+    (root / "bin_weights").mkdir()  # a checkpoint in pytorch_model.bin only
+    (root / "bin_weights" / "config.json").write_text((root / "tiny" / "config.json").read_text())
+    import torch
+
+    torch.save(tensors, root / "bin_weights" / "pytorch_model.bin")
+    ws["bin_weights"] = str(root / "bin_weights")
 
     tiny, other = api.load(ws["tiny"]), api.load(ws["other"])
     from bitalloc.calib.grams import CalibSettings

@@ -76,12 +76,47 @@ class Loaded:
     source: ModelSource
     inventory: Inventory
     importance: dict | None = None  # unit -> (in,) mean squared input (llama.cpp's imatrix)
+    weights: object = None  # a streamed model: its WeightSource (``model`` is then a skeleton without weights)
 
 
-def load(model: str | None = None, *, embeddings: bool = False) -> Loaded:
+def load(model: str | None = None, *, embeddings: bool = False, stream: bool = False,
+         progress: bool = True) -> Loaded:
+    """The model and its units; with ``stream``, a skeleton without weights
+    and a reader that takes them from disk one tensor at a time."""
     source = resolve_source(model)
+    if stream:
+        from bitalloc.model.loading import load_tokenizer
+        from bitalloc.model.source import check_streamable_source, open_source, skeleton, streamed_inventory
+
+        check_streamable_source(source)
+        m = skeleton(source)
+        weights = open_source(source, m)
+        inventory = streamed_inventory(m, weights, embeddings=embeddings, progress=_tqdm(progress))
+        return Loaded(m, load_tokenizer(source), source, inventory, weights=weights)
     m, tok = load_model(source)
     return Loaded(m, tok, source, find_units(m, embeddings=embeddings))
+
+
+def _with_embeddings(loaded: Loaded) -> Inventory:
+    """The inventory with the embedding and output units (a streamed model keeps its identity: it holds no weights)."""
+    return find_units(loaded.model, embeddings=True,
+                      content_id=loaded.inventory.content_id if loaded.weights is not None else None)
+
+
+def check_streamable(settings: PlanSettings) -> PlanSettings:
+    """A streamed model is planned from its weights alone: a data-free
+    scorer, RTN, no importance matrix, no guard or refinement (they run the
+    model); anything else is refused by name."""
+    if SCORERS[settings.scorer].calibrated:
+        data_free = sorted(n for n, s in SCORERS.items() if not s.calibrated)
+        raise BitallocError(f"--stream scores from the weights alone; the {settings.scorer} scorer needs calibration "
+                            f"forwards through the whole model. Use one of {data_free}, or drop --stream.")
+    if quantizer(settings.quantizer).calibrated:
+        raise BitallocError(f"--stream quantizes without calibration; --quantizer {settings.quantizer} needs it. "
+                            "Use --quantizer rtn, or drop --stream.")
+    if settings.refine.rounds:
+        raise BitallocError("--stream plans without forward passes; --refine-rounds needs them. Drop one of the two.")
+    return replace(settings, menu=replace(settings.menu, imatrix=False), guard=False)
 
 
 def prepare(loaded: Loaded, settings: PlanSettings, progress: bool = True) -> tuple[Loaded, PlanSettings]:
@@ -91,8 +126,10 @@ def prepare(loaded: Loaded, settings: PlanSettings, progress: bool = True) -> tu
     the importance matrix from the calibration text, taken from the model as
     loaded (integer options: for the weighted clipping search; a model without
     a tokenizer has no text to calibrate on and is quantized without it)."""
+    if loaded.weights is not None:
+        settings = check_streamable(settings)
     if settings.menu.embeddings and not loaded.inventory.embedding_units:
-        loaded = replace(loaded, inventory=find_units(loaded.model, embeddings=True), importance=None)
+        loaded = replace(loaded, inventory=_with_embeddings(loaded), importance=None)
     if settings.menu.keep_type:
         options, _ = resolve_menu(loaded.inventory, settings.menu)
         rules = keep_type_rules(loaded.inventory, settings.menu, options)
@@ -157,7 +194,8 @@ def scoring_context(loaded: Loaded, settings: PlanSettings, options: Sequence[Qu
                           calib=settings.calib, settings=settings.scorer_settings,
                           allow_ragged=settings.menu.allow_ragged, progress=_tqdm(progress),
                           quantizer=settings.quantizer, act_order=settings.act_order,
-                          importance=loaded.importance if settings.menu.imatrix else None)
+                          importance=loaded.importance if settings.menu.imatrix else None,
+                          weights=loaded.weights.weight if loaded.weights is not None else None)
 
 
 def solve_plan(inventory: Inventory, table: ErrorTable, settings: PlanSettings, model_label: str) -> Plan:
@@ -256,12 +294,22 @@ def quantize(model: str | None = None, *, plan_path: str, out: str, progress: bo
     if the_plan.model_content and the_plan.model_content != loaded.inventory.content_id:
         notices.append("The plan was made on another checkpoint of this architecture (its weights differ); its "
                        "allocation is applied as it is.")
-    calibration = _calibration_for(loaded, the_plan, settings, progress)
-    stored = quantize_model(loaded.model, loaded.inventory, the_plan, progress=_tqdm(progress), **calibration)
-    if to == "compressed-tensors":
-        folder = save_compressed(out, loaded.model, loaded.tokenizer, loaded.inventory, the_plan, stored, plan_path)
+    if loaded.weights is not None:  # one tensor resident at a time
+        from bitalloc.quantizers.apply import quantize_streamed
+
+        if to != "native":
+            raise BitallocError("--stream writes bitalloc's own folder; export a compressed-tensors folder without "
+                                "--stream.")
+        stored = quantize_streamed(loaded.weights.weight, loaded.inventory, the_plan, progress=_tqdm(progress))
+        folder = save_quantized(out, loaded.model, loaded.tokenizer, loaded.inventory, the_plan, stored,
+                                kept_tensor=loaded.weights.parameter)
     else:
-        folder = save_quantized(out, loaded.model, loaded.tokenizer, loaded.inventory, the_plan, stored)
+        calibration = _calibration_for(loaded, the_plan, settings, progress)
+        stored = quantize_model(loaded.model, loaded.inventory, the_plan, progress=_tqdm(progress), **calibration)
+        if to == "compressed-tensors":
+            folder = save_compressed(out, loaded.model, loaded.tokenizer, loaded.inventory, the_plan, stored, plan_path)
+        else:
+            folder = save_quantized(out, loaded.model, loaded.tokenizer, loaded.inventory, the_plan, stored)
     sizes = the_plan.sizes(loaded.inventory)
     return {"out": str(folder), "file_bytes": (folder / "model.safetensors").stat().st_size, "sizes": sizes.to_dict(),
             "notices": notices}
@@ -270,7 +318,7 @@ def quantize(model: str | None = None, *, plan_path: str, out: str, progress: bo
 def with_plan_units(loaded: Loaded, the_plan: Plan) -> Loaded:
     """The inventory a plan was made on: with the embedding units if it plans them."""
     if set(the_plan.assignment) - {u.name for u in loaded.inventory.units} and not loaded.inventory.embedding_units:
-        return replace(loaded, inventory=find_units(loaded.model, embeddings=True), importance=None)
+        return replace(loaded, inventory=_with_embeddings(loaded), importance=None)
     return loaded
 
 

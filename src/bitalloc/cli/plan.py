@@ -26,6 +26,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                                           "calibration objective was still falling) instead of the "
                                                           "table's plan: its recorded rounds are kept, new ones "
                                                           "appended; same model, menu and budget")
+    sp.add_argument("--stream", action="store_true",
+                    help="read the weights from disk one tensor at a time instead of loading the model (a model "
+                         "larger than memory; safetensors shards or a GGUF file): data-free scorers, RTN, no "
+                         "importance matrix, no guard")
     sp.add_argument("--out", help="where to write the plan (JSON)")
     sp.add_argument("--dry-run", action="store_true", help="print sizes and the feasible range; write nothing")
     sp.add_argument("--json", help="also write the summary as JSON here")
@@ -84,7 +88,13 @@ def run(args) -> None:
     check_output_file(args.save_table, "bitalloc.error-table", flag="--save-table", overwrite=args.overwrite)
     settings = plan_settings(args, args.bpw)
     start = _refine_start(args, settings)
-    loaded = api.load(args.model, embeddings=settings.menu.embeddings)
+    if args.stream:  # before the model is read
+        from bitalloc.model.loading import resolve_source
+        from bitalloc.model.source import check_streamable_source
+
+        settings = api.check_streamable(settings)
+        check_streamable_source(resolve_source(args.model))
+    loaded = api.load(args.model, embeddings=settings.menu.embeddings, stream=args.stream, progress=not args.quiet)
     notices(loaded.inventory.notices)
     if args.dry_run:
         return _dry_run(loaded, settings, args)

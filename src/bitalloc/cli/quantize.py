@@ -8,6 +8,8 @@ import bitalloc.cli.argtypes as A
 from bitalloc.cli.checks import fill_defaults
 from bitalloc.cli.options import MODEL_HELP, calib_args
 from bitalloc.cli.settings import load_for_plan, notices, plan_calibration
+from bitalloc.errors import BitallocError
+from bitalloc.quantizers import quantizer
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -16,6 +18,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     sq.add_argument("--plan", required=True, help="plan.json from `bitalloc plan` (it names the quantizer)")
     sq.add_argument("--out", required=True, help="output folder (a new folder, or one bitalloc wrote; replaced "
                                                  "atomically)")
+    sq.add_argument("--stream", action="store_true",
+                    help="read the weights from disk one tensor at a time (a model larger than memory): plans "
+                         "without calibration (RTN, no importance matrix)")
     calib_args(sq)
     sq.add_argument("--encoding", type=A.encoding, help="encoding of a --calib-text file (default utf-8)")
     return sq
@@ -28,6 +33,10 @@ def run(args) -> None:
     from bitalloc.plan import Plan
 
     plan = Plan.load(args.plan)
+    if args.stream and (plan.uses_importance or quantizer(plan.quantizer).calibrated):
+        raise BitallocError(f"--stream quantizes without calibration; the plan {args.plan!r} needs "
+                            f"{'an importance matrix' if plan.uses_importance else 'GPTQ calibration'}. Plan with "
+                            "--stream, or drop --stream here.")
     calibrated = plan_calibration(args, plan)
     fill_defaults(args)
     check_output_dir(args.out, MANIFEST, SAVED_FORMAT, flag="--out", overwrite=args.overwrite)

@@ -121,6 +121,6 @@ def load_for_plan(args, plan, calibrated: bool):
     read_texts(args)
     settings = api.PlanSettings(plan.budget, calib_text=args.calib_text, text_encoding=args.encoding,
                                 calib=CalibSettings(args.calib_windows, args.calib_seq_len))
-    loaded = api.load(args.model)
+    loaded = api.load(args.model, stream=getattr(args, "stream", False), progress=not args.quiet)
     notices(loaded.inventory.notices)
     return settings, loaded

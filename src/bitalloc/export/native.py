@@ -21,8 +21,9 @@ from bitalloc.formats.affine import QuantOption
 from bitalloc.formats.affine_rtn import (
     QuantizedWeight,
     dequantize,
+    PackedWeight,
     group_bits_of,
-    pack_weight_codes,
+    packed_weight,
     unpack_weight_codes,
 )
 from bitalloc.model.units import (
@@ -41,7 +42,7 @@ SAVED_FORMAT = "bitalloc.quantized"
 SAVED_VERSION = 1
 
 
-def _unit_record(unit: Unit, qw: QuantizedWeight) -> dict:
+def _unit_record(unit: Unit, qw: QuantizedWeight | PackedWeight) -> dict:
     return {"param": unit.param, "shape": list(unit.shape), "index": unit.index, "transposed": unit.transposed,
             **({"rows": list(unit.rows)} if unit.rows else {}),
             "option": qw.option.name, "column_bits": None if qw.column_bits is None else list(qw.column_bits)}
@@ -51,21 +52,24 @@ MANIFEST = "bitalloc.json"  # written last; lists every other file with its sha2
 
 
 def save_quantized(out_dir: str, model, tokenizer, inventory: Inventory, plan: Plan,
-                   stored: dict[str, QuantizedWeight]) -> Path:
+                   stored: dict[str, QuantizedWeight | PackedWeight], kept_tensor=None) -> Path:
     """Write the folder atomically (a temporary folder, then an atomic swap);
-    the same inputs give the same bytes in every file."""
+    the same inputs give the same bytes in every file. ``kept_tensor(name)``
+    reads a kept parameter where ``model`` holds none (a streamed skeleton)."""
     from safetensors.torch import save_file
+
+    kept_tensor = kept_tensor or (lambda name: model.get_parameter(name).detach())
 
     tensors: dict[str, torch.Tensor] = {}
     for unit in inventory.units:
-        qw = stored[unit.name]
-        tensors[f"{unit.name}.qweight"] = torch.from_numpy(pack_weight_codes(qw))
+        qw = packed_weight(stored[unit.name])  # a streamed model's units come packed
+        tensors[f"{unit.name}.qweight"] = torch.from_numpy(qw.packed)
         tensors[f"{unit.name}.scales"] = qw.scales.contiguous()
         if qw.zeros is not None:
             tensors[f"{unit.name}.zeros"] = qw.zeros.contiguous()
     dtype = keep_dtype(plan.keep_bits)
     for kept in inventory.kept:
-        tensors[kept.name] = model.get_parameter(kept.name).detach().to(dtype).contiguous()
+        tensors[kept.name] = kept_tensor(kept.name).to(dtype).contiguous()
     meta = {
         "format": SAVED_FORMAT,
         "version": SAVED_VERSION,

@@ -267,6 +267,24 @@ def pack_weight_codes(qw: QuantizedWeight) -> np.ndarray:
     return np.concatenate([pack_bits(codes[:, k * g : (k + 1) * g], b) for k, b in enumerate(qw.column_bits)])
 
 
+@dataclass(frozen=True)
+class PackedWeight:
+    """A QuantizedWeight with its codes bit-packed (``pack_weight_codes``): what
+    a saved folder stores, an eighth of the unpacked codes' memory at 1 bit."""
+
+    packed: np.ndarray  # uint8
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    option: AffineSpec
+    column_bits: tuple[int, ...] | None = None
+
+
+def packed_weight(qw: "QuantizedWeight | PackedWeight") -> PackedWeight:
+    if isinstance(qw, PackedWeight):
+        return qw
+    return PackedWeight(pack_weight_codes(qw), qw.scales, qw.zeros, qw.option, qw.column_bits)
+
+
 def unpack_weight_codes(packed: np.ndarray, shape: tuple[int, int], option: AffineSpec,
                         column_bits: tuple[int, ...] | None) -> np.ndarray:
     rows, cols = shape

@@ -119,16 +119,25 @@ def content_identity(model: nn.Module) -> str:
     sample of CONTENT_SAMPLE values plus the float64 sum and sum of squares of
     the whole tensor, so that any checkpoint with other weights (a fine-tune,
     another quantization) gets another identity without hashing every byte."""
-    h = hashlib.sha256(model_identity(model).encode())
+    return content_identity_of(model_identity(model), sorted(model.named_parameters(), key=lambda kv: kv[0]))
+
+
+def content_identity_of(architecture: str, named_tensors) -> str:
+    """``content_identity`` from the architecture's identity and the
+    (name, tensor) pairs in name order; a streamed source passes them one
+    at a time."""
+    h = hashlib.sha256(architecture.encode())
     with torch.no_grad():
-        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        for name, p in named_tensors:
             flat = p.detach().reshape(-1)
             step = max(1, flat.numel() // CONTENT_SAMPLE)
             sample = flat[::step][:CONTENT_SAMPLE].float().contiguous()
             h.update(name.encode())
             h.update(sample.numpy().tobytes())
-            whole = flat.double()
-            h.update(f"{float(whole.sum()):.17g},{float((whole * whole).sum()):.17g};".encode())
+            whole = flat.to(torch.float64, copy=True)  # a copy even of a float64 tensor: squared in place below
+            total = float(whole.sum())
+            squares = float(whole.mul_(whole).sum())  # in place: one float64 copy of a large embedding, not two
+            h.update(f"{total:.17g},{squares:.17g};".encode())
     return h.hexdigest()[:16]
 
 
@@ -142,8 +151,9 @@ def _excluded(name: str, spec: ArchSpec) -> bool:
     return any(fnmatch.fnmatchcase(name, pat) for pat in spec.exclude)
 
 
-def _embedding_ptrs(model: nn.Module) -> set[int]:
-    return {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)}
+def _embedding_params(model: nn.Module) -> set[int]:
+    """The token embeddings' parameters (by identity: a skeleton on the meta device has no storage to compare)."""
+    return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
 
 
 def embedding_units(model: nn.Module) -> list[Unit]:
@@ -166,10 +176,12 @@ def embedding_units(model: nn.Module) -> list[Unit]:
     return units
 
 
-def find_units(model: nn.Module, *, embeddings: bool = False) -> Inventory:
+def find_units(model: nn.Module, *, embeddings: bool = False, content_id: str | None = None) -> Inventory:
     """Walk ``named_modules``; use the architecture table for ties, experts,
     exclusions and a check that expected projections were found. With
-    ``embeddings``, the token embedding and output matrix are units too."""
+    ``embeddings``, the token embedding and output matrix are units too.
+    ``content_id``: the weights' identity where the model holds none (a
+    skeleton on the meta device, its weights streamed from disk)."""
     from transformers.pytorch_utils import Conv1D
 
     model_type = getattr(getattr(model, "config", None), "model_type", None) or "unknown"
@@ -181,11 +193,11 @@ def find_units(model: nn.Module, *, embeddings: bool = False) -> Inventory:
             "nn.Linear/Conv1D modules (no tie groups, no fused experts)."
         )
         spec = GENERIC
-    embed_ptrs = _embedding_ptrs(model)
+    embed_params = _embedding_params(model)
     units: list[Unit] = []
     for mname, module in model.named_modules():
         if _is_linear(module) and not _excluded(mname, spec):
-            if module.weight.data_ptr() in embed_ptrs:
+            if id(module.weight) in embed_params:
                 continue  # a head tied to the embedding is kept with it
             transposed = isinstance(module, Conv1D)
             rows, cols = module.weight.shape
@@ -215,7 +227,7 @@ def find_units(model: nn.Module, *, embeddings: bool = False) -> Inventory:
         identity=model_identity(model),
         notices=tuple(notices),
         more_bits=_more_bits(units, spec),
-        content_id=content_identity(model),
+        content_id=content_id or content_identity(model),
         embedding_units=tuple(u.name for u in found if u in units),
     )
 

@@ -14,6 +14,7 @@ from bitalloc.errors import BitallocError
 from bitalloc.formats.affine_rtn import (
     QuantizedWeight,
     dequantize,
+    packed_weight,
 )
 from bitalloc.model.units import (
     Inventory,
@@ -85,6 +86,21 @@ def quantize_model(model, inventory: Inventory, plan: Plan, *, hessians: dict[st
     return stored
 
 
+def quantize_streamed(weight: Callable[[Unit], torch.Tensor], inventory: Inventory, plan: Plan, *,
+                      progress: Callable | None = None) -> dict:
+    """The stored form of every unit of a data-free plan, codes bit-packed,
+    each weight read from disk by ``weight(unit)`` and dropped once stored:
+    the model is never resident (``model.source``). Calibrated plans (GPTQ, importance
+    matrix) need forward passes and are refused."""
+    plan.check_model(inventory)
+    if quantizer(plan.quantizer).calibrated or plan.uses_importance:
+        raise BitallocError("A streamed model is quantized without calibration: this plan needs "
+                            f"{'GPTQ' if quantizer(plan.quantizer).calibrated else 'an importance matrix'}. Plan with "
+                            "--stream (RTN, no importance matrix), or quantize without --stream.")
+    units = progress(inventory.units, desc="quantizing (streamed)", unit="tensor") if progress else inventory.units
+    return {unit.name: packed_weight(store_unit(weight(unit), unit, plan)) for unit in units}
+
+
 def dequantized(stored) -> torch.Tensor:
     """Float32 (out, in) weight from any stored form (integer codes or ggml bytes)."""
     if isinstance(stored, QuantizedWeight):
@@ -95,11 +111,16 @@ def dequantized(stored) -> torch.Tensor:
 
 
 def _quantize_unit(model, unit: Unit, plan: Plan, H: torch.Tensor | None, importance: torch.Tensor | None = None):
-    """The stored form of one unit: integer codes (RTN, or GPTQ given the
-    unit's Hessian; a token embedding read by lookup has none and is rounded
-    to nearest, which is what GPTQ does without input correlation), or ggml's
-    bytes for a GGUF type."""
-    W = get_weight(model, unit)  # (out, in)
+    """The stored form of one unit of the loaded model (``store_unit``)."""
+    return store_unit(get_weight(model, unit), unit, plan, H, importance)
+
+
+def store_unit(W: torch.Tensor, unit: Unit, plan: Plan, H: torch.Tensor | None = None,
+               importance: torch.Tensor | None = None):
+    """The stored form of one unit's (out, in) weight: integer codes (RTN, or
+    GPTQ given the unit's Hessian; a token embedding read by lookup has none
+    and is rounded to nearest, which is what GPTQ does without input
+    correlation), or ggml's bytes for a GGUF type."""
     check_finite(W, unit)
     opt, bits = plan.assignment[unit.name], plan.column_bits.get(unit.name)
     if not opt.is_affine:  # a GGUF type: ggml's quantizer

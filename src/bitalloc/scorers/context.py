@@ -82,8 +82,11 @@ class ScoringContext:
     def __init__(self, model, tokenizer, inventory, options: Sequence[QuantOption], *, calib_text: str | None = None,
                  calib: CalibSettings = CalibSettings(), settings: ScorerSettings = ScorerSettings(),
                  allow_ragged: bool = False, progress: Callable | None = None, quantizer: str = "rtn",
-                 act_order: bool = False, importance: dict[str, torch.Tensor] | None = None):
+                 act_order: bool = False, importance: dict[str, torch.Tensor] | None = None,
+                 weights: Callable | None = None):
         self.model, self.tokenizer, self.inventory = model, tokenizer, inventory
+        # unit -> its (out, in) float32 weight: from the loaded model, or read from disk (a streamed source)
+        self.weight = weights or (lambda unit: get_weight(model, unit))
         self.quantizer = quantizer  # the kl probes quantize as the plan will: RTN, or GPTQ with the unit's Hessian
         self.act_order = act_order and _quantizer(quantizer).orders_columns  # GPTQ's column order, as the plan's
         self.options = tuple(options)
@@ -163,7 +166,7 @@ class ScoringContext:
 
     @cached_property
     def norms(self) -> np.ndarray:
-        return np.array([float((get_weight(self.model, u).double() ** 2).sum()) for u in self.inventory.units])
+        return np.array([float((self.weight(u).double() ** 2).sum()) for u in self.inventory.units])
 
     def _sweep(self, kinds: list[str]) -> None:
         """Fill the reductions ``kinds`` for every unit and option: read from
@@ -176,7 +179,7 @@ class ScoringContext:
                                 f"embedding {lookup[0]!r} is read by lookup and has none. Use rtn-mse, rtn-mse-rel, "
                                 "taylor, kl or linearity, or keep the embedding out of the plan.")
         for unit in units:  # also where every row is cached: weights changed in place keep their content id
-            check_finite(get_weight(self.model, unit), unit)
+            check_finite(self.weight(unit), unit)
         paths = {k: self._sweep_cache(k) for k in kinds}
         names = {u.name for u in units}
         done = {k: _cached_measurements(paths[k], names, len(self.options), SWEEP_FORMAT_VERSION) for k in kinds}
@@ -196,7 +199,7 @@ class ScoringContext:
         extra = {"obs": lambda: self.obs_weights, "output": lambda: self.hessians, "taylor": lambda: self.gradients}
         data = {k: extra[k]()[unit.name] for k in kinds if k in extra}
         out = {k: [float("nan")] * len(self.options) for k in kinds}
-        W = get_weight(self.model, unit)  # (out, in)
+        W = self.weight(unit)  # (out, in)
         for j, opt in enumerate(self.options):
             imp = self.importance_of(unit, opt)
             if not fits(W.shape, opt, allow_ragged=self.allow_ragged) or imp is _MISSING:

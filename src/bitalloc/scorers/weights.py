@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from bitalloc.model.units import get_weight
 from bitalloc.scorers.alpha import alpha_importance, unit_alpha
 from bitalloc.scorers.context import ScoringContext, make_table
 from bitalloc.table import WEIGHT_ERROR_IMPORTANCE, ErrorTable
@@ -18,14 +17,14 @@ def score_weight_error(ctx: ScoringContext, name: str) -> ErrorTable:
 
 def alphas(ctx: ScoringContext) -> np.ndarray:
     s = ctx.settings
-    return np.array([unit_alpha(get_weight(ctx.model, u), fit=s.alpha_fit, farms=s.alpha_farms, seed=s.seed + i)
+    return np.array([unit_alpha(ctx.weight(u), fit=s.alpha_fit, farms=s.alpha_farms, seed=s.seed + i)
                      for i, u in enumerate(ctx.iterate(ctx.inventory.units, "alpha (spectra)"))])
 
 
 def score_alpha(ctx: ScoringContext, name: str) -> ErrorTable:
     importance = alpha_importance(alphas(ctx), ctx.settings.alpha_gamma)
     if name == "alpha":  # the paper: Var(W) 2^(-2b), blind to group size and overhead
-        var = np.array([float(get_weight(ctx.model, u).double().var()) for u in ctx.inventory.units])
+        var = np.array([float(ctx.weight(u).double().var()) for u in ctx.inventory.units])
         bits = np.array([o.bits for o in ctx.options], dtype=float)
         distortion = var[:, None] * 2.0 ** (-2 * bits)[None, :]
         distortion[np.isnan(ctx.reductions(["mse"])["mse"])] = np.nan
