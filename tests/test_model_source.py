@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import char_tokenizer, tiny_llama
+from test_model_units import SMALL, build
 
 from bitalloc import api
 from bitalloc.model.loading import resolve_source
 from bitalloc.model.source import open_source, skeleton, streamed_inventory
 from bitalloc.model.units import find_units, get_weight
-from conftest import char_tokenizer, tiny_llama
-from test_model_units import SMALL, build
 
 HERE = Path(__file__).resolve().parent
 

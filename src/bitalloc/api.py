@@ -32,6 +32,7 @@ from bitalloc.model.units import Inventory, find_units
 from bitalloc.plan import Plan
 from bitalloc.quantizers import quantizer
 from bitalloc.scorers import SCORERS, ScorerSettings, ScoringContext, check_scorer, score
+from bitalloc.scorers.distributed import RaySettings, ray_runner
 from bitalloc.solve.baselines import llama_rule_plan, uniform_plan  # noqa: F401  (public API)
 from bitalloc.solve.problem import Budget, Constraints, build_problem
 from bitalloc.solve.refine import RefineSettings, finish_plan, make_probe, start_plan
@@ -56,6 +57,7 @@ class PlanSettings:
     text_encoding: str = "utf-8"  # of calib_text (and, in run, of the evaluation text)
     refine: RefineSettings = field(default_factory=lambda: RefineSettings(rounds=0))  # rounds=0: no refinement
     guard: bool = True  # keep the uniform plan of the same size when the allocation measures worse
+    ray: RaySettings | None = None  # the weight-error sweep as Ray tasks (a streamed model)
 
     def __post_init__(self) -> None:
         check_scorer(self.scorer)
@@ -189,13 +191,19 @@ def scoring_context(loaded: Loaded, settings: PlanSettings, options: Sequence[Qu
                     progress: bool = True) -> ScoringContext:
     if options is None:
         options, _ = resolve_menu(loaded.inventory, settings.menu)
+    runner = None
+    if settings.ray is not None:
+        if loaded.weights is None:
+            raise BitallocError("--ray runs the sweep in workers that read the weights from disk themselves: add "
+                                "--stream.")
+        runner = ray_runner(loaded.source, settings.ray)
     text = calibration_text(settings.calib_text, settings.text_encoding) if loaded.tokenizer is not None else None
     return ScoringContext(loaded.model, loaded.tokenizer, loaded.inventory, options, calib_text=text,
                           calib=settings.calib, settings=settings.scorer_settings,
                           allow_ragged=settings.menu.allow_ragged, progress=_tqdm(progress),
                           quantizer=settings.quantizer, act_order=settings.act_order,
                           importance=loaded.importance if settings.menu.imatrix else None,
-                          weights=loaded.weights.weight if loaded.weights is not None else None)
+                          weights=loaded.weights.weight if loaded.weights is not None else None, runner=runner)
 
 
 def solve_plan(inventory: Inventory, table: ErrorTable, settings: PlanSettings, model_label: str) -> Plan:

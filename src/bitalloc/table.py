@@ -21,7 +21,7 @@ from bitalloc.model.units import Inventory
 from bitalloc.schema import check_header, need, number_list
 
 TABLE_FORMAT = "bitalloc.error-table"
-TABLE_VERSION = 2  # 2: model_identity is the content hash
+TABLE_VERSION = 3  # 2: model_identity is the content hash; 3: that hash the same on any thread count
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     help="read the weights from disk one tensor at a time instead of loading the model (a model "
                          "larger than memory; safetensors shards or a GGUF file): data-free scorers, RTN, no "
                          "importance matrix, no guard")
+    sp.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                    help="with --stream: run the weight-error sweep as Ray tasks, on a local cluster (no ADDRESS) or "
+                         "the one at ADDRESS ('auto', host:port; every node must see the model at the same path); "
+                         "needs pip install 'bitalloc[ray]'")
+    sp.add_argument("--ray-workers", type=A.positive_int(1024), help="Ray workers (default 2)")
+    sp.add_argument("--ray-threads", type=A.positive_int(256),
+                    help="torch threads (and Ray CPUs) per worker (default 1)")
     sp.add_argument("--out", help="where to write the plan (JSON)")
     sp.add_argument("--dry-run", action="store_true", help="print sizes and the feasible range; write nothing")
     sp.add_argument("--json", help="also write the summary as JSON here")
@@ -88,6 +95,19 @@ def run(args) -> None:
     check_output_file(args.save_table, "bitalloc.error-table", flag="--save-table", overwrite=args.overwrite)
     settings = plan_settings(args, args.bpw)
     start = _refine_start(args, settings)
+    if args.ray is not None:
+        from dataclasses import replace
+
+        from bitalloc.scorers.distributed import RaySettings, import_ray
+
+        if not args.stream:
+            raise BitallocError("--ray runs the sweep in workers that read the weights from disk themselves: add "
+                                "--stream.")
+        import_ray()  # installed, before anything is read
+        address = None if args.ray == "local" else args.ray
+        settings = replace(settings, ray=RaySettings(address, args.ray_workers or 2, args.ray_threads or 1))
+    elif _given(args, "ray_workers") or _given(args, "ray_threads"):
+        raise BitallocError("--ray-workers/--ray-threads would be ignored without --ray. Add --ray or drop them.")
     if args.stream:  # before the model is read
         from bitalloc.model.loading import resolve_source
         from bitalloc.model.source import check_streamable_source

@@ -19,9 +19,9 @@ from bitalloc.fileio import dumps_json, file_digest, read_json, replace_dir_atom
 from bitalloc.formats import parse_option
 from bitalloc.formats.affine import QuantOption
 from bitalloc.formats.affine_rtn import (
+    PackedWeight,
     QuantizedWeight,
     dequantize,
-    PackedWeight,
     group_bits_of,
     packed_weight,
     unpack_weight_codes,

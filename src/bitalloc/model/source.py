@@ -36,7 +36,7 @@ class WeightSource:
 
     label: str
 
-    def keys(self) -> set[str]:  # the checkpoint's tensor names (model parameter names)
+    def keys(self) -> frozenset[str]:  # the checkpoint's tensor names
         raise NotImplementedError
 
     def read(self, key: str) -> torch.Tensor:  # one stored tensor, float32, a fresh copy
@@ -91,7 +91,11 @@ class WeightSource:
             W = self.read(key)
         else:
             W = unit_view(self.parameter(unit.param), unit)
-        return (W.t() if unit.transposed else W).float().contiguous().clone()
+        W = W.t() if unit.transposed else W
+        if tuple(W.shape) != unit.shape:
+            raise BitallocError(f"The checkpoint {self.label} holds {unit.name!r} as {list(W.shape)}, but its config "
+                                f"gives {list(unit.shape)}. It is damaged or belongs to another architecture.")
+        return W.clone(memory_format=torch.contiguous_format) if W._base is not None else W.contiguous()
 
     def named_parameters(self, names) -> Iterator[tuple[str, torch.Tensor]]:
         for name in names:
@@ -138,14 +142,15 @@ class SafetensorsSource(WeightSource):
             for f in sorted(self.folder.glob("*.safetensors")):
                 with safe_open(str(f), framework="pt") as h:
                     self._where.update({k: f for k in h.keys()})
+        self._keys = frozenset(self._where)
         if not self._where:
             raise BitallocError(f"The folder {self.label!r} holds no .safetensors weights; streaming reads safetensors "
                                 "shards or a GGUF file. Convert .bin weights with save_pretrained(safe_serialization=True).")
         self._file: Path | None = None
         self._handle = None
 
-    def keys(self) -> set[str]:
-        return set(self._where)
+    def keys(self) -> frozenset[str]:
+        return self._keys
 
     def read(self, key: str) -> torch.Tensor:
         f = self._where[key]
@@ -181,19 +186,31 @@ class GGUFSource(WeightSource):
         self._data = np.memmap(path, mode="r")
         hf_names = gguf_names(model, self._processor)  # gguf name -> model parameter name
         self._tensors = {hf_names[t.name]: t for t in header.tensors if t.name in hf_names}
+        self._keys = frozenset(self._tensors)
 
-    def keys(self) -> set[str]:
-        return set(self._tensors)
+    def keys(self) -> frozenset[str]:
+        return self._keys
 
     def read(self, key: str) -> torch.Tensor:
         from gguf import GGMLQuantizationType, dequantize
 
         info = self._tensors[key]
         kind = GGMLQuantizationType(info.type_id)
-        raw = self._data[info.offset:info.offset + info.n_bytes]
-        result = self._processor.process(weights=dequantize(_typed(raw, kind, info.shape), kind), name=info.name,
-                                         tensor_key_mapping={}, parsed_parameters={})
-        return torch.from_numpy(np.copy(result.weights)).to(torch.float32)
+        data = _typed(self._data[info.offset:info.offset + info.n_bytes], kind, info.shape)
+        if data.ndim == 2 and data.shape[0] > _ROWS:  # row by row block: gguf-py's temporaries stay small
+            weights = np.empty(tuple(reversed(info.shape)), dtype=np.float32)
+            for at in range(0, data.shape[0], _ROWS):
+                weights[at:at + _ROWS] = dequantize(data[at:at + _ROWS], kind)
+        else:
+            weights = dequantize(data, kind)
+        out = self._processor.process(weights=weights, name=info.name, tensor_key_mapping={},
+                                      parsed_parameters={}).weights
+        if not (out.dtype == np.float32 and out.flags.owndata and out.flags.writeable):
+            out = np.array(out, dtype=np.float32)  # a view of the mapped file, or a reordered view: copied
+        return torch.from_numpy(out)
+
+
+_ROWS = 4096  # rows of a large GGUF tensor dequantized at a time
 
 
 def _typed(raw: np.ndarray, kind, shape: tuple[int, ...]) -> np.ndarray:

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import math
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -112,6 +114,7 @@ def model_identity(model: nn.Module) -> str:
 
 
 CONTENT_SAMPLE = 4096  # values hashed per tensor
+CONTENT_CHUNK = 1 << 20  # values summed at a time (float64, numpy's pairwise sum: the same on any thread count)
 
 
 def content_identity(model: nn.Module) -> str:
@@ -125,8 +128,11 @@ def content_identity(model: nn.Module) -> str:
 def content_identity_of(architecture: str, named_tensors) -> str:
     """``content_identity`` from the architecture's identity and the
     (name, tensor) pairs in name order; a streamed source passes them one
-    at a time."""
-    h = hashlib.sha256(architecture.encode())
+    at a time. The sums are taken chunk by chunk in float64 and the chunks'
+    sums added exactly (``math.fsum``): the same identity on any number of
+    threads (torch's own reductions split by thread), and a float64 copy of
+    one chunk, not of a whole embedding."""
+    h = hashlib.sha256(("content-v2|" + architecture).encode())
     with torch.no_grad():
         for name, p in named_tensors:
             flat = p.detach().reshape(-1)
@@ -134,11 +140,21 @@ def content_identity_of(architecture: str, named_tensors) -> str:
             sample = flat[::step][:CONTENT_SAMPLE].float().contiguous()
             h.update(name.encode())
             h.update(sample.numpy().tobytes())
-            whole = flat.to(torch.float64, copy=True)  # a copy even of a float64 tensor: squared in place below
-            total = float(whole.sum())
-            squares = float(whole.mul_(whole).sum())  # in place: one float64 copy of a large embedding, not two
-            h.update(f"{total:.17g},{squares:.17g};".encode())
+            h.update(f"{stable_sum(flat):.17g},{stable_sum(flat, squared=True):.17g};".encode())
     return h.hexdigest()[:16]
+
+
+def stable_sum(t: torch.Tensor, *, squared: bool = False) -> float:
+    """The sum of ``t``'s values (or of their squares) in float64, the same
+    on any number of threads (torch's reductions split the work by thread,
+    which changes the last bits): numpy's pairwise sum over fixed chunks of
+    CONTENT_CHUNK values, the chunks' sums added exactly; one chunk is
+    copied to float64 at a time."""
+    flat, parts = t.detach().reshape(-1), []
+    for at in range(0, flat.numel(), CONTENT_CHUNK):
+        chunk = flat[at:at + CONTENT_CHUNK].double().numpy()
+        parts.append(float(np.sum(chunk * chunk if squared else chunk)))
+    return math.fsum(parts)
 
 
 def _is_linear(module: nn.Module) -> bool:

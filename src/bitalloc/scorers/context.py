@@ -22,14 +22,14 @@ from bitalloc.fileio import write_json
 from bitalloc.formats import fits
 from bitalloc.formats.affine import QuantOption
 from bitalloc.formats.affine_rtn import SCALE_SEARCH_VERSION, fake_quantize
-from bitalloc.model.units import check_finite, get_weight
+from bitalloc.model.units import check_finite, get_weight, stable_sum
 from bitalloc.quantizers import quantizer as _quantizer
 from bitalloc.quantizers import stored_weight
 from bitalloc.quantizers.gptq import inverse_hessian_factor
 from bitalloc.table import ErrorTable
 
 PROBE_FORMAT_VERSION = 2  # 2: the reference is taken before any weight changes (v1 was not)
-SWEEP_FORMAT_VERSION = 1  # cache files of the weight-error sweep
+SWEEP_FORMAT_VERSION = 2  # cache files of the weight-error sweep; 2: sums the same on any thread count
 _MISSING = object()  # a format needs an importance vector that this unit lacks
 
 
@@ -83,10 +83,12 @@ class ScoringContext:
                  calib: CalibSettings = CalibSettings(), settings: ScorerSettings = ScorerSettings(),
                  allow_ragged: bool = False, progress: Callable | None = None, quantizer: str = "rtn",
                  act_order: bool = False, importance: dict[str, torch.Tensor] | None = None,
-                 weights: Callable | None = None):
+                 weights: Callable | None = None, runner: Callable | None = None):
         self.model, self.tokenizer, self.inventory = model, tokenizer, inventory
         # unit -> its (out, in) float32 weight: from the loaded model, or read from disk (a streamed source)
         self.weight = weights or (lambda unit: get_weight(model, unit))
+        # runner(units, kinds, options, allow_ragged) -> (unit, rows, ||W||^2): the sweep in other processes (Ray)
+        self.runner = runner
         self.quantizer = quantizer  # the kl probes quantize as the plan will: RTN, or GPTQ with the unit's Hessian
         self.act_order = act_order and _quantizer(quantizer).orders_columns  # GPTQ's column order, as the plan's
         self.options = tuple(options)
@@ -97,6 +99,7 @@ class ScoringContext:
         self.importance = importance or {}
         self.notices: list[str] = []  # what calibration could not measure, for the report
         self._reductions: dict[str, np.ndarray] = {}
+        self._norms_seen: dict[str, float] = {}  # unit -> ||W||^2, as the sweep reads each weight
 
     def iterate(self, items, desc: str):
         return self.progress(items, desc=desc, unit="tensor") if self.progress else items
@@ -166,7 +169,9 @@ class ScoringContext:
 
     @cached_property
     def norms(self) -> np.ndarray:
-        return np.array([float((self.weight(u).double() ** 2).sum()) for u in self.inventory.units])
+        seen = self._norms_seen  # filled by the sweep, which reads every weight anyway
+        return np.array([seen[u.name] if u.name in seen else stable_sum(self.weight(u), squared=True)
+                         for u in self.inventory.units])
 
     def _sweep(self, kinds: list[str]) -> None:
         """Fill the reductions ``kinds`` for every unit and option: read from
@@ -178,15 +183,23 @@ class ScoringContext:
             raise BitallocError(f"The hessian and output scorers need every unit's input Gram matrix; the token "
                                 f"embedding {lookup[0]!r} is read by lookup and has none. Use rtn-mse, rtn-mse-rel, "
                                 "taylor, kl or linearity, or keep the embedding out of the plan.")
-        for unit in units:  # also where every row is cached: weights changed in place keep their content id
-            check_finite(self.weight(unit), unit)
         paths = {k: self._sweep_cache(k) for k in kinds}
         names = {u.name for u in units}
         done = {k: _cached_measurements(paths[k], names, len(self.options), SWEEP_FORMAT_VERSION) for k in kinds}
         todo = [i for i, u in enumerate(units) if any(u.name not in done[k] for k in kinds)]
-        for n, i in enumerate(self.iterate(todo, "scoring (RTN errors)") if todo else ()):
-            for k, row in self._unit_errors(units[i], kinds).items():
-                done[k][units[i].name] = row
+        for i in sorted(set(range(len(units))) - set(todo)):  # cached rows: weights changed in place keep their id
+            check_finite(self.weight(units[i]), units[i])
+        todo_units = [units[i] for i in todo]
+        if self.runner is not None and todo_units:
+            results = self.runner(todo_units, kinds, self.options, self.allow_ragged)
+        else:
+            results = ((u.name, self._unit_errors(u, kinds), self._norms_seen[u.name]) for u in todo_units)
+        shown = self.progress(results, desc="scoring (RTN errors)", unit="tensor", total=len(todo)) \
+            if self.progress and todo else results
+        for n, (name, rows, norm2) in enumerate(shown):
+            self._norms_seen[name] = norm2
+            for k, row in rows.items():
+                done[k][name] = row
             if n % 10 == 9 or n == len(todo) - 1:
                 for k in kinds:
                     write_json(paths[k], {"version": SWEEP_FORMAT_VERSION, "units": done[k]})
@@ -199,16 +212,18 @@ class ScoringContext:
         extra = {"obs": lambda: self.obs_weights, "output": lambda: self.hessians, "taylor": lambda: self.gradients}
         data = {k: extra[k]()[unit.name] for k in kinds if k in extra}
         out = {k: [float("nan")] * len(self.options) for k in kinds}
-        W = self.weight(unit)  # (out, in)
+        W = self.weight(unit)  # (out, in): read once (a streamed model reads it from disk)
+        check_finite(W, unit)
+        self._norms_seen[unit.name] = stable_sum(W, squared=True)
         for j, opt in enumerate(self.options):
             imp = self.importance_of(unit, opt)
             if not fits(W.shape, opt, allow_ragged=self.allow_ragged) or imp is _MISSING:
                 continue
             dW = W - fake_quantize(W, opt, allow_ragged=self.allow_ragged, importance=imp)  # (out, in)
-            sq = dW.double() ** 2
+            sq = dW.double() ** 2 if "obs" in kinds else None
             for k in kinds:
                 if k == "mse":
-                    out[k][j] = float(sq.sum())
+                    out[k][j] = stable_sum(dW, squared=True)
                 elif k == "obs":
                     out[k][j] = 0.5 * float((sq.sum(0) * data["obs"].double()).sum())
                 elif k == "output":
