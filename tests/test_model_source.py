@@ -70,7 +70,7 @@ def test_a_checkpoint_with_other_weights_has_another_identity(tmp_path):
     assert ids[0] == find_units(tiny_llama(seed=0)).content_id
 
 
-def test_streamed_plan_and_folder_equal_the_in_memory_ones(tmp_path):
+def test_streamed_plan_and_folder_equal_the_in_memory_ones(tmp_path, monkeypatch):
     """In-process, the whole pipeline: same table, plan file and quantized
     folder byte for byte (the sweep caches apart, so both measure)."""
     folder = tmp_path / "model"
@@ -78,7 +78,7 @@ def test_streamed_plan_and_folder_equal_the_in_memory_ones(tmp_path):
     char_tokenizer().save_pretrained(folder)
     out = {}
     for mode in ("memory", "stream"):
-        os.environ["BITALLOC_CACHE"] = str(tmp_path / f"cache-{mode}")
+        monkeypatch.setenv("BITALLOC_CACHE", str(tmp_path / f"cache-{mode}"))
         stream = mode == "stream"
         loaded = api.load(str(folder), stream=stream, progress=False)
         settings = api.PlanSettings(api.Budget(3.5), guard=False, menu=api.MenuSettings(imatrix=False))
@@ -88,7 +88,6 @@ def test_streamed_plan_and_folder_equal_the_in_memory_ones(tmp_path):
                      progress=False)
         out[mode] = [(tmp_path / f"plan-{mode}.json").read_bytes(), (tmp_path / f"table-{mode}.json").read_bytes()]
         out[mode] += [(tmp_path / f"q-{mode}" / f).read_bytes() for f in ("model.safetensors", "bitalloc.json")]
-    del os.environ["BITALLOC_CACHE"]
     assert out["memory"] == out["stream"]
 
 

@@ -33,6 +33,7 @@ def _checkpoint(path, **overrides):
 
 
 def _table(folder: str, tmp_path, name: str, ray_settings: RaySettings | None):
+    before = os.environ.get("BITALLOC_CACHE")
     os.environ["BITALLOC_CACHE"] = str(tmp_path / f"cache-{name}")  # each measures afresh
     try:
         loaded = api.load(folder, stream=True, progress=False)
@@ -42,7 +43,10 @@ def _table(folder: str, tmp_path, name: str, ray_settings: RaySettings | None):
                  progress=False)
         return out.read_bytes()
     finally:
-        del os.environ["BITALLOC_CACHE"]
+        if before is None:
+            del os.environ["BITALLOC_CACHE"]
+        else:
+            os.environ["BITALLOC_CACHE"] = before
 
 
 def test_two_ray_workers_give_the_single_process_table(cluster, tmp_path):
