@@ -16,12 +16,17 @@ from bitalloc.evaluate import (
     EvalSettings,
     reference_logprobs,
     token_windows,
-    window_logprobs,
 )
 from bitalloc.evaluate import (
     evaluate as evaluate_windows,
 )
-from bitalloc.evaluate.rows import EvalBench, eval_text, plan_row, reference_block  # noqa: F401  (public API)
+from bitalloc.evaluate.rows import (  # noqa: F401  (public API)
+    EvalBench,
+    eval_text,
+    evaluate_in_llamacpp,
+    plan_row,
+    reference_block,
+)
 from bitalloc.evaluate.rows import progress_bar as _tqdm
 from bitalloc.evaluate.text import calibration_text
 from bitalloc.formats import is_gguf
@@ -353,43 +358,6 @@ def evaluate(model: str | None = None, *, quantized: str | None = None, referenc
         reference = reference_logprobs(ref.model, windows, progress=_tqdm(progress))
     result = evaluate_windows(m, windows, reference, progress=_tqdm(progress))
     return {"model": name, "text": label, "settings": settings.to_dict(), "result": result.to_dict()}
-
-
-def evaluate_in_llamacpp(gguf: str, *, reference_model: str | None = None, text_path: str | None = None,
-                         settings: EvalSettings | None = None, progress: bool = True,
-                         encoding: str = "utf-8") -> dict:
-    """Perplexity of a GGUF file run by llama.cpp itself; with
-    ``reference_model``, KL and top-1 against it: a .gguf reference runs in
-    llama.cpp too (same runtime on both sides), anything else in transformers."""
-    from bitalloc.evaluate.llamacpp import LlamaCpp
-    from bitalloc.model.loading import load_tokenizer
-
-    settings = settings or EvalSettings()
-    text, label = eval_text(text_path, encoding)
-    source = resolve_source(gguf)
-    tok = load_tokenizer(source)
-    if tok is None:
-        raise BitallocError(f"{gguf} holds no tokenizer that transformers can read; it cannot be evaluated on text.")
-    windows = token_windows(tok, text, settings)
-    with LlamaCpp(progress=_tqdm(progress)) as runner:
-        reference = None
-        if reference_model is not None:
-            ref_source = resolve_source(reference_model or None)
-            if ref_source.gguf_file:
-                reference = runner.logprobs(f"{ref_source.path}/{ref_source.gguf_file}", windows, desc="reference")
-            else:
-                ref = load(reference_model)
-                logprobs = (window_logprobs(ref.model, row) for row in _iter(windows, progress, "reference"))
-                reference = runner.store(logprobs, windows, "transformers")
-        result = runner.evaluate(f"{source.path}/{source.gguf_file}", windows, reference)
-        notices = list(runner.notices)
-    return {"model": source.label, "runtime": "llama.cpp", "reference_runtime": reference and reference.runtime,
-            "text": label, "settings": settings.to_dict(), "result": result.to_dict(), "notices": notices}
-
-
-def _iter(items, progress: bool, desc: str):
-    bar = _tqdm(progress)
-    return bar(list(items), desc=desc, unit="window") if bar else items
 
 
 def run(model: str | None = None, *, settings: PlanSettings, scorers: Sequence[str] | None = None,

@@ -58,7 +58,6 @@ def _refine_start(args, settings):
 
 def run(args) -> None:
     from bitalloc import api
-    from bitalloc.compare.report import table
     from bitalloc.fileio import check_output_file
 
     if args.dry_run and (args.out or args.table or args.save_table):
@@ -66,35 +65,59 @@ def run(args) -> None:
                             "or drop --dry-run.")
     if not args.dry_run and not args.out:
         raise BitallocError("`bitalloc plan` needs --out FILE (or --dry-run to only print sizes).")
-    table_file = None
-    if args.table:
-        from bitalloc.table import ErrorTable
-
-        menu_flags = given_flags(args, INT_MENU_FLAGS)
-        if menu_flags:
-            raise BitallocError(f"{menu_flags[0]} would be ignored: --table fixes the menu to the options it was "
-                                "scored with. Drop it, or score again without --table.")
-        imatrix = not args.no_imatrix  # the calibration text still gives the importance matrix
-        scoring_flags = [f for f, a, calib in (("--calib-text", "calib_text", True),
-                                               ("--calib-windows", "calib_windows", True),
-                                               ("--probe-windows", "probe_windows", False),
-                                               ("--kl-probes", "kl_probes", False),
-                                               ("--alpha-gamma", "alpha_gamma", False))
-                         if _given(args, a) and not any_calibrated(args.quantizer) and not (calib and imatrix)]
-        if scoring_flags:
-            raise BitallocError(f"{scoring_flags[0]} would be ignored: --table reuses measurements made earlier. "
-                                "Drop it, or score again without --table.")
-        table_file = ErrorTable.load(args.table)
-        rising = table_file.rising_units()
-        if rising:
-            notices([f"The error table {args.table!r} gives {len(rising)} unit(s) (e.g. {rising[0]}) a larger "
-                     "distortion at more bits within one format family; it is used as it is. A measured table can do "
-                     "this through noise; an edited one should be scored again."])
+    table_file = _reused_table(args)
     prepare_planning(args)
     check_output_file(args.out, "bitalloc.plan", flag="--out", overwrite=args.overwrite)
     check_output_file(args.save_table, "bitalloc.error-table", flag="--save-table", overwrite=args.overwrite)
     settings = plan_settings(args, args.bpw)
     start = _refine_start(args, settings)
+    settings = _stream_settings(args, settings)
+    loaded = api.load(args.model, embeddings=settings.menu.embeddings, stream=args.stream, progress=not args.quiet)
+    notices(loaded.inventory.notices)
+    if args.dry_run:
+        return _dry_run(loaded, settings, args)
+    result = api.plan(settings=settings, table=table_file, save_table=args.save_table, out=args.out,
+                      progress=not args.quiet, loaded=loaded, start=start)
+    sizes = result.sizes(api.with_plan_units(loaded, result).inventory)
+    notices(result.provenance.notices)
+    notices(n for n in [guard_notice(result.provenance.guard, settings.scorer)] if n)
+    _summary(result, settings, sizes, args.out)
+    write_report(args.json, result.to_dict(loaded.inventory))
+
+
+def _reused_table(args):
+    """The error table of --table, checked against the flags it would make ignored; None without --table."""
+    if not args.table:
+        return None
+    from bitalloc.table import ErrorTable
+
+    menu_flags = given_flags(args, INT_MENU_FLAGS)
+    if menu_flags:
+        raise BitallocError(f"{menu_flags[0]} would be ignored: --table fixes the menu to the options it was "
+                            "scored with. Drop it, or score again without --table.")
+    imatrix = not args.no_imatrix  # the calibration text still gives the importance matrix
+    scoring_flags = [f for f, a, calib in (("--calib-text", "calib_text", True),
+                                           ("--calib-windows", "calib_windows", True),
+                                           ("--probe-windows", "probe_windows", False),
+                                           ("--kl-probes", "kl_probes", False),
+                                           ("--alpha-gamma", "alpha_gamma", False))
+                     if _given(args, a) and not any_calibrated(args.quantizer) and not (calib and imatrix)]
+    if scoring_flags:
+        raise BitallocError(f"{scoring_flags[0]} would be ignored: --table reuses measurements made earlier. "
+                            "Drop it, or score again without --table.")
+    table_file = ErrorTable.load(args.table)
+    rising = table_file.rising_units()
+    if rising:
+        notices([f"The error table {args.table!r} gives {len(rising)} unit(s) (e.g. {rising[0]}) a larger "
+                 "distortion at more bits within one format family; it is used as it is. A measured table can do "
+                 "this through noise; an edited one should be scored again."])
+    return table_file
+
+
+def _stream_settings(args, settings):
+    """--ray and --stream checked before the model is read: Ray installed and given --stream, a local model."""
+    from bitalloc import api
+
     if args.ray is not None:
         from dataclasses import replace
 
@@ -114,15 +137,13 @@ def run(args) -> None:
 
         settings = api.check_streamable(settings)
         check_streamable_source(resolve_source(args.model))
-    loaded = api.load(args.model, embeddings=settings.menu.embeddings, stream=args.stream, progress=not args.quiet)
-    notices(loaded.inventory.notices)
-    if args.dry_run:
-        return _dry_run(loaded, settings, args)
-    result = api.plan(settings=settings, table=table_file, save_table=args.save_table, out=args.out,
-                      progress=not args.quiet, loaded=loaded, start=start)
-    sizes = result.sizes(api.with_plan_units(loaded, result).inventory)
-    notices(result.provenance.notices)
-    notices(n for n in [guard_notice(result.provenance.guard, settings.scorer)] if n)
+    return settings
+
+
+def _summary(result, settings, sizes, out: str) -> None:
+    """The plan's options, unit counts and realized size."""
+    from bitalloc.compare.report import table
+
     counts: dict[str, int] = {}
     for opt in result.assignment.values():
         counts[opt.name] = counts.get(opt.name, 0) + 1
@@ -130,8 +151,7 @@ def run(args) -> None:
     print(f"budget: {settings.budget.describe()}; realized {sizes.quantized_bpw:.4f} bpw over the quantized units "
           f"(codes {sizes.code_bpw:.4f} + scales/zeros), {sizes.model_bpw:.4f} bpw over the whole model, "
           f"{sizes.model_bytes / 1e6:.3f} MB; objective ({result.scorer}) {result.objective:.6g}")
-    print(f"wrote {args.out}")
-    write_report(args.json, result.to_dict(loaded.inventory))
+    print(f"wrote {out}")
 
 
 def _dry_run(loaded, settings, args) -> None:

@@ -1,7 +1,8 @@
 """What every side-by-side table shares: the evaluation windows and the
 reference's log-probs (``reference_block``), and one row per plan, quantized
 in memory, evaluated on those windows and restored (``plan_row``). Used by
-``api.run`` and ``compare.integer``; ``loaded`` is an ``api.Loaded``."""
+``api.run`` and ``compare.integer``; ``loaded`` is an ``api.Loaded``. And a GGUF file
+evaluated in llama.cpp itself (``evaluate_in_llamacpp``)."""
 
 from __future__ import annotations
 
@@ -92,3 +93,41 @@ def reference_block(loaded, eval_settings: EvalSettings, text_path: str | None, 
                       "model_mb": (inv.quantized_numel + inv.kept_numel) * 2 / 1e6, "model_mb_note": "at fp16"},
     }
     return block, EvalBench(windows, reference)
+
+
+def evaluate_in_llamacpp(gguf: str, *, reference_model: str | None = None, text_path: str | None = None,
+                         settings: EvalSettings | None = None, progress: bool = True,
+                         encoding: str = "utf-8") -> dict:
+    """Perplexity of a GGUF file run by llama.cpp itself; with
+    ``reference_model``, KL and top-1 against it: a .gguf reference runs in
+    llama.cpp too (same runtime on both sides), anything else in transformers."""
+    from bitalloc.evaluate import window_logprobs
+    from bitalloc.evaluate.llamacpp import LlamaCpp
+    from bitalloc.model.loading import load_model, load_tokenizer, resolve_source
+
+    settings = settings or EvalSettings()
+    text, label = eval_text(text_path, encoding)
+    source = resolve_source(gguf)
+    tok = load_tokenizer(source)
+    if tok is None:
+        raise BitallocError(f"{gguf} holds no tokenizer that transformers can read; it cannot be evaluated on text.")
+    windows = token_windows(tok, text, settings)
+    with LlamaCpp(progress=progress_bar(progress)) as runner:
+        reference = None
+        if reference_model is not None:
+            ref_source = resolve_source(reference_model or None)
+            if ref_source.gguf_file:
+                reference = runner.logprobs(f"{ref_source.path}/{ref_source.gguf_file}", windows, desc="reference")
+            else:
+                ref_model, _ = load_model(ref_source)
+                logprobs = (window_logprobs(ref_model, row) for row in _iter(windows, progress, "reference"))
+                reference = runner.store(logprobs, windows, "transformers")
+        result = runner.evaluate(f"{source.path}/{source.gguf_file}", windows, reference)
+        notices = list(runner.notices)
+    return {"model": source.label, "runtime": "llama.cpp", "reference_runtime": reference and reference.runtime,
+            "text": label, "settings": settings.to_dict(), "result": result.to_dict(), "notices": notices}
+
+
+def _iter(items, progress: bool, desc: str):
+    bar = progress_bar(progress)
+    return bar(list(items), desc=desc, unit="window") if bar else items

@@ -278,8 +278,8 @@ def check_streamable_source(source: ModelSource) -> None:
 
 
 def open_source(source: ModelSource, model) -> WeightSource:
-    """The lazy reader of ``source``'s weights, checked against the skeleton ``model``."""
-    check_streamable_source(source)
+    """The lazy reader of ``source``'s weights, checked against the skeleton ``model`` (the files' headers were
+    checked before the skeleton was built: ``check_streamable_source``)."""
     if source.gguf_file:
         return GGUFSource(Path(source.path) / source.gguf_file, model).bind(model)
     return SafetensorsSource(source.path).bind(model)
