@@ -349,3 +349,34 @@ def test_both_families_speak_the_format_protocol():
     # within half a step, or one step for values beyond +7 steps on the side opposite the largest magnitude
     assert ((Q - W).abs().reshape(8, 2, 32) <= scale[..., None] * 1.001).all()
     assert ((Q - W).abs().reshape(8, 2, 32) <= scale[..., None] / 2 * 1.001).float().mean() > 0.9
+
+
+def test_kl_probes_skip_a_type_that_re_stores_the_source():
+    """On an already-quantized source (a Q4_K tensor of a Q4_K_M file) the
+    source's own type has almost no weight error and its KL is noise: it is
+    never probed. Picks by hand from the menu sorted by stored bits."""
+    from types import SimpleNamespace
+
+    from bitalloc.formats.gguf_types import parse_gguf_type
+    from bitalloc.model.units import Unit
+    from bitalloc.scorers import ScorerSettings
+    from bitalloc.scorers.probes import restores_source, unit_probes
+
+    names = ["Q2_K", "Q3_K", "IQ4_XS", "Q4_0", "Q4_K", "Q5_0", "Q5_K", "Q6_K", "Q8_0"]  # by stored bits
+    options = tuple(parse_gguf_type(n) for n in names)
+    unit = Unit("model.layers.0.mlp.down_proj", "model.layers.0.mlp.down_proj.weight", (256, 512))
+    plain = np.array([120.0, 38.0, 12.0, 11.0, 9.0, 3.2, 3.0, 0.6, 0.06])  # error falls with bits
+    restored = plain.copy()
+    restored[4] = 0.0136  # Q4_K re-stores the source's grid
+
+    def picks(errors, probes):
+        ctx = SimpleNamespace(options=options, inventory=SimpleNamespace(units=[unit]),
+                              settings=ScorerSettings(kl_probes=probes),
+                              reductions=lambda kinds: {"mse": errors[None, :]})
+        return [o.name for o in unit_probes(ctx, 0)]
+
+    assert picks(plain, 1) == ["Q4_K"] and picks(plain, 3) == ["Q2_K", "Q4_K", "Q5_K"]  # 9 types: 0, 4, 6
+    assert picks(restored, 1) == ["Q5_0"] and picks(restored, 3) == ["Q2_K", "Q5_0", "Q6_K"]  # 8 types: 0, 4, 6
+    bits = np.array([2.625, 3.4375, 4.25, 4.5, 4.5, 5.5, 5.5, 6.5625, 8.5])
+    assert restores_source(restored, bits).tolist() == [n == "Q4_K" for n in names]
+    assert not restores_source(plain, bits).any()

@@ -82,11 +82,11 @@ def test_gptq_beats_rtn_on_real_layers(smol):
     """Layer output error tr(dW H dW^T) of GPTQ is below RTN's on SmolLM2's
     own layers, with H from a little calibration text."""
     from bitalloc.calib.grams import CalibSettings, accumulate_hessians, calibration_windows
-    from bitalloc.quantizers.gptq import gptq_quantize
+    from bitalloc.evaluate.text import wiki_text
     from bitalloc.formats.affine import QuantOption
     from bitalloc.formats.affine_rtn import dequantize, quantize_rtn
-    from bitalloc.evaluate.text import wiki_text
     from bitalloc.model.units import Inventory, get_weight
+    from bitalloc.quantizers.gptq import gptq_quantize
 
     names = ["model.layers.3.self_attn.q_proj", "model.layers.20.mlp.down_proj"]
     inv = smol.inventory
@@ -150,10 +150,20 @@ def test_gguf_plan_export_and_preset_compare_on_the_embedded_model(tmp_path, cap
     assert main(["--quiet", "compare", "--format", "gguf", "--presets", "Q4_K_M", "--scorers", "rtn-mse-rel",
                  "--windows", "2", "--seq-len", "64", *small, "--refine-windows", "2", "--refine-seq-len", "64",
                  "--out", str(report_dir)]) == 0, capsys.readouterr().err
-    rows = json.loads((report_dir / "compare.json").read_text())["rows"]
-    preset, mix = rows
+    report = json.loads((report_dir / "compare.json").read_text())
+    preset, mix = report["rows"]
     assert preset["method"] == "llama.cpp Q4_K_M" and mix["tensor_bytes"] <= preset["tensor_bytes"]
     assert 0 <= mix["kl"] < 1 and 0 <= preset["kl"] < 1 and mix["vs_preset"]
+    source = {t.name: t.tensor_type for t in gguf.GGUFReader(report["source"]).tensors}
+    for row in (preset, mix):  # the share of matrix weights in the source's type, counted by gguf-py
+        matrices = [t for t in gguf.GGUFReader(row["file"]).tensors if len(t.shape) == 2]
+        same = sum(int(t.n_elements) for t in matrices if source[t.name] == t.tensor_type)
+        assert row["source_type_share"] == pytest.approx(same / sum(int(t.n_elements) for t in matrices))
+    stages = report["stages"]
+    assert {"load the model", "weight-error sweep", "table rtn-mse-rel", "llama.cpp reference",
+            "Q4_K_M: llama.cpp quantizes the preset", "Q4_K_M: plan rtn-mse-rel (solve, guard, write)"} <= set(stages)
+    assert all(r["seconds"] >= 0 and r["peak_rss_mb"] > 0 for r in stages.values())
+    assert stages["Q4_K_M: llama.cpp runs the preset"]["helper_peak_rss_mb"] > 0  # llama.cpp's child, measured
 
 
 def test_kv_cache_plan_and_llamacpp_pair_on_the_embedded_model(tmp_path, capsys):

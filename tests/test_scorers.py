@@ -181,6 +181,11 @@ def test_compare_writes_table_plot_and_correlations(ctx, tmp_path):
     assert ("gptq", "uniform") in methods and ("rtn", "kl") in methods and len(report["rows"]) == 2 * 5
     assert all(r["bpw"] <= 3.5 for r in report["rows"])
     assert set(report["spearman_vs_kl"]) == {"rtn-mse", "output"}
+    stages = report["stages"]  # the sweep once, then each table, the reference and every row, in the order run
+    assert list(stages)[:6] == ["importance matrix and menu", "weight-error sweep", "table rtn-mse", "table output",
+                                "table kl", "reference"]
+    assert len(stages) == 6 + len(report["rows"]) and all(r["seconds"] >= 0 for r in stages.values())
+    assert stages["weight-error sweep"]["units"] == len(ctx.loaded.inventory.units)
     paths = write_outputs(report, str(tmp_path))
     # the plot shows the report: one panel per quantizer, one line per method through its (bpw, ppl) points,
     # the reference's perplexity as a horizontal line; the PNG is that figure at 110 dpi

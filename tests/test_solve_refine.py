@@ -81,6 +81,30 @@ def test_tail_only_probes_equal_full_forwards(loaded):
     probe.restore()
 
 
+def test_a_probe_copies_only_the_units_it_has_changed(loaded):
+    """No copy of the model up front (a 1.5B model with two probes ran out of
+    memory); a unit's original is kept while it holds something else, and
+    every weight comes back bit for bit."""
+    import torch
+
+    from bitalloc.model.units import get_weight
+
+    before = {u.name: get_weight(loaded.model, u) for u in loaded.inventory.units}
+    probe = make_probe(loaded, _settings())
+    assert probe._saved == {}
+    down, q = loaded.inventory.unit("model.layers.1.mlp.down_proj"), loaded.inventory.units[0]
+    probe.apply({down.name: QuantOption(2, 32)})
+    assert set(probe._saved) == {down.name}
+    assert not torch.equal(get_weight(loaded.model, down), before[down.name])
+    probe.measure_moved([q], QuantOption(3, 32))
+    probe.measure_weight(q, before[q.name] * 0.5)
+    assert set(probe._saved) == {down.name}  # the moved units are back and their copies gone
+    assert torch.equal(get_weight(loaded.model, q), before[q.name])
+    probe.restore()
+    assert probe._saved == {}
+    assert all(torch.equal(get_weight(loaded.model, u), before[u.name]) for u in loaded.inventory.units)
+
+
 @pytest.mark.parametrize("objective", ["kl", "nll"])
 def test_refinement_never_ends_worse_than_it_started(loaded, objective):
     settings = replace(_settings(), refine=RefineSettings(rounds=3, windows=2, seq_len=64, objective=objective),

@@ -12,6 +12,7 @@ from bitalloc.cli.settings import eval_settings, plan_settings
 from bitalloc.errors import BitallocError
 from bitalloc.formats.gguf_types import PRESETS
 from bitalloc.quantizers import QUANTIZERS
+from bitalloc.stages import Stages
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -63,8 +64,10 @@ def run(args) -> None:
 
         return _run_gguf(args)
     settings = CompareSettings(tuple(args.budgets), _scorers_of(args), tuple(args.quantizer), eval_settings(args))
-    loaded = api.load(args.model)
-    report = compare(loaded, settings, plan_settings(args, args.budgets[0]), progress=not args.quiet)
+    stages = Stages()
+    with stages("load the model"):
+        loaded = api.load(args.model)
+    report = compare(loaded, settings, plan_settings(args, args.budgets[0]), progress=not args.quiet, stages=stages)
     print(markdown(report))
     for path in write_outputs({"format": "bitalloc.report", **report}, args.out):
         print(f"wrote {path}")
@@ -78,11 +81,13 @@ def _run_gguf(args) -> None:
 
     settings = GGUFCompareSettings(tuple(args.presets or PRESETS), _scorers_of(args), eval_settings(args))
     plan = plan_settings(args, 1.0)  # each preset's size replaces this budget
-    loaded = api.load(args.model, embeddings=True)
+    stages = Stages()
+    with stages("load the model"):
+        loaded = api.load(args.model, embeddings=True)
     try:
         report = compare_gguf(loaded, settings, plan, f"{args.out}/gguf", text_path=args.text,
                               encoding=args.encoding, progress=not args.quiet,
-                              checkpoint=lambda partial: write_report(partial, args.out))
+                              checkpoint=lambda partial: write_report(partial, args.out), stages=stages)
     except LlamaCppCrash as crash:
         raise LlamaCppCrash(f"{crash} The rows measured before it are in {args.out}/compare.md and compare.json.",
                             path=crash.path, signal_name=crash.signal_name) from None

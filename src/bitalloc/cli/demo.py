@@ -41,6 +41,7 @@ def run(args) -> None:
     from bitalloc.fileio import check_output_dir
     from bitalloc.scorers import ScorerSettings
     from bitalloc.solve.problem import Budget
+    from bitalloc.stages import Stages
 
     check_output_dir(args.out, "compare.json", "bitalloc.report", flag="--out", overwrite=args.overwrite,
                      own=frozenset({"compare.md", "gguf"}))
@@ -49,10 +50,12 @@ def run(args) -> None:
     plan = api.PlanSettings(Budget(1.0, "bytes", "model"), scorer="kl", keep_bits=32,  # the preset's size replaces it
                             menu=api.MenuSettings(format="gguf", types=DEMO_TYPES, embeddings=True),
                             scorer_settings=ScorerSettings(kl_probes=DEMO_KL_PROBES))
-    loaded = api.load(None, embeddings=True)
+    stages = Stages()
+    with stages("load the model"):
+        loaded = api.load(None, embeddings=True)
     try:
         report = compare_gguf(loaded, settings, plan, f"{args.out}/gguf", progress=not args.quiet,
-                              checkpoint=lambda partial: write_report(partial, args.out))
+                              checkpoint=lambda partial: write_report(partial, args.out), stages=stages)
     except LlamaCppCrash as crash:
         raise LlamaCppCrash(f"{crash} The rows measured before it are in {args.out}/compare.md.", path=crash.path,
                             signal_name=crash.signal_name) from None

@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from bitalloc import api
-from bitalloc.compare.report import table, versus, with_ci
+from bitalloc.compare.report import staged_tables, table, versus, with_ci
 from bitalloc.errors import BitallocError
 from bitalloc.evaluate import EvalSettings, token_windows
 from bitalloc.evaluate.stats import method_note
 from bitalloc.fileio import write_json
 from bitalloc.formats.gguf_types import PRESETS
 from bitalloc.solve.problem import Budget
+from bitalloc.stages import STAGE_HEADERS, Stages, stage_rows
 
 
 @dataclass(frozen=True)
@@ -47,28 +48,31 @@ def tensor_bytes(path: str) -> int:
 
 def compare_gguf(loaded: api.Loaded, settings: GGUFCompareSettings, plan_settings: api.PlanSettings, work: str, *,
                  text_path: str | None = None, encoding: str = "utf-8", progress: bool = True,
-                 checkpoint: Callable[[dict], None] | None = None) -> dict:
+                 checkpoint: Callable[[dict], None] | None = None, stages: Stages | None = None) -> dict:
     """Every preset and each scorer's plan at its size, run by llama.cpp;
     ``checkpoint(report so far)`` after each file, so a long run shows its
     results as they come. A crash inside llama.cpp (``LlamaCppCrash``) is
-    raised after the report of the rows finished so far has been checkpointed."""
+    raised after the report of the rows finished so far has been checkpointed.
+    Each stage's seconds and peak memory go to ``stages`` (a fresh one unless
+    given: the caller may have measured loading in it) and to the report."""
     from bitalloc.evaluate.llamacpp import LlamaCpp, LlamaCppCrash
     from bitalloc.export.gguf_plan import _arch, gguf_names, source_gguf
-    from bitalloc.scorers import score
     from bitalloc.solve.refine import make_probe
 
     t0 = time.perf_counter()
+    stages = stages or Stages()
     source = source_gguf(loaded.source)
     if loaded.tokenizer is None:
         raise BitallocError(f"{loaded.source.label} holds no tokenizer that transformers can read; comparing files "
                             "needs text to run them on. Use a GGUF file with its tokenizer.")
-    loaded, plan_settings = api.prepare(loaded, plan_settings, progress)
+    with stages("importance matrix and menu"):
+        loaded, plan_settings = api.prepare(loaded, plan_settings, progress)
     inv = loaded.inventory
     names = gguf_names(inv, loaded.model.config.num_hidden_layers, _arch(source))
     vectors = {names[n]: v.numpy() for n, v in (loaded.importance or {}).items()}
     options, notices = api.resolve_menu(inv, plan_settings.menu)
     ctx = api.scoring_context(loaded, plan_settings, options, progress=progress)
-    tables = score(ctx, list(settings.scorers))
+    tables = staged_tables(ctx, settings.scorers, stages)
     seconds = {"tables": time.perf_counter() - t0}
     text, label = api.eval_text(text_path, encoding)
     windows = token_windows(loaded.tokenizer, text, settings.eval)
@@ -78,7 +82,8 @@ def compare_gguf(loaded: api.Loaded, settings: GGUFCompareSettings, plan_setting
         return {"model": loaded.source.label, "source": source, "text": label, "eval": settings.eval.to_dict(),
                 "menu": [o.name for o in options],
                 "notices": list(inv.notices) + notices + list(runner.notices), "rows": rows,
-                "seconds": {**seconds, "total": time.perf_counter() - t0},
+                "seconds": {**seconds, "total": time.perf_counter() - t0}, "stages": stages.to_dict(),
+                "source_types": _type_counts(_matrix_types(source)),
                 "note": "every file run by llama.cpp; KL and top-1 against the source GGUF run by llama.cpp; sizes "
                         "are tensor data bytes (metadata apart); bitalloc's budget is the preset's exact tensor data "
                         "bytes",
@@ -89,10 +94,12 @@ def compare_gguf(loaded: api.Loaded, settings: GGUFCompareSettings, plan_setting
     probe = make_probe(loaded, plan_settings) if plan_settings.guard or plan_settings.refine.rounds else None
     Path(work).mkdir(parents=True, exist_ok=True)
     with LlamaCpp(n_threads=settings.threads, progress=api._tqdm(progress)) as runner:
+        stages.children = runner.pids
         try:
-            reference = runner.logprobs(source, windows, desc="llama.cpp reference")
+            with stages("llama.cpp reference"):
+                reference = runner.logprobs(source, windows, desc="llama.cpp reference")
             bench = _Bench(loaded, plan_settings, tables, probe, source, names, vectors, work, runner, windows,
-                           reference, progress)
+                           reference, progress, stages)
             for preset in settings.presets:
                 for row in bench.preset_rows(preset, settings):
                     rows.append(row)
@@ -122,25 +129,57 @@ class _Bench:
     windows: object
     reference: object
     progress: bool
+    stages: Stages
 
     def preset_rows(self, preset: str, settings: GGUFCompareSettings) -> Iterator[dict]:
         """The preset's row, then each scorer's plan at its exact size, each
         as soon as llama.cpp has measured it."""
         path = str(Path(self.work) / f"preset-{preset}.gguf")
-        self.runner.quantize(self.source, path, preset, self.vectors)
+        with self.stages(f"{preset}: llama.cpp quantizes the preset"):
+            self.runner.quantize(self.source, path, preset, self.vectors)
         size = tensor_bytes(path)
         base = {"preset": preset, "method": f"llama.cpp {preset}", "file": path, "tensor_bytes": size,
-                **self.runner.evaluate(path, self.windows, self.reference, desc=f"llama.cpp {preset}").to_dict()}
+                **self._evaluate(path, f"{preset}: llama.cpp runs the preset", f"llama.cpp {preset}"),
+                **_source_share(path, self.source)}
         yield base
         s = replace(self.plan_settings, budget=Budget(float(size), "bytes", "model"))
         for scorer in settings.scorers:
-            row = _plan_row(self.loaded, self.tables[scorer], replace(s, scorer=scorer), self.probe, self.source,
-                            self.names, self.vectors, str(Path(self.work) / f"bitalloc-{scorer}-{preset}.gguf"),
-                            self.progress)
-            row.update(preset=preset, **self.runner.evaluate(row["file"], self.windows, self.reference,
-                                                             desc=f"llama.cpp bitalloc {scorer}").to_dict())
+            out = str(Path(self.work) / f"bitalloc-{scorer}-{preset}.gguf")
+            with self.stages(f"{preset}: plan {scorer} (solve, guard, write)"):
+                row = _plan_row(self.loaded, self.tables[scorer], replace(s, scorer=scorer), self.probe,
+                                self.source, self.names, self.vectors, out, self.progress)
+            row.update(preset=preset, **_source_share(out, self.source),
+                       **self._evaluate(out, f"{preset}: llama.cpp runs plan {scorer}", f"llama.cpp bitalloc {scorer}"))
             row["vs_preset"] = versus(row, base)
             yield row
+
+    def _evaluate(self, path: str, stage: str, desc: str) -> dict:
+        with self.stages(stage):
+            return self.runner.evaluate(path, self.windows, self.reference, desc=desc).to_dict()
+
+
+def _matrix_types(path: str) -> dict[str, tuple[int, int]]:
+    """Tensor name -> (GGUF type id, number of weights) of each matrix (2-D or more) in the file."""
+    from bitalloc.model.gguf_header import read_gguf_header
+
+    out = {}
+    for t in read_gguf_header(path).tensors:
+        if len(t.shape) >= 2:
+            n = 1
+            for d in t.shape:
+                n *= d
+            out[t.name] = (t.type_id, n)
+    return out
+
+
+def _source_share(path: str, source: str) -> dict:
+    """The share of the file's matrix weights stored in the type the source
+    stores them in: requantizing to the source's own type re-stores those
+    weights (nearly) exactly, which flatters the file that does it."""
+    mine, theirs = _matrix_types(path), _matrix_types(source)
+    total = sum(n for _, n in mine.values())
+    same = sum(n for name, (t, n) in mine.items() if name in theirs and theirs[name][0] == t)
+    return {"source_type_share": same / total if total else 0.0}
 
 
 def _plan_row(loaded: api.Loaded, table, settings: api.PlanSettings, probe, source: str, names: dict[str, str],
@@ -159,9 +198,14 @@ def _plan_row(loaded: api.Loaded, table, settings: api.PlanSettings, probe, sour
             "plan_seconds": time.perf_counter() - t1, "types": _type_counts(types), "provenance": plan.provenance.to_dict()}
 
 
-def _type_counts(types: dict[str, str]) -> dict[str, int]:
+def _type_counts(types: dict) -> dict[str, int]:
+    """Type name -> how many tensors: of {name: type name} or of ``_matrix_types``."""
+    from bitalloc.formats.ggml import GGML_TYPE_IDS
+
+    by_id = {v: k for k, v in GGML_TYPE_IDS.items()}
     counts: dict[str, int] = {}
     for t in types.values():
+        t = by_id.get(t[0], f"type {t[0]}") if isinstance(t, tuple) else t
         counts[t] = counts.get(t, 0) + 1
     return dict(sorted(counts.items()))
 
@@ -179,11 +223,20 @@ def markdown(report: dict) -> str:
         preset = r if r["method"].startswith("llama.cpp") else preset
         rows.append([r["method"], f"{r['tensor_bytes'] / 1e6:.3f}", with_ci(r, "ppl", 2, fixed=True),
                      with_ci(r, "kl", 4, fixed=True), kl_change(r, preset), with_ci(r, "top1", 3, fixed=True),
-                     r.get("vs_preset", "")])
-    headers = ["method", "MB (tensor data)", "ppl [95 %]", "KL [95 %]", "KL vs preset", "top-1 [95 %]", "vs preset"]
+                     r.get("vs_preset", ""), _share(r)])
+    headers = ["method", "MB (tensor data)", "ppl [95 %]", "KL [95 %]", "KL vs preset", "top-1 [95 %]", "vs preset",
+               "in source's type"]
     stopped = f"\nstopped early: {report['stopped']}" if report.get("stopped") else ""
-    return (f"model: {report['model']} (reference: the source GGUF run by llama.cpp)\ntext: {report['text']}\n"
-            + table(headers, rows) + "\n" + report["method"] + stopped)
+    source = ", ".join(f"{n} x {t}" for t, n in report.get("source_types", {}).items())
+    stages = f"\n\nstages:\n{table(STAGE_HEADERS, stage_rows(report['stages']))}" if report.get("stages") else ""
+    return (f"model: {report['model']} (reference: the source GGUF run by llama.cpp; its matrices: {source})\n"
+            f"text: {report['text']}\n" + table(headers, rows) + "\n" + report["method"]
+            + "\n'in source's type': the share of matrix weights stored in the type the source stores them in, "
+              "which re-stores them (nearly) exactly" + stages + stopped)
+
+
+def _share(row: dict) -> str:
+    return f"{100 * row['source_type_share']:.1f} %" if "source_type_share" in row else ""
 
 
 def headline(report: dict, seconds: float) -> str:

@@ -5,22 +5,22 @@ per-unit sensitivity with the measured end-to-end KL sensitivity."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from bitalloc import api
-from bitalloc.compare.report import versus, with_ci
+from bitalloc.compare.report import staged_tables, versus, with_ci
 from bitalloc.errors import BitallocError
 from bitalloc.evaluate import EvalSettings
 from bitalloc.evaluate.stats import method_note
 from bitalloc.fileio import write_atomic, write_json
 from bitalloc.formats.affine import QuantOption
 from bitalloc.quantizers import QUANTIZERS, any_calibrated, any_sequential
-from bitalloc.scorers import SCORERS, score
+from bitalloc.scorers import SCORERS
 from bitalloc.solve.baselines import moe_rule_plan, structural_moe_units
+from bitalloc.stages import STAGE_HEADERS, Stages, stage_rows
 
 BASELINES = ("uniform", "llama-rule", "moe-rule")
 
@@ -55,16 +55,18 @@ def correlations(tables: dict, option: QuantOption) -> dict[str, float]:
 
 
 def compare(loaded: api.Loaded, settings: CompareSettings, plan_settings: api.PlanSettings, *,
-            progress: bool = True) -> dict:
-    loaded, plan_settings = api.prepare(loaded, plan_settings, progress)
+            progress: bool = True, stages: Stages | None = None) -> dict:
+    """Every row of ``settings``; each stage's seconds and peak memory in
+    ``stages`` (a fresh one unless given) and in the report."""
+    stages = stages or Stages()
+    with stages("importance matrix and menu"):
+        loaded, plan_settings = api.prepare(loaded, plan_settings, progress)
     options, notices = api.resolve_menu(loaded.inventory, plan_settings.menu)
     ctx = api.scoring_context(loaded, plan_settings, options, progress=progress)
-    tables, score_s = {}, {}
-    for name in settings.scorers:
-        t0 = time.perf_counter()
-        tables[name] = score(ctx, [name])[name]
-        score_s[name] = time.perf_counter() - t0  # shared measurements are charged to the first scorer using them
-    report, bench = api.reference_block(loaded, settings.eval, None, plan_settings.keep_bits, progress)
+    tables = staged_tables(ctx, settings.scorers, stages)
+    score_s = {name: stages.rows[f"table {name}"]["seconds"] for name in settings.scorers}
+    with stages("reference"):
+        report, bench = api.reference_block(loaded, settings.eval, None, plan_settings.keep_bits, progress)
     hessians = ctx.hessians if any_calibrated(settings.quantizers) else None
     report.update(menu=[o.name for o in options], notices=list(loaded.inventory.notices) + notices,
                   scoring_seconds=score_s, rows=[],
@@ -87,12 +89,14 @@ def compare(loaded: api.Loaded, settings: CompareSettings, plan_settings: api.Pl
             for name in settings.scorers:
                 plans[name] = api.solve_plan(loaded.inventory, tables[name], replace(s, scorer=name), loaded.source.label)
             for method, p in plans.items():
-                row = api.plan_row(loaded, p, bench, progress, f"{quantizer} {method} {value:g}")
+                with stages(f"{quantizer} {method} {value:g}: quantize and evaluate"):
+                    row = api.plan_row(loaded, p, bench, progress, f"{quantizer} {method} {value:g}")
                 report["rows"].append({"quantizer": quantizer, "budget": value, "method": method,
                                        "detail": p.scorer, **row})
     ref_opt = QuantOption.parse(settings.sensitivity_option)
     report["spearman_vs_kl"] = correlations(tables, ref_opt) if ref_opt in options else {}
     report["sensitivity_option"] = settings.sensitivity_option
+    report["stages"] = stages.to_dict()
     return report
 
 
@@ -117,6 +121,9 @@ def markdown(report: dict) -> str:
                   "`kl` sensitivity:", "", "| scorer | Spearman rho |", "|---|---|"]
         lines += [f"| {k} | {v:+.3f} |" for k, v in sorted(report["spearman_vs_kl"].items(), key=lambda kv: -kv[1])]
     lines += ["", "Scoring time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["scoring_seconds"].items())]
+    if report.get("stages"):
+        lines += ["", "Stages:", "", "| " + " | ".join(STAGE_HEADERS) + " |", "|---" * len(STAGE_HEADERS) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in stage_rows(report["stages"])]
     return "\n".join(lines) + "\n"
 
 

@@ -1,10 +1,12 @@
-"""Plain-text tables for the CLI (the only place besides progress bars that prints)."""
+"""Plain-text tables for the CLI (the only place besides progress bars that
+prints), and what both comparisons share: error tables measured stage by stage."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
 from bitalloc.evaluate.stats import WindowSums, compare_windows, method_note, verdict_label
+from bitalloc.stages import Stages
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -97,3 +99,23 @@ def run_report(report: dict) -> str:
 
 def _metrics(row: dict) -> list[str]:
     return [with_ci(row, "ppl", 4), with_ci(row, "kl"), with_ci(row, "top1", fixed=True)]
+
+
+def staged_tables(ctx, scorers: tuple[str, ...], stages: Stages) -> dict:
+    """Each scorer's table, the shared weight-error sweep measured first as
+    a stage of its own (the scorers in ``SWEEP_SCORERS`` read it)."""
+    from bitalloc.scorers import score
+
+    units = len(ctx.inventory.units)
+    if any(s in SWEEP_SCORERS for s in scorers):
+        with stages("weight-error sweep", units=units):
+            ctx.reductions(["mse"])
+    tables = {}
+    for name in scorers:
+        with stages(f"table {name}", units=units):
+            tables.update(score(ctx, [name]))
+    return tables
+
+
+# The scorers whose tables start from the relative weight error of every option (the sweep's 'mse')
+SWEEP_SCORERS = frozenset({"rtn-mse", "rtn-mse-rel", "kl", "linearity"})

@@ -118,6 +118,10 @@ class LlamaCpp:
         self._stop()
         shutil.rmtree(self.work, ignore_errors=True)
 
+    def pids(self) -> list[int]:
+        """The llama.cpp child's pid while it runs (a run's stages report its peak memory)."""
+        return [self._proc.pid] if self._proc is not None and self._proc.poll() is None else []
+
     # ---- the child ---------------------------------------------------------
     def _start(self) -> None:
         # A fresh interpreter (not multiprocessing's spawn, which would re-run the caller's main script, nor fork,

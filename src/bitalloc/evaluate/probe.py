@@ -14,7 +14,11 @@ refinement, so it is made cheap:
   checked once against a full forward and switched off, with the full
   forward used instead, when it does not reproduce it (models whose blocks
   need their absolute index, e.g. sliding-window layer types).
-- quantized weights are kept per (unit, option), computed once.
+- quantized weights are kept per (unit, option), computed once;
+- a unit's original weight is copied only while the unit holds something
+  else (the model holds it otherwise): a copy of every unit up front was a
+  second float32 model per probe, which ran a 1.5B model with a table probe
+  and the guard's probe (22 GB) out of memory.
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ class CalibrationProbe:
         # the text's first windows; with clear_of, in the gaps between those (spread) calibration windows
         self.windows = token_windows(tokenizer, text, settings) if clear_of is None else \
             spread_windows(tokenizer, text, settings, clear_of, "fewer --refine-windows, a shorter --refine-seq-len")
-        self.original = {u.name: get_weight(model, u) for u in inventory.units}  # (out, in) each
+        self._saved: dict[str, torch.Tensor] = {}  # unit -> its original (out, in), while the model holds another
         self._cache: dict[tuple[str, str], torch.Tensor] = {}
         self.current: dict[str, QuantOption | None] = {u.name: None for u in inventory.units}
         self.ref_logp = self._logprobs()  # (B, T-1, V) of the model as loaded
@@ -70,23 +74,46 @@ class CalibrationProbe:
         self.tail_ok = False
 
     # ---- weights -----------------------------------------------------------
+    def original(self, unit: Unit) -> torch.Tensor:
+        """The unit's weight as loaded, (out, in): the copy kept while the
+        unit holds something else, else a copy of the model's own."""
+        saved = self._saved.get(unit.name)
+        return saved if saved is not None else get_weight(self.model, unit)
+
     def weight(self, unit: Unit, option: QuantOption | None) -> torch.Tensor:
         if option is None:
-            return self.original[unit.name]
+            return self.original(unit)
         key = (unit.name, option.name)
         if not self.cache_weights:
-            return self.quantize_weight(unit, self.original[unit.name], option)
+            return self.quantize_weight(unit, self.original(unit), option)
         if key not in self._cache:
-            self._cache[key] = self.quantize_weight(unit, self.original[unit.name], option)
+            self._cache[key] = self.quantize_weight(unit, self.original(unit), option)
         return self._cache[key]
+
+    def _put(self, unit: Unit, W: torch.Tensor) -> None:
+        """Write ``W`` into the model, the unit's original kept until it is put back."""
+        if unit.name not in self._saved:  # not saved: the model holds the original
+            self._saved[unit.name] = get_weight(self.model, unit)
+        set_weight(self.model, unit, W)
+
+    def _put_back(self, unit: Unit) -> None:
+        """The unit's current option (None: its original) back in the model."""
+        option = self.current[unit.name]
+        set_weight(self.model, unit, self.weight(unit, option))
+        if option is None:
+            self._saved.pop(unit.name, None)  # the model holds the original again
 
     def apply(self, assignment: dict[str, QuantOption | None]) -> None:
         """Put every unit at its option (None: the original weight)."""
         for u in self.inventory.units:
             opt = assignment.get(u.name)
             if self.current[u.name] != opt:
-                set_weight(self.model, u, self.weight(u, opt))
-                self.current[u.name] = opt
+                if opt is None:
+                    self.current[u.name] = None
+                    self._put_back(u)
+                else:
+                    self._put(u, self.weight(u, opt))
+                    self.current[u.name] = opt
         self._inputs = {}
 
     def restore(self) -> None:
@@ -116,29 +143,28 @@ class CalibrationProbe:
     def measure_moved(self, units: list[Unit], option: QuantOption) -> Measure:
         """The current assignment with ``units`` moved to ``option``, then put back."""
         first = min((layer_index(u.name) for u in units), key=lambda i: -1 if i is None else i)
-        saved = {u.name: self.current[u.name] for u in units}
         for u in units:
-            set_weight(self.model, u, self.weight(u, option))
+            self._put(u, self.weight(u, option))
         try:
             if self.tail_ok and first is not None and first in self._inputs:
                 return self._score(self._tail_logprobs(first))
             return self._score(self._logprobs())
         finally:
             for u in units:
-                set_weight(self.model, u, self.weight(u, saved[u.name]))
+                self._put_back(u)
 
     @torch.no_grad()
     def measure_weight(self, unit: Unit, W_new: torch.Tensor) -> Measure:
         """The current assignment with one unit's weight replaced by ``W_new``
         (out, in), then put back."""
         index = layer_index(unit.name)
-        set_weight(self.model, unit, W_new)
+        self._put(unit, W_new)
         try:
             if self.tail_ok and index is not None and index in self._inputs:
                 return self._score(self._tail_logprobs(index))
             return self._score(self._logprobs())
         finally:
-            set_weight(self.model, unit, self.weight(unit, self.current[unit.name]))
+            self._put_back(unit)
 
     def enable_tail(self) -> bool:
         """Switch on tail-only probes if they reproduce a full forward here."""

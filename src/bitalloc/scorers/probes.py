@@ -48,22 +48,44 @@ def _relative_error(ctx: ScoringContext, option: QuantOption) -> np.ndarray:
     return np.array(out)
 
 
+# An option whose weight error is below this share of a larger option's re-stores the source's own grid (a Q4_K
+# tensor of a Q4_K_M file requantized to Q4_K: 100-10,000x below Q5_K on Qwen2.5-Coder-1.5B): its KL is noise.
+RESTORES_SOURCE = 0.1
+PROBE_PICK_VERSION = 2  # 2: options that re-store the source are never probed (1 probed them: KL ~ 0, table flat)
+
+
+def restores_source(errors: np.ndarray, bits: np.ndarray) -> np.ndarray:
+    """(options,) True where an option's weight error is below
+    ``RESTORES_SOURCE`` times that of an option storing more bits: it
+    re-stores a grid the source already sits on, not a measure of the unit."""
+    out = np.zeros(len(errors), dtype=bool)
+    for j in range(len(errors)):
+        larger = np.isfinite(errors) & (bits > bits[j])
+        out[j] = bool(np.isfinite(errors[j]) and larger.any() and errors[j] < RESTORES_SOURCE * errors[larger].max())
+    return out
+
+
 def unit_probes(ctx: ScoringContext, i: int) -> list:
     """The options at which unit ``i`` is measured: the settings' probe
     options on an integer affine menu; on any other menu (GGUF types, whose
     availability differs per unit) three of the unit's own fitting options,
     the cheapest, the median and the third quartile by stored bits, leaving
-    out 16-bit storage, whose KL is too small to fit a power law to. With
-    ``kl_probes`` below 3 the middle one is kept first, then the cheapest."""
+    out 16-bit storage, whose KL is too small to fit a power law to, and
+    options that re-store an already-quantized source (``restores_source``),
+    whose KL is zero up to noise. With ``kl_probes`` below 3 the middle one
+    is kept first, then the cheapest."""
     if all(o.is_affine for o in ctx.options):
         picks = [QuantOption.parse(o) for o in ctx.settings.kl_probe_options]
     else:
         unit = ctx.inventory.units[i]
         rel = ctx.reductions(["mse"])["mse"][i]
-        fitting = sorted((o for j, o in enumerate(ctx.options) if np.isfinite(rel[j]) and o.bits < 16),
-                         key=lambda o: storage_bits(unit.shape, o))
-        if not fitting:
-            fitting = [o for j, o in enumerate(ctx.options) if np.isfinite(rel[j])]
+        bits = np.array([storage_bits(unit.shape, o) if np.isfinite(rel[j]) else 0
+                         for j, o in enumerate(ctx.options)], dtype=float)
+        restoring = restores_source(rel, bits)
+        usable = [j for j, o in enumerate(ctx.options) if np.isfinite(rel[j]) and o.bits < 16]
+        fitting = [ctx.options[j] for j in sorted((j for j in usable if not restoring[j]), key=lambda j: bits[j])] \
+            or [ctx.options[j] for j in sorted(usable, key=lambda j: bits[j])] \
+            or [o for j, o in enumerate(ctx.options) if np.isfinite(rel[j])]
         picks = [fitting[0], fitting[len(fitting) // 2], fitting[(3 * len(fitting)) // 4]]
     keep = sorted((1, 0, 2)[: ctx.settings.kl_probes])
     return [picks[k] for k in keep]
@@ -80,7 +102,7 @@ def _menu_key(ctx: ScoringContext) -> str:
         if not ctx.importance:
             return ""
         return f"-search{SCALE_SEARCH_VERSION}-{imatrix[:8]}"
-    text = ",".join(o.name for o in ctx.options) + f";imatrix={imatrix}"
+    text = ",".join(o.name for o in ctx.options) + f";imatrix={imatrix};picks={PROBE_PICK_VERSION}"
     return "-gguf-" + hashlib.sha256(text.encode()).hexdigest()[:8]
 
 

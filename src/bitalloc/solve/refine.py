@@ -185,13 +185,19 @@ def assignment_choice(problem: Problem, units: list, plan: Plan) -> np.ndarray:
 
 # ---- orchestration: what api.plan and api.run call --------------------------
 
-def make_probe(loaded, settings, hessians: dict | None = None, *, cache_weights: bool = True) -> CalibrationProbe:
+def make_probe(loaded, settings, hessians: dict | None = None, *,
+               cache_weights: bool | None = None) -> CalibrationProbe:
     """Calibration windows and reference log-probs for refinement and the
     guard; weights quantized by the plan's quantizer (GPTQ: one-shot, from
     the calibration Hessians). With GPTQ the windows lie in the gaps between
     the (spread) windows GPTQ calibrates on: a plan measured on the very
     windows its quantizer fitted looks better than it is (BENCHMARKS.md,
-    3.25 bpw with GPTQ)."""
+    3.25 bpw with GPTQ). Quantized weights are kept (``cache_weights``) where
+    refinement will revisit them, by default only then: the guard alone
+    measures each plan once, and keeping its weights holds a float32 model
+    per plan measured."""
+    if cache_weights is None:
+        cache_weights = settings.refine.rounds > 0
     from bitalloc.evaluate import EvalSettings
     from bitalloc.evaluate.text import calibration_text
 
