@@ -42,6 +42,7 @@ from bitalloc.solve.baselines import llama_rule_plan, uniform_plan  # noqa: F401
 from bitalloc.solve.problem import Budget, Constraints, build_problem
 from bitalloc.solve.refine import RefineSettings, finish_plan, make_probe, start_plan
 from bitalloc.solve.solvers import solve
+from bitalloc.streaming import check_streamable  # noqa: F401  (public API)
 from bitalloc.table import ErrorTable
 
 
@@ -108,22 +109,6 @@ def _with_embeddings(loaded: Loaded) -> Inventory:
     """The inventory with the embedding and output units (a streamed model keeps its identity: it holds no weights)."""
     return find_units(loaded.model, embeddings=True,
                       content_id=loaded.inventory.content_id if loaded.weights is not None else None)
-
-
-def check_streamable(settings: PlanSettings) -> PlanSettings:
-    """A streamed model is planned from its weights alone: a data-free
-    scorer, RTN, no importance matrix, no guard or refinement (they run the
-    model); anything else is refused by name."""
-    if SCORERS[settings.scorer].calibrated:
-        data_free = sorted(n for n, s in SCORERS.items() if not s.calibrated)
-        raise BitallocError(f"--stream scores from the weights alone; the {settings.scorer} scorer needs calibration "
-                            f"forwards through the whole model. Use one of {data_free}, or drop --stream.")
-    if quantizer(settings.quantizer).calibrated:
-        raise BitallocError(f"--stream quantizes without calibration; --quantizer {settings.quantizer} needs it. "
-                            "Use --quantizer rtn, or drop --stream.")
-    if settings.refine.rounds:
-        raise BitallocError("--stream plans without forward passes; --refine-rounds needs them. Drop one of the two.")
-    return replace(settings, menu=replace(settings.menu, imatrix=False), guard=False)
 
 
 def prepare(loaded: Loaded, settings: PlanSettings, progress: bool = True) -> tuple[Loaded, PlanSettings]:

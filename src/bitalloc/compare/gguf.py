@@ -11,6 +11,7 @@ against the preset on the same windows."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,6 +26,9 @@ from bitalloc.fileio import write_json
 from bitalloc.formats.gguf_types import PRESETS
 from bitalloc.solve.problem import Budget
 from bitalloc.stages import STAGE_HEADERS, Stages, stage_rows
+
+REPORT_NOTE = ("every file run by llama.cpp; KL and top-1 against the source GGUF run by llama.cpp; sizes are tensor "
+               "data bytes (metadata apart); bitalloc's budget is the preset's exact tensor data bytes")
 
 
 @dataclass(frozen=True)
@@ -50,43 +54,32 @@ def compare_gguf(loaded: api.Loaded, settings: GGUFCompareSettings, plan_setting
                  text_path: str | None = None, encoding: str = "utf-8", progress: bool = True,
                  checkpoint: Callable[[dict], None] | None = None, stages: Stages | None = None) -> dict:
     """Every preset and each scorer's plan at its size, run by llama.cpp;
-    ``checkpoint(report so far)`` after each file, so a long run shows its
-    results as they come. A crash inside llama.cpp (``LlamaCppCrash``) is
-    raised after the report of the rows finished so far has been checkpointed.
-    Each stage's seconds and peak memory go to ``stages`` (a fresh one unless
-    given: the caller may have measured loading in it) and to the report."""
+    ``checkpoint(report so far)`` after each file. A crash inside llama.cpp
+    (``LlamaCppCrash``) is raised after the rows so far are checkpointed.
+    Each stage's seconds and peak memory go to ``stages`` and the report."""
     from bitalloc.evaluate.llamacpp import LlamaCpp, LlamaCppCrash
-    from bitalloc.export.gguf_plan import _arch, gguf_names, source_gguf
+    from bitalloc.export.gguf_plan import source_gguf
     from bitalloc.solve.refine import make_probe
 
     t0 = time.perf_counter()
     stages = stages or Stages()
     source = source_gguf(loaded.source)
-    if loaded.tokenizer is None:
-        raise BitallocError(f"{loaded.source.label} holds no tokenizer that transformers can read; comparing files "
-                            "needs text to run them on. Use a GGUF file with its tokenizer.")
-    with stages("importance matrix and menu"):
-        loaded, plan_settings = api.prepare(loaded, plan_settings, progress)
-    inv = loaded.inventory
-    names = gguf_names(inv, loaded.model.config.num_hidden_layers, _arch(source))
-    vectors = {names[n]: v.numpy() for n, v in (loaded.importance or {}).items()}
-    options, notices = api.resolve_menu(inv, plan_settings.menu)
-    ctx = api.scoring_context(loaded, plan_settings, options, progress=progress)
-    tables = staged_tables(ctx, settings.scorers, stages)
+    loaded, plan_settings, names, vectors, options, notices, tables = _measure(loaded, settings, plan_settings, source,
+                                                                               stages, progress)
+    inv, source_matrices = loaded.inventory, _matrix_types(source)
     seconds = {"tables": time.perf_counter() - t0}
     text, label = api.eval_text(text_path, encoding)
     windows = token_windows(loaded.tokenizer, text, settings.eval)
     rows: list[dict] = []
 
+    head = {"model": loaded.source.label, "source": source, "text": label, "eval": settings.eval.to_dict(),
+            "menu": [o.name for o in options], "source_types": _type_counts({n: t for n, (t, _) in
+                                                                             source_matrices.items()}),
+            "note": REPORT_NOTE}
+
     def report(stopped: str | None = None) -> dict:
-        return {"model": loaded.source.label, "source": source, "text": label, "eval": settings.eval.to_dict(),
-                "menu": [o.name for o in options],
-                "notices": list(inv.notices) + notices + list(runner.notices), "rows": rows,
+        return {**head, "notices": list(inv.notices) + notices + list(runner.notices), "rows": rows,
                 "seconds": {**seconds, "total": time.perf_counter() - t0}, "stages": stages.to_dict(),
-                "source_types": _type_counts(_matrix_types(source)),
-                "note": "every file run by llama.cpp; KL and top-1 against the source GGUF run by llama.cpp; sizes "
-                        "are tensor data bytes (metadata apart); bitalloc's budget is the preset's exact tensor data "
-                        "bytes",
                 "method": method_note(settings.eval.windows, rows[0]["tokens"] if rows else 0,
                                       baseline="the llama.cpp preset of the same size", column="vs preset"),
                 **({"stopped": stopped} if stopped else {})}
@@ -98,8 +91,8 @@ def compare_gguf(loaded: api.Loaded, settings: GGUFCompareSettings, plan_setting
         try:
             with stages("llama.cpp reference"):
                 reference = runner.logprobs(source, windows, desc="llama.cpp reference")
-            bench = _Bench(loaded, plan_settings, tables, probe, source, names, vectors, work, runner, windows,
-                           reference, progress, stages)
+            bench = _Bench(loaded, plan_settings, tables, probe, source, source_matrices, names, vectors, work, runner,
+                           windows, reference, progress, stages)
             for preset in settings.presets:
                 for row in bench.preset_rows(preset, settings):
                     rows.append(row)
@@ -112,6 +105,26 @@ def compare_gguf(loaded: api.Loaded, settings: GGUFCompareSettings, plan_setting
         return report()
 
 
+def _measure(loaded: api.Loaded, settings: GGUFCompareSettings, plan_settings: api.PlanSettings, source: str,
+             stages: Stages, progress: bool) -> tuple:
+    """The importance matrix, the menu and each scorer's table, stage by
+    stage: (loaded, plan settings, GGUF names, importance vectors by GGUF
+    name, options, notices, tables)."""
+    from bitalloc.export.gguf_plan import _arch, gguf_names
+
+    if loaded.tokenizer is None:
+        raise BitallocError(f"{loaded.source.label} holds no tokenizer that transformers can read; comparing files "
+                            "needs text to run them on. Use a GGUF file with its tokenizer.")
+    with stages("importance matrix and menu"):
+        loaded, plan_settings = api.prepare(loaded, plan_settings, progress)
+    inv = loaded.inventory
+    names = gguf_names(inv, loaded.model.config.num_hidden_layers, _arch(source))
+    vectors = {names[n]: v.numpy() for n, v in (loaded.importance or {}).items()}
+    options, notices = api.resolve_menu(inv, plan_settings.menu)
+    ctx = api.scoring_context(loaded, plan_settings, options, progress=progress)
+    return loaded, plan_settings, names, vectors, options, notices, staged_tables(ctx, settings.scorers, stages)
+
+
 @dataclass(frozen=True)
 class _Bench:
     """What every preset's rows share: the model and its tables, the source
@@ -122,6 +135,7 @@ class _Bench:
     tables: dict
     probe: object
     source: str
+    source_matrices: dict  # ``_matrix_types`` of the source, read once
     names: dict[str, str]
     vectors: dict
     work: str
@@ -140,7 +154,7 @@ class _Bench:
         size = tensor_bytes(path)
         base = {"preset": preset, "method": f"llama.cpp {preset}", "file": path, "tensor_bytes": size,
                 **self._evaluate(path, f"{preset}: llama.cpp runs the preset", f"llama.cpp {preset}"),
-                **_source_share(path, self.source)}
+                **_source_share(path, self.source_matrices)}
         yield base
         s = replace(self.plan_settings, budget=Budget(float(size), "bytes", "model"))
         for scorer in settings.scorers:
@@ -148,7 +162,7 @@ class _Bench:
             with self.stages(f"{preset}: plan {scorer} (solve, guard, write)"):
                 row = _plan_row(self.loaded, self.tables[scorer], replace(s, scorer=scorer), self.probe,
                                 self.source, self.names, self.vectors, out, self.progress)
-            row.update(preset=preset, **_source_share(out, self.source),
+            row.update(preset=preset, **_source_share(out, self.source_matrices),
                        **self._evaluate(out, f"{preset}: llama.cpp runs plan {scorer}", f"llama.cpp bitalloc {scorer}"))
             row["vs_preset"] = versus(row, base)
             yield row
@@ -158,25 +172,22 @@ class _Bench:
             return self.runner.evaluate(path, self.windows, self.reference, desc=desc).to_dict()
 
 
-def _matrix_types(path: str) -> dict[str, tuple[int, int]]:
-    """Tensor name -> (GGUF type id, number of weights) of each matrix (2-D or more) in the file."""
+def _matrix_types(path: str) -> dict[str, tuple[str, int]]:
+    """Tensor name -> (GGUF type name, number of weights) of each matrix (2-D or more) in the file."""
+    from bitalloc.formats.ggml import GGML_TYPE_IDS
     from bitalloc.model.gguf_header import read_gguf_header
 
-    out = {}
-    for t in read_gguf_header(path).tensors:
-        if len(t.shape) >= 2:
-            n = 1
-            for d in t.shape:
-                n *= d
-            out[t.name] = (t.type_id, n)
-    return out
+    by_id = {v: k for k, v in GGML_TYPE_IDS.items()}
+    return {t.name: (by_id.get(t.type_id, f"type {t.type_id}"), math.prod(t.shape))
+            for t in read_gguf_header(path).tensors if len(t.shape) >= 2}
 
 
-def _source_share(path: str, source: str) -> dict:
+def _source_share(path: str, theirs: dict[str, tuple[str, int]]) -> dict:
     """The share of the file's matrix weights stored in the type the source
-    stores them in: requantizing to the source's own type re-stores those
-    weights (nearly) exactly, which flatters the file that does it."""
-    mine, theirs = _matrix_types(path), _matrix_types(source)
+    (``theirs``: its ``_matrix_types``) stores them in: requantizing to the
+    source's own type re-stores those weights (nearly) exactly, which
+    flatters the file that does it."""
+    mine = _matrix_types(path)
     total = sum(n for _, n in mine.values())
     same = sum(n for name, (t, n) in mine.items() if name in theirs and theirs[name][0] == t)
     return {"source_type_share": same / total if total else 0.0}
@@ -198,14 +209,10 @@ def _plan_row(loaded: api.Loaded, table, settings: api.PlanSettings, probe, sour
             "plan_seconds": time.perf_counter() - t1, "types": _type_counts(types), "provenance": plan.provenance.to_dict()}
 
 
-def _type_counts(types: dict) -> dict[str, int]:
-    """Type name -> how many tensors: of {name: type name} or of ``_matrix_types``."""
-    from bitalloc.formats.ggml import GGML_TYPE_IDS
-
-    by_id = {v: k for k, v in GGML_TYPE_IDS.items()}
+def _type_counts(types: dict[str, str]) -> dict[str, int]:
+    """Type name -> how many tensors, of {tensor name: type name}."""
     counts: dict[str, int] = {}
     for t in types.values():
-        t = by_id.get(t[0], f"type {t[0]}") if isinstance(t, tuple) else t
         counts[t] = counts.get(t, 0) + 1
     return dict(sorted(counts.items()))
 
