@@ -160,6 +160,7 @@ CASES = (
     C("plan-other-model", M + " quantize --plan {plan_other} --out {newdir}", "was made for another model"),
     C("quantize-without-plan", "quantize --out {newdir}", "required: --plan"),
     # ---- error tables --------------------------------------------------------------
+    C("table-other-scorer", "plan --bpw 3 --table {table} --scorer kl --out {new}", "cannot serve scorer 'kl'"),
     C("table-missing", "plan --bpw 3 --table {missing} --out {new}", "does not exist"),
     C("table-not-json", "plan --bpw 3 --table {text} --out {new}", "is not valid JSON"),
     C("table-is-a-plan", "plan --bpw 3 --table {plan} --out {new}", "is not a bitalloc error table"),

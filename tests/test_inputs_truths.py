@@ -138,6 +138,20 @@ def test_a_table_whose_distortion_rises_with_bits_is_named(tiny_dir, tmp_path, c
     assert f"(e.g. {unit}) a larger distortion at more bits" in capsys.readouterr().err
 
 
+def test_a_table_without_scorer_replans_with_the_scorer_it_was_made_by(tiny_dir, tmp_path):
+    """`plan --table` without --scorer plans with the table's own scorer: the
+    plan at another size equals the one scored afresh with that scorer."""
+    table, direct, reused = tmp_path / "t.json", tmp_path / "direct.json", tmp_path / "reused.json"
+    base = ["--quiet", "plan", "--model", tiny_dir, "--no-imatrix"]
+    assert main([*base, "--scorer", "rtn-mse", "--bpw", "4", "--out", str(tmp_path / "p4.json"),
+                 "--save-table", str(table)]) == 0
+    assert main([*base, "--scorer", "rtn-mse", "--bpw", "3", "--out", str(direct)]) == 0
+    assert main([*base, "--table", str(table), "--bpw", "3", "--out", str(reused)]) == 0
+    a, b = json.loads(direct.read_text()), json.loads(reused.read_text())
+    assert b["scorer"] == "rtn-mse"
+    assert b["units"] == a["units"]
+
+
 def test_a_full_disk_is_one_line_naming_the_path(tiny_dir, tmp_path, capsys, monkeypatch):
     """safetensors reports a full disk as its own error type; the user gets
     the path and 'No space left on device', exit 1, and no folder."""

@@ -106,6 +106,10 @@ def _reused_table(args):
         raise BitallocError(f"{scoring_flags[0]} would be ignored: --table reuses measurements made earlier. "
                             "Drop it, or score again without --table.")
     table_file = ErrorTable.load(args.table)
+    if not args.scorer:
+        args.scorer = (table_file.scorer,)  # the table says how it was scored
+    elif args.scorer[0] != table_file.scorer:
+        table_file.rescored(args.scorer[0])  # fails now, before the model loads, unless one RTN table serves both
     rising = table_file.rising_units()
     if rising:
         notices([f"The error table {args.table!r} gives {len(rising)} unit(s) (e.g. {rising[0]}) a larger "
