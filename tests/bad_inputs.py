@@ -93,6 +93,9 @@ CASES = (
       r"--tie pattern '\*\.experts\.\*\.w1\.weight' matches no unit", loads=True),
     # ---- options that would be ignored ------------------------------------
     C("alpha-gamma-without-alpha", "plan --bpw 3 --alpha-gamma 2 --out {new}", "--alpha-gamma would be ignored"),
+    C("kl-anchors-without-kl-block", "plan --bpw 3 --scorer kl --kl-anchors 2 --out {new}",
+      "--kl-anchors would be ignored"),
+    C("kl-anchors-zero", "plan --bpw 3 --scorer kl-block --kl-anchors 0 --out {new}", "a whole number from 1"),
     C("probe-windows-without-probes", "plan --bpw 3 --probe-windows 4 --out {new}", "--probe-windows would be ignored"),
     C("act-order-with-rtn", "plan --bpw 3 --act-order --out {new}", "--act-order would be ignored"),
     C("gptq-one-shot-with-rtn", "plan --bpw 3 --gptq-one-shot --out {new}", "--gptq-one-shot would be ignored"),

@@ -248,6 +248,31 @@ def test_damaged_caches_are_measured_again(tiny_dir, text_file, monkeypatch, tmp
     assert routing.read_text() == "{}"  # a dense model has no experts to route
 
 
+def test_two_unit_sets_of_one_model_keep_their_own_calibration(tiny_dir, text_file, monkeypatch, tmp_path):
+    """A GGUF menu plans the output matrix, the integer menu does not: the
+    importance vectors of each unit set are cached apart, so planning one
+    after the other reads both back instead of measuring each again."""
+    from dataclasses import replace
+
+    import bitalloc.calib.grams as grams
+    from bitalloc.evaluate.text import read_text_file
+
+    monkeypatch.setenv("BITALLOC_CACHE", str(tmp_path / "cache"))
+    measured = []
+    real = grams.accumulate_calibration
+    monkeypatch.setattr(grams, "accumulate_calibration", lambda *a, **k: measured.append(1) or real(*a, **k))
+    loaded = api.load(tiny_dir)
+    whole = loaded.inventory
+    fewer = replace(whole, units=tuple(u for u in whole.units if u.name != "model.layers.1.mlp.down_proj"))
+    text, calib = read_text_file(text_file), grams.CalibSettings(2, 32)
+    first = grams.importance_vectors(loaded.model, whole, loaded.tokenizer, text, calib)
+    grams.importance_vectors(loaded.model, fewer, loaded.tokenizer, text, calib)
+    assert len(measured) == 2 and len(list((tmp_path / "cache" / "imatrix").iterdir())) == 2
+    again = grams.importance_vectors(loaded.model, whole, loaded.tokenizer, text, calib)
+    assert len(measured) == 2  # read back, not measured over the other set's file
+    assert set(again) == set(first) and all(torch.equal(again[k], first[k]) for k in first)
+
+
 def test_a_damaged_probe_cache_is_measured_again(tiny_dir, text_file, monkeypatch, tmp_path):
     from bitalloc.scorers import score
 

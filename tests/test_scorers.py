@@ -1,5 +1,7 @@
 """Each scorer against an independent computation on a tiny random Llama."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -204,6 +206,25 @@ def test_compare_writes_table_plot_and_correlations(ctx, tmp_path):
             assert list(zip(ln.get_xdata(), ln.get_ydata())) == want
     image = matplotlib.image.imread(paths[2])
     assert image.shape[:2] == (round(5.5 * 110), round(2 * 6.5 * 110))
+
+
+def test_compare_with_sequential_gptq_never_gathers_every_units_gram(ctx, monkeypatch):
+    """Sequential GPTQ measures one block's Grams at a time, so compare must
+    not gather every unit's at once (on a 1.5B model that is 18 GB in float64
+    and killed a compare); one-shot GPTQ still needs them all."""
+    from bitalloc.scorers.context import ScoringContext
+
+    def refuse(self):
+        raise AssertionError("every unit's Gram was gathered")
+
+    monkeypatch.setattr(ScoringContext, "hessians", property(refuse))
+    settings = CompareSettings(budgets=(3.5,), scorers=("rtn-mse",), quantizers=("gptq",),
+                               eval=EvalSettings(seq_len=48, windows=1))
+    report = compare(ctx.loaded, settings, replace(SETTINGS, sequential=True), progress=False)
+    assert {(r["quantizer"], r["method"]) for r in report["rows"]} == {("gptq", "uniform"), ("gptq", "llama-rule"),
+                                                                        ("gptq", "rtn-mse")}
+    with pytest.raises(AssertionError, match="every unit's Gram"):
+        compare(ctx.loaded, settings, replace(SETTINGS, sequential=False), progress=False)
 
 
 def test_kl_probes_quantize_as_the_plans_quantizer(ctx):

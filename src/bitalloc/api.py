@@ -363,12 +363,12 @@ def run(model: str | None = None, *, settings: PlanSettings, scorers: Sequence[s
     report, bench = reference_block(loaded, eval_settings, text_path, settings.keep_bits, progress, encoding)
     ctx = scoring_context(loaded, settings, options, progress=progress)
     tables = score(ctx, scorers)
-    if quantizer(settings.quantizer).calibrated:
-        bench.hessians = ctx.hessians
-        if settings.sequential:
-            from bitalloc.calib.grams import calibration_windows
+    if quantizer(settings.quantizer).calibrated and settings.sequential:  # a block's Grams at a time
+        from bitalloc.calib.grams import calibration_windows
 
-            bench.calib_windows = calibration_windows(loaded.tokenizer, ctx.calib_text, settings.calib)
+        bench.calib_windows = calibration_windows(loaded.tokenizer, ctx.calib_text, settings.calib)
+    elif quantizer(settings.quantizer).calibrated:  # one-shot GPTQ: every unit's Gram, gathered once
+        bench.hessians = ctx.hessians
     inv = loaded.inventory
     report.update(menu=[o.name for o in options], notices=list(inv.notices) + notices + ctx.notices,
                   quantizer=settings.quantizer,

@@ -6,6 +6,7 @@ units, wrong shapes, non-finite values) is measured again and replaced."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -251,7 +252,7 @@ def cached_calibration(model: nn.Module, inventory: Inventory, tokenizer, text: 
 
     from safetensors.torch import load_file, save_file
 
-    path = Path(cache_dir()) / "hessians" / f"{settings.key(inventory.content_id, text)}.safetensors"
+    path = _cache_path("hessians", inventory, text, settings)
     routing_path = path.with_suffix(".routing.json")
     if path.is_file():
         try:
@@ -266,6 +267,15 @@ def cached_calibration(model: nn.Module, inventory: Inventory, tokenizer, text: 
     write_atomic(path, lambda tmp: save_file(_unshared(H), tmp))
     write_atomic(routing_path, lambda tmp: Path(tmp).write_text(json.dumps(routing, sort_keys=True)))
     return H, routing
+
+
+def _cache_path(kind: str, inventory: Inventory, text: str, settings: CalibSettings) -> Path:
+    """Where one model's calibration is cached for one set of units: two
+    inventories of the same weights (a GGUF menu plans the output matrix,
+    the integer menu does not) each get their own file, instead of each
+    finding the other's invalid and measuring again over it."""
+    units = hashlib.sha256("\n".join(sorted(u.name for u in inventory.units)).encode()).hexdigest()[:8]
+    return Path(cache_dir()) / kind / f"{settings.key(inventory.content_id, text)}-u{units}.safetensors"
 
 
 def _unshared(H: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -300,7 +310,7 @@ def importance_vectors(model: nn.Module, inventory: Inventory, tokenizer, text: 
 
     from safetensors.torch import load_file, save_file
 
-    path = Path(cache_dir()) / "imatrix" / f"{settings.key(inventory.content_id, text)}.safetensors"
+    path = _cache_path("imatrix", inventory, text, settings)
     if path.is_file():
         try:
             cached = load_file(str(path))

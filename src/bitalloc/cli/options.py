@@ -35,7 +35,7 @@ DEMO_KL_PROBES = 1
 DEFAULTS = {
     "bits": (2, 3, 4, 5, 6, 8), "schemes": ("asym", "sym"), "over": "quantized", "scorer": ("rtn-mse-rel",),
     "quantizer": ("rtn",), "calib_windows": 16, "calib_seq_len": 512, "alpha_gamma": 1.0, "alpha_fit": "hill",
-    "probe_windows": 2, "probe_seq_len": 128, "kl_probes": 3, "encoding": "utf-8", "refine_rounds": 0, "refine_windows": 4,
+    "probe_windows": 2, "probe_seq_len": 128, "kl_probes": 3, "kl_anchors": 4, "encoding": "utf-8", "refine_rounds": 0, "refine_windows": 4,
     "refine_seq_len": 128, "refine_candidates": 48, "refine_objective": "kl",
 }
 # --format vllm: both kernels' widths; symmetric, as llm-compressor's W4A16/W8A16 presets and the only kind whose
@@ -152,6 +152,9 @@ def scorer_args(p: argparse.ArgumentParser) -> None:
                    help="kl: options at which each unit's KL is measured (default 3); the others are interpolated "
                         "by a power law in the unit's relative weight error, fitted through the probes, with "
                         "exponent 1 (KL proportional to the error) when one probe is measured")
+    g.add_argument("--kl-anchors", type=A.positive_int(1024),
+                   help="kl-block: layers (spread over the depth) whose units are also probed end to end, to turn "
+                        "block-output errors into KL (default 4)")
 
 
 RECIPES = {

@@ -100,6 +100,7 @@ def _reused_table(args):
                                            ("--calib-windows", "calib_windows", True),
                                            ("--probe-windows", "probe_windows", False),
                                            ("--kl-probes", "kl_probes", False),
+                                           ("--kl-anchors", "kl_anchors", False),
                                            ("--alpha-gamma", "alpha_gamma", False))
                      if _given(args, a) and not any_calibrated(args.quantizer) and not (calib and imatrix)]
     if scoring_flags:

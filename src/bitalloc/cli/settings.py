@@ -40,7 +40,7 @@ def plan_settings(args, budget_value: float | None):
         calib=CalibSettings(args.calib_windows, args.calib_seq_len),
         scorer_settings=ScorerSettings(alpha_gamma=args.alpha_gamma, alpha_fit=args.alpha_fit, alpha_farms=args.farms,
                                        probe_windows=args.probe_windows, probe_seq_len=args.probe_seq_len,
-                                       kl_probes=args.kl_probes),
+                                       kl_probes=args.kl_probes, kl_anchors=args.kl_anchors),
         refine=RefineSettings(args.refine_rounds, args.refine_windows, args.refine_seq_len, args.refine_candidates,
                               args.refine_objective),
         guard=not args.no_guard,

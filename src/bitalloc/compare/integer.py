@@ -67,7 +67,11 @@ def compare(loaded: api.Loaded, settings: CompareSettings, plan_settings: api.Pl
     score_s = {name: stages.rows[f"table {name}"]["seconds"] for name in settings.scorers}
     with stages("reference"):
         report, bench = api.reference_block(loaded, settings.eval, None, plan_settings.keep_bits, progress)
-    hessians = ctx.hessians if any_calibrated(settings.quantizers) else None
+    # every unit's Gram at once only for one-shot GPTQ: sequential GPTQ measures a block's at a time (on a 1.5B
+    # model all of them in float64 are 18 GB, which killed a compare on a 24 GB machine)
+    one_shot = [q for q in settings.quantizers if any_calibrated([q]) and not (plan_settings.sequential
+                                                                                and any_sequential([q]))]
+    hessians = ctx.hessians if one_shot else None
     report.update(menu=[o.name for o in options], notices=list(loaded.inventory.notices) + notices,
                   scoring_seconds=score_s, rows=[],
                   calib=plan_settings.calib.to_dict(), scorer_settings=plan_settings.scorer_settings.__dict__)
@@ -77,7 +81,7 @@ def compare(loaded: api.Loaded, settings: CompareSettings, plan_settings: api.Pl
 
         bench.calib_windows = calibration_windows(loaded.tokenizer, ctx.calib_text, plan_settings.calib)
     for quantizer in settings.quantizers:
-        bench.hessians = hessians if any_calibrated([quantizer]) else None
+        bench.hessians = hessians if quantizer in one_shot else None
         for value in settings.budgets:
             s = replace(plan_settings, budget=replace(plan_settings.budget, value=value), quantizer=quantizer)
             plans = {

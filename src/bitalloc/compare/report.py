@@ -118,4 +118,4 @@ def staged_tables(ctx, scorers: tuple[str, ...], stages: Stages) -> dict:
 
 
 # The scorers whose tables start from the relative weight error of every option (the sweep's 'mse')
-SWEEP_SCORERS = frozenset({"rtn-mse", "rtn-mse-rel", "kl", "linearity"})
+SWEEP_SCORERS = frozenset({"rtn-mse", "rtn-mse-rel", "kl", "kl-block", "linearity"})

@@ -14,6 +14,10 @@ refinement, so it is made cheap:
   checked once against a full forward and switched off, with the full
   forward used instead, when it does not reproduce it (models whose blocks
   need their absolute index, e.g. sliding-window layer types).
+- ``block_error`` answers a block-local question instead: how far the
+  unit's own block output moves, that block run alone on its kept input
+  (a forward of one block instead of the tail and the output matrix);
+  available where one block's output is checked to be the next one's input.
 - quantized weights are kept per (unit, option), computed once;
 - a unit's original weight is copied only while the unit holds something
   else (the model holds it otherwise): a copy of every unit up front was a
@@ -31,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bitalloc.errors import BitallocError
 from bitalloc.evaluate import EvalSettings, spread_windows, token_windows
 from bitalloc.formats.affine import QuantOption
 from bitalloc.model.units import Inventory, Unit, get_weight, group_by_block, layer_index, set_weight
@@ -38,6 +43,7 @@ from bitalloc.model.units import Inventory, Unit, get_weight, group_by_block, la
 # (unit, its original (out, in) weight, option) -> dequantized (out, in) weight
 QuantizeWeight = Callable[[Unit, torch.Tensor, QuantOption], torch.Tensor]
 CHECK_TOLERANCE = 1e-4  # relative difference of KL allowed between tail-only and full forwards
+_CACHE_ARGS = ("cache", "past_key_values", "past_key_value")  # a decoder block's KV-cache argument, by version
 
 
 @dataclass(frozen=True)
@@ -71,7 +77,10 @@ class CalibrationProbe:
         self.ref_logp = self._logprobs()  # (B, T-1, V) of the model as loaded
         self.stack = block_stack(model, inventory)
         self._inputs: dict[int, torch.Tensor] = {}
+        self._calls: dict[int, tuple[tuple, dict]] = {}  # block -> its other arguments in the last full forward
+        self._outputs: dict[int, torch.Tensor] = {}  # block -> its output on the kept input, the current assignment
         self.tail_ok = False
+        self.block_ok = False
 
     # ---- weights -----------------------------------------------------------
     def original(self, unit: Unit) -> torch.Tensor:
@@ -114,7 +123,7 @@ class CalibrationProbe:
                 else:
                     self._put(u, self.weight(u, opt))
                     self.current[u.name] = opt
-        self._inputs = {}
+        self._inputs, self._calls, self._outputs = {}, {}, {}
 
     def restore(self) -> None:
         self.apply({})
@@ -166,8 +175,30 @@ class CalibrationProbe:
         finally:
             self._put_back(unit)
 
+    @torch.no_grad()
+    def block_error(self, unit: Unit, W_new: torch.Tensor) -> float:
+        """The current assignment with one unit's weight replaced by ``W_new``:
+        the squared change of its block's output (summed over the hidden
+        size, mean per token), that block run alone on its kept input."""
+        index = layer_index(unit.name)
+        if not self.block_ok or index is None or index not in self._inputs:
+            raise BitallocError(f"A block-local probe of {unit.name!r} needs its block's kept input, and blocks whose "
+                                "output is the next block's input; this model does not give them. Use the kl scorer "
+                                "(end-to-end probes) instead.")
+        if index not in self._outputs:
+            self._outputs[index] = self._block_output(index)
+        self._put(unit, W_new)
+        try:
+            moved = self._block_output(index)
+        finally:
+            self._put_back(unit)
+        diff = (moved - self._outputs[index]).double()
+        return float((diff * diff).sum()) / (diff.numel() // diff.shape[-1])
+
     def enable_tail(self) -> bool:
-        """Switch on tail-only probes if they reproduce a full forward here."""
+        """Switch on tail-only probes if they reproduce a full forward here,
+        and block-local ones if a block run alone gives the next block's
+        input."""
         if self.stack is None or len(self.stack[1]) < 2:
             return False
         full = self.measure()
@@ -175,12 +206,17 @@ class CalibrationProbe:
         tail = self._score(self._tail_logprobs(middle))
         self.tail_ok = (abs(tail.kl - full.kl) <= CHECK_TOLERANCE * max(full.kl, 1e-6) + 1e-7
                         and abs(tail.nll - full.nll) <= CHECK_TOLERANCE * full.nll)
+        try:
+            alone, following = self._block_output(middle - 1), self._inputs[middle]
+            self.block_ok = bool(torch.allclose(alone, following, rtol=CHECK_TOLERANCE, atol=1e-6))
+        except (TypeError, ValueError, RuntimeError, KeyError):  # a block that cannot run alone
+            self.block_ok = False
         return self.tail_ok
 
     # ---- block bookkeeping -------------------------------------------------
     @contextlib.contextmanager
     def _keep_inputs(self) -> Iterator[None]:
-        self._inputs = {}
+        self._inputs, self._calls, self._outputs = {}, {}, {}
         if self.stack is None:
             yield
             return
@@ -196,7 +232,17 @@ class CalibrationProbe:
         def hook(_module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             self._inputs[index] = hidden.detach()
+            # the rest of the call (mask, rotary embeddings), without the KV cache: a block run alone again must
+            # not append to it
+            rest = {k: v for k, v in kwargs.items() if k != "hidden_states" and k not in _CACHE_ARGS}
+            self._calls[index] = (tuple(args[1:]), {**rest, "use_cache": False} if "use_cache" in kwargs else rest)
         return hook
+
+    def _block_output(self, index: int) -> torch.Tensor:
+        """Block ``index`` run alone on its kept input, with the arguments of the last full forward."""
+        args, kwargs = self._calls[index]
+        out = self.stack[1][index](self._inputs[index], *args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
 
     def _tail_logprobs(self, first: int) -> torch.Tensor:
         parent, blocks, attr = self.stack

@@ -12,12 +12,13 @@ option) from a shared, lazily computed ``ScoringContext``.
 | taylor | 1 | sum |g * dW|, g the calibration-loss gradient |
 | linearity | slope of KL vs injected relative noise | sum dW^2 / ||W||^2 |
 | kl | 1 | measured end-to-end KL, unit quantized alone |
+| kl-block | 1 | the unit's block-output error, block run alone, times KL per block error measured end to end on a few anchor layers |
 | salience | 1 | OBS loss; adds SliM-LLM variants (column groups at b-1/b/b+1 by salience) |
 | baq | 1 | OBS loss; adds BAQ variants (column-group bits by equal-loss water-filling) |
 | pmq | MC-MoE: f^a w^b per expert (routing frequency, mean routing weight); 1 for dense units | tr(dW H dW^T), H from the expert's routed tokens |
 
 The weight-error pass computes every requested reduction of dW in one sweep
-over units and options. Probe measurements (linearity, kl) run on a few
+over units and options. Probe measurements (linearity, kl, kl-block) run on a few
 windows of *calibration* text and are cached on disk, resumably.
 """
 
@@ -30,7 +31,7 @@ from bitalloc.errors import BitallocError
 from bitalloc.scorers.calibrated import score_mixed, score_reduction
 from bitalloc.scorers.context import ScorerSettings, ScoringContext
 from bitalloc.scorers.moe import score_pmq
-from bitalloc.scorers.probes import score_kl, score_linearity
+from bitalloc.scorers.probes import score_kl, score_kl_block, score_linearity
 from bitalloc.scorers.weights import score_alpha, score_weight_error
 from bitalloc.table import ErrorTable
 
@@ -70,6 +71,7 @@ SCORERS: dict[str, Scorer] = {s.name: s for s in (
     Scorer("linearity", "probe", score_linearity, _PROBES),
     Scorer("kl", "probe", score_kl, _PROBES | {"kl_probes"},
            stronger="--recipe quality (measured tables, refinement and GPTQ; much slower)"),
+    Scorer("kl-block", "probe", score_kl_block, _PROBES | {"kl_probes", "kl_anchors"}),
     Scorer("salience", "calibration", score_mixed, mixes_bits=True),
     Scorer("baq", "calibration", score_mixed, mixes_bits=True),
     Scorer("pmq", "calibration", score_pmq),

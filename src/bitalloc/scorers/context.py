@@ -43,6 +43,7 @@ class ScorerSettings:
     noise_levels: tuple[float, ...] = (0.01, 0.05)  # relative MSE of injected noise (linearity)
     kl_probe_options: tuple[str, ...] = ("int2-g64-asym", "int3-g64-asym", "int4-g64-asym")
     kl_probes: int = 3  # options measured per unit (1: the middle one, KL taken proportional to the error)
+    kl_anchors: int = 4  # kl-block: layers whose units are also probed end to end (the depth's KL per block error)
     damp: float = 0.01
     taylor_windows: int = 4
     seed: int = 0
@@ -52,9 +53,14 @@ class ScorerSettings:
             raise BitallocError(f"The 'alpha_fit' parameter must be 'hill' or 'ks'. Got {self.alpha_fit!r} instead.")
         if self.kl_probes not in (1, 2, 3):
             raise BitallocError(f"The 'kl_probes' parameter must be 1, 2 or 3. Got {self.kl_probes!r} instead.")
+        if self.kl_anchors < 1:
+            raise BitallocError(f"The 'kl_anchors' parameter must be at least 1. Got {self.kl_anchors!r} instead.")
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        """What keys cached measurements: every setting but ``kl_anchors``, which only chooses which units are
+        measured (each unit's probe reads the same either way)."""
+        fields = {k: v for k, v in asdict(self).items() if k != "kl_anchors"}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
 
 
 class ScoringContext:
@@ -250,15 +256,17 @@ class ScoringContext:
         key = f"{kind}-{self.settings.key()}-{hashlib.sha256(calib.encode()).hexdigest()[:10]}"
         return Path(cache_dir()) / "probes" / f"{key}.json"
 
-    def measure_per_unit(self, kind: str, measure: Callable[[int], list[float]], width: int) -> dict[str, list[float]]:
-        """Run ``measure(unit index)`` (``width`` numbers) for every unit not
-        yet in the cache file; the file is rewritten every few units so an
-        interrupted run resumes. Entries that are not ``width`` numbers for a
-        unit of this model are dropped and measured again."""
+    def measure_per_unit(self, kind: str, measure: Callable[[int], list[float]], width: int,
+                         only: Sequence[int] | None = None) -> dict[str, list[float]]:
+        """Run ``measure(unit index)`` (``width`` numbers) for every unit (or
+        every unit of ``only``) not yet in the cache file; the file is
+        rewritten every few units so an interrupted run resumes. Entries that
+        are not ``width`` numbers for a unit of this model are dropped and
+        measured again."""
         path = self._probe_cache(kind)
         done = _cached_measurements(path, {u.name for u in self.inventory.units}, width)
         units = self.inventory.units
-        todo = [i for i, u in enumerate(units) if u.name not in done]
+        todo = [i for i in (range(len(units)) if only is None else only) if units[i].name not in done]
         for n, i in enumerate(self.iterate(todo, f"probing ({kind})")):
             done[units[i].name] = measure(i)
             if n % 10 == 9 or n == len(todo) - 1:
@@ -269,6 +277,11 @@ class ScoringContext:
         """Probe KL (mean per token, nats) with one unit's weight replaced, the
         rest of the model as loaded; the weight is put back."""
         return self.probe.measure_weight(self.inventory.units[unit_index], W_new).kl
+
+    def block_error(self, unit_index: int, W_new: torch.Tensor) -> float:
+        """The squared change of the unit's block output (mean per token) with
+        its weight replaced, that block run alone; the weight is put back."""
+        return self.probe.block_error(self.inventory.units[unit_index], W_new)
 
 
 def importance_digest(importance: dict[str, torch.Tensor]) -> str:

@@ -1,18 +1,20 @@
 """Scorers that measure the model's output: linearity (Q-Palette/HIGGS
-noise-injection slope) and kl (exllamav3-style measured KL)."""
+noise-injection slope), kl (exllamav3-style measured KL) and kl-block (block
+output error turned into KL by a few end-to-end probes, exllamav2-style)."""
 
 from __future__ import annotations
 
 import hashlib
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from bitalloc.errors import GroupSizeError
+from bitalloc.errors import BitallocError, GroupSizeError
 from bitalloc.formats import storage_bits
 from bitalloc.formats.affine import QuantOption
 from bitalloc.formats.affine_rtn import SCALE_SEARCH_VERSION, fake_quantize
-from bitalloc.model.units import get_weight
+from bitalloc.model.units import get_weight, layer_index
 from bitalloc.quantizers import quantizer
 from bitalloc.scorers.context import ScoringContext, importance_digest, make_table
 from bitalloc.table import ErrorTable
@@ -106,28 +108,99 @@ def _menu_key(ctx: ScoringContext) -> str:
     return "-gguf-" + hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-def score_kl(ctx: ScoringContext, name: str) -> ErrorTable:
-    """exllamav3-style measured KL, each unit quantized alone at a few probe
-    options by the plan's quantizer (RTN, or GPTQ with the unit's Hessian);
-    other options interpolated by a power law in the unit's relative RTN
-    error, KL = c * rel^p, fitted in log-log through the probes."""
-    probe_sets = [unit_probes(ctx, i) for i in range(len(ctx.inventory.units))]
-
+def _probed(ctx: ScoringContext, probe_sets: list, probe: Callable[[int, torch.Tensor], float]):
+    """``measure(unit index)``: ``probe(i, W')`` at each of the unit's probe
+    options, W' the weight as the plan's quantizer stores it; NaN where an
+    option cannot store the unit."""
     def measure(i: int) -> list[float]:
         unit = ctx.inventory.units[i]
         W = get_weight(ctx.model, unit)
         out = []
         for opt in probe_sets[i]:
             try:
-                out.append(ctx.with_weight(i, ctx.probe_weight(unit, W, opt)))
+                out.append(probe(i, ctx.probe_weight(unit, W, opt)))
             except GroupSizeError:
                 out.append(float("nan"))
         return out
+    return measure
 
-    kind = "kl" + quantizer(ctx.quantizer).tag + ("-act" if ctx.act_order else "") \
-        + _menu_key(ctx)
-    kls = ctx.measure_per_unit(kind, measure, len(probe_sets[0]))
+
+def _kl_kind(ctx: ScoringContext) -> str:
+    """The cache kind of end-to-end kl probes: quantizer, column order, menu."""
+    return "kl" + quantizer(ctx.quantizer).tag + ("-act" if ctx.act_order else "") + _menu_key(ctx)
+
+
+def score_kl(ctx: ScoringContext, name: str) -> ErrorTable:
+    """exllamav3-style measured KL, each unit quantized alone at a few probe
+    options by the plan's quantizer (RTN, or GPTQ with the unit's Hessian);
+    other options interpolated by a power law in the unit's relative RTN
+    error, KL = c * rel^p, fitted in log-log through the probes."""
+    probe_sets = [unit_probes(ctx, i) for i in range(len(ctx.inventory.units))]
+    kls = ctx.measure_per_unit(_kl_kind(ctx), _probed(ctx, probe_sets, ctx.with_weight), len(probe_sets[0]))
+    return make_table(ctx, name, _power_law(ctx, probe_sets, kls))
+
+
+def anchor_layers(layers: Sequence[int], count: int) -> list[int]:
+    """``count`` of the distinct ``layers``, spread evenly from the first to
+    the last (all of them when there are no more)."""
+    distinct = sorted(set(layers))
+    if count >= len(distinct):
+        return distinct
+    return sorted({distinct[k] for k in np.linspace(0, len(distinct) - 1, count).round().astype(int)})
+
+
+def depth_ratios(layers: Sequence[int], kls: np.ndarray, errors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(anchor layers, log of KL per block error at each): the median over a
+    layer's probes where both are positive; a layer without one is left out."""
+    logs: dict[int, list[float]] = {}
+    for layer, kl, err in zip(layers, kls, errors):
+        ok = np.isfinite(kl) & np.isfinite(err) & (kl > 0) & (err > 0)
+        logs.setdefault(layer, []).extend(np.log(kl[ok] / err[ok]))
+    xs = sorted(k for k, v in logs.items() if v)
+    return np.array(xs, dtype=float), np.array([np.median(logs[k]) for k in xs])
+
+
+def score_kl_block(ctx: ScoringContext, name: str) -> ErrorTable:
+    """Block-local kl (exllamav2-style): each unit's probes measure how far
+    its own block's output moves, that block run alone on its kept input (a
+    forward of one block, not of the tail and the output matrix); the units
+    of ``kl_anchors`` layers spread over the depth are probed end to end too,
+    and their median KL per block error, interpolated over depth in log
+    space, turns every other unit's block error into KL. Units outside the
+    blocks (embedding, output matrix) and the anchors keep their measured
+    KL. The same power law in the relative weight error as ``kl`` then fills
+    the other options."""
+    units = ctx.inventory.units
+    probe_sets = [unit_probes(ctx, i) for i in range(len(units))]
+    width = len(probe_sets[0])
+    layer = [layer_index(u.name) for u in units]
+    anchors = set(anchor_layers([k for k in layer if k is not None], ctx.settings.kl_anchors))
+    ends = [i for i, k in enumerate(layer) if k is None or k in anchors]
+    inside = [i for i, k in enumerate(layer) if k is not None]
+    kls = ctx.measure_per_unit(_kl_kind(ctx), _probed(ctx, probe_sets, ctx.with_weight), width, only=ends)
+    errors = ctx.measure_per_unit(_kl_kind(ctx) + "-block", _probed(ctx, probe_sets, ctx.block_error), width,
+                                  only=inside)
+    anchored = [i for i in ends if layer[i] is not None]
+    xs, ys = depth_ratios([layer[i] for i in anchored], np.array([kls[units[i].name] for i in anchored], dtype=float),
+                          np.array([errors[units[i].name] for i in anchored], dtype=float))
+    if not len(xs):
+        raise BitallocError(f"kl-block: no unit of the anchor layers {sorted(anchors)} measured a positive KL and "
+                            "block error, so block errors cannot be turned into KL. Use more --kl-anchors, longer "
+                            "probes (--probe-seq-len), or the kl scorer.")
+    values = {units[i].name: list(kls[units[i].name]) for i in ends}
+    for i in sorted(set(inside) - set(ends)):
+        factor = float(np.exp(np.interp(layer[i], xs, ys)))
+        values[units[i].name] = [factor * e for e in errors[units[i].name]]
+    return make_table(ctx, name, _power_law(ctx, probe_sets, values))
+
+
+def _power_law(ctx: ScoringContext, probe_sets: list, kls: dict[str, list[float]]) -> np.ndarray:
+    """(units, options) KL: each unit's probes fitted by KL = c * rel^p in
+    log-log over its relative RTN error (p = 1 through one probe), measured
+    values kept where a probe is the option itself; NaN where an option does
+    not fit."""
     rel = ctx.reductions(["mse"])["mse"] / ctx.norms[:, None]  # (units, options)
+
     def probe_column(o: QuantOption) -> np.ndarray:
         if o in ctx.options and np.isfinite(col := rel[:, ctx.options.index(o)]).all():
             return col  # already measured in the weight-error sweep
@@ -148,4 +221,4 @@ def score_kl(ctx: ScoringContext, name: str) -> ErrorTable:
             if opt in probes and np.isfinite(kls[u.name][probes.index(opt)]):
                 distortion[i, j] = max(kls[u.name][probes.index(opt)], 0.0)
     distortion[np.isnan(rel)] = np.nan
-    return make_table(ctx, name, distortion)
+    return distortion
