@@ -134,6 +134,33 @@ def test_weighted_search_picks_the_least_weighted_error_of_the_grid(option):
     assert refit_won > 0
 
 
+@pytest.mark.parametrize("option", [QuantOption(3, 16), QuantOption(4, 16, True), QuantOption(2, 0)], ids=str)
+def test_weighted_search_in_slices_equals_the_whole_tensor_at_once(option, monkeypatch):
+    """The search runs a few rows at a time (its temporaries stay in cache):
+    slices of 1, 3 and 5 rows (the last slice short), and a ragged last
+    group, give the scales and zeros of one search over the whole tensor,
+    bit for bit."""
+    import bitalloc.formats.affine_rtn as rtn
+
+    gen = torch.Generator().manual_seed(3)
+    W = torch.randn(13, 40, generator=gen) * torch.linspace(0.2, 3.0, 40)
+    imp = torch.rand(40, generator=gen) ** 3 + 1e-3
+    g = 40 if option.group_size == 0 else option.group_size
+    Wg = rtn.grouped(W, g)  # the last group of 16 is ragged (40 = 2 x 16 + 8)
+    weights = rtn.grouped_importance(imp, 40, g)
+    bits = torch.full((Wg.shape[1],), float(option.bits))
+    whole = rtn.search_qparams(Wg, option, bits, weights)
+    searched = []
+    real = rtn.search_qparams
+    monkeypatch.setattr(rtn, "search_qparams", lambda Wg, *a: searched.append(Wg.shape[0]) or real(Wg, *a))
+    for rows in (1, 3, 5):
+        monkeypatch.setattr(rtn, "SEARCH_SLICE", rows * Wg.shape[1] * Wg.shape[2])
+        searched.clear()
+        sliced = rtn.group_qparams(Wg, option, bits, weights)
+        assert searched == [rows] * (13 // rows) + ([13 % rows] if 13 % rows else [])  # really in slices
+        assert torch.equal(sliced[0], whole[0]) and torch.equal(sliced[1], whole[1])
+
+
 def test_weighted_search_lowers_the_output_error_of_a_layer():
     """With inputs whose columns differ in scale, the search (weights = mean
     squared input) gives a smaller output error ||X (W - Q)^T||^2 than plain
