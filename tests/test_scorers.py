@@ -208,6 +208,14 @@ def test_compare_writes_table_plot_and_correlations(ctx, tmp_path):
     assert image.shape[:2] == (round(5.5 * 110), round(2 * 6.5 * 110))
 
 
+def test_only_one_shot_calibrated_quantizers_gather_every_units_gram():
+    from bitalloc.quantizers import gathers_every_gram
+
+    assert gathers_every_gram("gptq", sequential=False)
+    assert not gathers_every_gram("gptq", sequential=True)  # a block's Grams at a time
+    assert not gathers_every_gram("rtn", sequential=False) and not gathers_every_gram("rtn", sequential=True)
+
+
 def test_compare_with_sequential_gptq_never_gathers_every_units_gram(ctx, monkeypatch):
     """Sequential GPTQ measures one block's Grams at a time, so compare must
     not gather every unit's at once (on a 1.5B model that is 18 GB in float64

@@ -35,7 +35,7 @@ from bitalloc.formats.menu import MenuSettings, keep_type_rules, resolve_menu, r
 from bitalloc.model.loading import ModelSource, load_model, resolve_source
 from bitalloc.model.units import Inventory, find_units
 from bitalloc.plan import Plan
-from bitalloc.quantizers import quantizer
+from bitalloc.quantizers import gathers_every_gram, quantizer
 from bitalloc.scorers import SCORERS, ScorerSettings, ScoringContext, check_scorer, score
 from bitalloc.scorers.distributed import RaySettings, ray_runner
 from bitalloc.solve.baselines import llama_rule_plan, uniform_plan  # noqa: F401  (public API)
@@ -363,12 +363,12 @@ def run(model: str | None = None, *, settings: PlanSettings, scorers: Sequence[s
     report, bench = reference_block(loaded, eval_settings, text_path, settings.keep_bits, progress, encoding)
     ctx = scoring_context(loaded, settings, options, progress=progress)
     tables = score(ctx, scorers)
-    if quantizer(settings.quantizer).calibrated and settings.sequential:  # a block's Grams at a time
+    if gathers_every_gram(settings.quantizer, settings.sequential):
+        bench.hessians = ctx.hessians
+    elif quantizer(settings.quantizer).calibrated:  # sequential: a block's Grams at a time, from these windows
         from bitalloc.calib.grams import calibration_windows
 
         bench.calib_windows = calibration_windows(loaded.tokenizer, ctx.calib_text, settings.calib)
-    elif quantizer(settings.quantizer).calibrated:  # one-shot GPTQ: every unit's Gram, gathered once
-        bench.hessians = ctx.hessians
     inv = loaded.inventory
     report.update(menu=[o.name for o in options], notices=list(inv.notices) + notices + ctx.notices,
                   quantizer=settings.quantizer,

@@ -17,7 +17,7 @@ from bitalloc.evaluate import EvalSettings
 from bitalloc.evaluate.stats import method_note
 from bitalloc.fileio import write_atomic, write_json
 from bitalloc.formats.affine import QuantOption
-from bitalloc.quantizers import QUANTIZERS, any_calibrated, any_sequential
+from bitalloc.quantizers import QUANTIZERS, any_sequential, gathers_every_gram
 from bitalloc.scorers import SCORERS
 from bitalloc.solve.baselines import moe_rule_plan, structural_moe_units
 from bitalloc.stages import STAGE_HEADERS, Stages, stage_rows
@@ -67,10 +67,7 @@ def compare(loaded: api.Loaded, settings: CompareSettings, plan_settings: api.Pl
     score_s = {name: stages.rows[f"table {name}"]["seconds"] for name in settings.scorers}
     with stages("reference"):
         report, bench = api.reference_block(loaded, settings.eval, None, plan_settings.keep_bits, progress)
-    # every unit's Gram at once only for one-shot GPTQ: sequential GPTQ measures a block's at a time (on a 1.5B
-    # model all of them in float64 are 18 GB, which killed a compare on a 24 GB machine)
-    one_shot = [q for q in settings.quantizers if any_calibrated([q]) and not (plan_settings.sequential
-                                                                                and any_sequential([q]))]
+    one_shot = [q for q in settings.quantizers if gathers_every_gram(q, plan_settings.sequential)]
     hessians = ctx.hessians if one_shot else None
     report.update(menu=[o.name for o in options], notices=list(loaded.inventory.notices) + notices,
                   scoring_seconds=score_s, rows=[],

@@ -88,6 +88,15 @@ def any_calibrated(names: Iterable[str] | None) -> bool:
     return any(quantizer(n).calibrated for n in names or ())
 
 
+def gathers_every_gram(name: str, sequential: bool) -> bool:
+    """Whether quantizing with ``name`` needs every unit's Gram matrix at
+    once: a calibrated quantizer run one-shot. Run sequentially it measures
+    one block's Grams at a time (all of a 1.5B model's, in float64, are
+    18 GB)."""
+    q = quantizer(name)
+    return q.calibrated and not (sequential and q.sequential)
+
+
 def any_sequential(names: Iterable[str] | None) -> bool:
     return any(quantizer(n).sequential for n in names or ())
 
